@@ -1,0 +1,65 @@
+"""Test tiers: each test is marked by its folder (tests/unit, tests/kvm, tests/linux).
+
+At the end of a run a table says, per tier, how many tests ran, passed, failed and were
+skipped, and why they were skipped, so CI output shows which tiers really ran.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+
+TIERS = ("unit", "kvm", "linux")
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            tier = Path(item.fspath).relative_to(_HERE).parts[0]
+        except ValueError:
+            continue
+        if tier in TIERS and not item.get_closest_marker(tier):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+_outcomes: dict[str, collections.Counter] = {tier: collections.Counter() for tier in TIERS}
+_skip_reasons: dict[str, collections.Counter] = {tier: collections.Counter() for tier in TIERS}
+
+
+def _tier_of(item_keywords) -> str | None:
+    for tier in TIERS:
+        if tier in item_keywords:
+            return tier
+    return None
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    tier = _tier_of(report.keywords)
+    if tier is None:
+        return
+    if report.skipped:
+        _outcomes[tier]["skipped"] += 1
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skip_reasons[tier][reason.removeprefix("Skipped: ")] += 1
+    elif report.when == "call":
+        _outcomes[tier]["passed" if report.passed else "failed"] += 1
+    elif report.failed:
+        _outcomes[tier]["failed"] += 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    write = terminalreporter.write_line
+    terminalreporter.section("vmctl test tiers")
+    for tier in TIERS:
+        counts = _outcomes[tier]
+        ran = counts["passed"] + counts["failed"]
+        state = "RAN" if ran else "DID NOT RUN"
+        write(
+            f"{tier:6} {state:12} passed={counts['passed']} failed={counts['failed']} "
+            f"skipped={counts['skipped']}"
+        )
+        for reason, n in _skip_reasons[tier].most_common():
+            write(f"       skipped {n}x: {reason}")
