@@ -1,0 +1,148 @@
+"""Guest physical memory: host mappings, guest-physical → host views, bounds-checked access.
+
+Every access a device or loader makes goes through `GuestMemory`, which refuses any range
+that is not wholly inside one RAM region: a bad guest address is a `GuestMemoryError`,
+never a read or write of host memory outside the guest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .errors import GuestMemoryError
+from .kvm.ioctl import libc
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MADV_DONTDUMP = 16
+
+
+@dataclass
+class MemoryRegion:
+    guest_address: int
+    size: int
+    host_address: int
+    view: memoryview = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.guest_address + self.size
+
+
+def _map_host(size: int, memfd: int | None, offset: int = 0) -> int:
+    """mmap `size` bytes: anonymous and lazily backed, or shared from a memfd at `offset`."""
+    mm = libc().mmap
+    mm.restype = ctypes.c_void_p
+    mm.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if memfd is None:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+        address = mm(None, size, prot, flags, -1, 0)
+    else:
+        address = mm(None, size, prot, mmap.MAP_SHARED, memfd, offset)
+    if address in (None, _MAP_FAILED):
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cannot map {size} bytes of guest memory: {os.strerror(errno)}")
+    # Guest RAM in a core dump of the VMM would be large and may hold the guest's secrets.
+    madvise = libc().madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise(address, size, _MADV_DONTDUMP)
+    return address
+
+
+class GuestMemory:
+    """RAM regions at fixed guest-physical addresses, backed by host mappings."""
+
+    def __init__(self, layout: list[tuple[int, int]], backing: str = "anonymous") -> None:
+        """`layout` is a list of (guest_address, size); `backing` is "anonymous" or "memfd"."""
+        if backing not in ("anonymous", "memfd"):
+            raise ValueError(f"unknown memory backing {backing!r}")
+        self.backing = backing
+        self.memfd: int | None = None
+        total = sum(size for _, size in layout)
+        if backing == "memfd":
+            # One memfd for all regions, so the whole RAM can be shared with another process.
+            self.memfd = os.memfd_create("vmctl-guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.memfd, total)
+        self.regions: list[MemoryRegion] = []
+        offset = 0
+        for guest_address, size in sorted(layout):
+            if self.regions and guest_address < self.regions[-1].end:
+                raise ValueError(f"memory regions overlap at 0x{guest_address:x}")
+            host = _map_host(size, self.memfd, offset)
+            view = memoryview((ctypes.c_ubyte * size).from_address(host)).cast("B")
+            self.regions.append(MemoryRegion(guest_address, size, host, view))
+            offset += size
+
+    @property
+    def size(self) -> int:
+        return sum(region.size for region in self.regions)
+
+    def close(self) -> None:
+        munmap = libc().munmap
+        munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        for region in self.regions:
+            region.view.release()
+            munmap(region.host_address, region.size)
+        self.regions = []
+        if self.memfd is not None:
+            os.close(self.memfd)
+            self.memfd = None
+
+    def region_of(self, address: int, length: int) -> MemoryRegion:
+        if length < 0 or address < 0:
+            raise GuestMemoryError(f"invalid guest range 0x{address:x}+{length}")
+        for region in self.regions:
+            if region.guest_address <= address and address + length <= region.end:
+                return region
+        raise GuestMemoryError(f"guest range 0x{address:x}..0x{address + length:x} is outside guest RAM")
+
+    def contains(self, address: int, length: int = 1) -> bool:
+        try:
+            self.region_of(address, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, address: int, length: int) -> memoryview:
+        """A zero-copy, writable view of guest RAM (for scatter-gather I/O)."""
+        region = self.region_of(address, length)
+        start = address - region.guest_address
+        return region.view[start : start + length]
+
+    def host_address(self, address: int, length: int = 1) -> int:
+        region = self.region_of(address, length)
+        return region.host_address + (address - region.guest_address)
+
+    def read(self, address: int, length: int) -> bytes:
+        return bytes(self.view(address, length))
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(address, len(data))[:] = data
+
+    def fill(self, address: int, length: int, byte: int = 0) -> None:
+        ctypes.memset(self.host_address(address, length), byte, length)
+
+    def read_u8(self, address: int) -> int:
+        return self.view(address, 1)[0]
+
+    def read_u16(self, address: int) -> int:
+        return struct.unpack("<H", self.view(address, 2))[0]
+
+    def read_u32(self, address: int) -> int:
+        return struct.unpack("<I", self.view(address, 4))[0]
+
+    def read_u64(self, address: int) -> int:
+        return struct.unpack("<Q", self.view(address, 8))[0]
+
+    def write_u16(self, address: int, value: int) -> None:
+        struct.pack_into("<H", self.view(address, 2), 0, value)
+
+    def write_u32(self, address: int, value: int) -> None:
+        struct.pack_into("<I", self.view(address, 4), 0, value)
+
+    def write_u64(self, address: int, value: int) -> None:
+        struct.pack_into("<Q", self.view(address, 8), 0, value)

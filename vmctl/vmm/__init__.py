@@ -1,0 +1,1 @@
+"""The native VMM: build a KVM machine from a config, run its vCPUs, report how it ended."""

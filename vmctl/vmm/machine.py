@@ -1,0 +1,237 @@
+"""Build and run one native KVM machine: memory, irqchip, devices, boot state, vCPU threads.
+
+`Machine(config).run()` returns an `Outcome` and always tears everything down (vCPU threads,
+fds, guest memory), whether the guest exits, crashes, times out or the user interrupts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from ..arch import vcpu_setup
+from ..arch.cpuid import cpuid_for_vcpu
+from ..arch.mptable import build_mptable
+from ..boot import layout
+from ..boot.loader import BootInfo, load_linux
+from ..devices import simple
+from ..devices.bus import Bus
+from ..devices.serial import COM1_IRQ, COM1_PORT, Serial
+from ..errors import VmctlError
+from ..kvm.system import Kvm
+from ..kvm.vcpu import VcpuFd
+from ..kvm.vm import VmFd
+from ..memory import GuestMemory
+from ..units import format_size
+from .console import ConsoleInput, ConsoleOutput
+from .outcome import EXIT_TIMEOUT, Outcome
+from .vcpu_thread import VcpuThread, install_kick_handler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd"
+MAX_CPUS = 32
+# The busybox image's /init reports the command's status with this line before it reboots.
+EXIT_MARKER = re.compile(r"^VMCTL-EXIT (\d+)\s*$")
+PANIC_MARKER = re.compile(r"Kernel panic - not syncing: (.*)")
+
+
+@dataclass
+class MachineConfig:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = DEFAULT_CMDLINE
+    cpus: int = 1
+    memory: int = 256 << 20
+    memory_backing: str = "anonymous"
+    console_sinks: list[BinaryIO] = field(default_factory=list)
+    interactive: bool = False  # forward stdin to the serial console
+    timeout: float | None = None
+
+    def validate(self) -> None:
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise VmctlError(f"cpus: {self.cpus} is out of range 1..{MAX_CPUS}")
+        if self.memory < layout.MIN_MEMORY:
+            raise VmctlError(f"memory: {format_size(self.memory)} is below the minimum of {format_size(layout.MIN_MEMORY)}")
+        if self.memory % 4096:
+            raise VmctlError(f"memory: {self.memory} bytes is not a multiple of 4 KiB")
+        for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is not None and not Path(path).is_file():
+                raise VmctlError(f"{what}: {path}: no such file")
+
+
+class Machine:
+    def __init__(self, config: MachineConfig) -> None:
+        config.validate()
+        self.config = config
+        self._outcome: Outcome | None = None
+        self._outcome_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._guest_status: int | None = None
+        self._panic: str | None = None
+        self.kvm: Kvm | None = None
+        self.vm: VmFd | None = None
+        self.memory: GuestMemory | None = None
+        self.vcpus: list[VcpuFd] = []
+        self.threads: list[VcpuThread] = []
+        self._eventfds: list[int] = []
+        self.console = ConsoleOutput(config.console_sinks, on_line=self._watch_console)
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
+        self.serial: Serial | None = None
+        self.boot: BootInfo | None = None
+
+    # --- life cycle ------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        console_input = None
+        try:
+            self._build()
+            install_kick_handler()
+            if self.config.interactive:
+                console_input = ConsoleInput(self.serial.feed, lambda: self.stop(Outcome(0, "stopped from the console (Ctrl-A x)")))
+                console_input.start()
+            for thread in self.threads:
+                thread.start()
+            if not self._stopping.wait(self.config.timeout):
+                self.stop(Outcome(EXIT_TIMEOUT, f"timed out after {self.config.timeout:g} s"))
+            return self._outcome
+        except KeyboardInterrupt:
+            self.stop(Outcome(130, "interrupted"))
+            raise
+        finally:
+            if console_input:
+                console_input.stop()
+            self.close()
+
+    def stop(self, outcome: Outcome) -> None:
+        """First caller wins: its outcome is the VM's. Every vCPU is then pulled out of KVM_RUN."""
+        with self._outcome_lock:
+            if self._outcome is None:
+                self._outcome = self._refine(outcome)
+        self._stopping.set()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.kick()
+
+    def close(self) -> None:
+        self._stopping.set()
+        for thread in self.threads:
+            thread.kick()
+        for thread in self.threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout=5)
+        self.console.flush()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        for fd in self._eventfds:
+            os.close(fd)
+        self._eventfds.clear()
+        if self.vm:
+            self.vm.close()
+        if self.memory:
+            self.memory.close()
+            self.memory = None
+        if self.kvm:
+            self.kvm.close()
+
+    @property
+    def exits(self) -> int:
+        return sum(thread.exits for thread in self.threads)
+
+    # --- construction ----------------------------------------------------------------------
+    def _build(self) -> None:
+        config = self.config
+        self.kvm = Kvm()
+        self.vm = VmFd(self.kvm)
+        self.vm.set_tss_address(layout.KVM_TSS_ADDRESS)
+        self.vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
+        self.vm.create_irqchip()
+        self.vm.create_pit()
+
+        self.memory = GuestMemory(layout.ram_layout(config.memory), config.memory_backing)
+        for region in self.memory.regions:
+            self.vm.add_memory_slot(region.guest_address, region.size, region.host_address)
+
+        self.boot = load_linux(self.memory, Path(config.kernel), Path(config.initrd) if config.initrd else None, config.cmdline)
+        cr3 = vcpu_setup.write_boot_tables(self.memory)
+        mptable = build_mptable(config.cpus)
+        self.memory.write(mptable.address, mptable.data)
+        self._add_legacy_devices()
+
+        supported = self.kvm.supported_cpuid()
+        for index in range(config.cpus):
+            vcpu = VcpuFd(self.vm, index)
+            vcpu.set_cpuid(cpuid_for_vcpu(supported, index, config.cpus))
+            vcpu_setup.configure_common(vcpu)
+            if index == 0:
+                vcpu_setup.enter_long_mode(vcpu, cr3, self.boot.entry, self.boot.zero_page_address)
+            self.vcpus.append(vcpu)
+            self.threads.append(VcpuThread(vcpu, self.pio, self.mmio, self.stop, self._stopping))
+        log.info(
+            "booting %s %s: %d vCPU(s), %s, entry 0x%x",
+            self.boot.kernel.kind, config.kernel, config.cpus, format_size(config.memory), self.boot.entry,
+        )
+
+    def irq_line(self, gsi: int) -> "IrqLine":
+        """An edge-triggered interrupt line: writing the eventfd injects `gsi` in the kernel."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._eventfds.append(fd)
+        self.vm.register_irqfd(fd, gsi)
+        return IrqLine(fd, gsi)
+
+    def _add_legacy_devices(self) -> None:
+        self.serial = Serial(self.console, self.irq_line(COM1_IRQ).trigger)
+        self.pio.register(COM1_PORT, 8, self.serial)
+        self.pio.register(simple.I8042_DATA_PORT, 5, simple.I8042(self._on_reset))
+        self.pio.register(simple.EXIT_PORT, 4, simple.ExitPort(self._on_exit_port))
+        self.pio.register(simple.IO_DELAY_PORT, 1, simple.Sink())
+
+    # --- how the guest ends ----------------------------------------------------------------
+    def _on_reset(self) -> None:
+        self.stop(Outcome.guest_status(0, "i8042 reset"))
+
+    def _on_exit_port(self, value: int) -> None:
+        self.stop(Outcome.guest_status(value, f"exit port 0x{simple.EXIT_PORT:x}"))
+
+    def _watch_console(self, line: str) -> None:
+        if match := EXIT_MARKER.match(line):
+            self._guest_status = int(match.group(1)) & 0xFF
+        elif match := PANIC_MARKER.search(line):
+            self._panic = match.group(1).strip()
+
+    def _refine(self, outcome: Outcome) -> Outcome:
+        """A reset after a kernel panic is a crash; a reset after VMCTL-EXIT carries its status."""
+        if outcome.crashed or outcome.exit_code != 0:
+            return outcome
+        if self._panic is not None:
+            return Outcome.crash(f"guest kernel panic: {self._panic}")
+        if self._guest_status is not None:
+            return Outcome.guest_status(self._guest_status, "VMCTL-EXIT on the console")
+        return outcome
+
+
+@dataclass(frozen=True)
+class IrqLine:
+    eventfd: int
+    gsi: int
+
+    def trigger(self) -> None:
+        try:
+            os.eventfd_write(self.eventfd, 1)
+        except BlockingIOError:
+            pass  # counter saturated: an interrupt is already pending
+
+
+def default_console_sinks(log_path: Path | None, quiet: bool) -> list[BinaryIO]:
+    sinks: list[BinaryIO] = []
+    if not quiet:
+        sinks.append(sys.stdout.buffer)
+    if log_path is not None:
+        sinks.append(open(log_path, "ab", buffering=0))
+    return sinks
