@@ -1,0 +1,94 @@
+"""What this host's /dev/kvm can do, and whether Linux guests can boot on it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from .errors import VmctlError
+from .kvm import abi
+from .kvm.system import KVM_DEVICE, Kvm, KvmFlavour
+
+# Capabilities the native VMM uses, with why.
+REQUIRED_CAPABILITIES = {
+    "IRQCHIP": (abi.KVM_CAP_IRQCHIP, "in-kernel PIC/IOAPIC/LAPIC"),
+    "PIT2": (abi.KVM_CAP_PIT2, "in-kernel timer"),
+    "IRQFD": (abi.KVM_CAP_IRQFD, "device interrupts without an exit"),
+    "IOEVENTFD": (abi.KVM_CAP_IOEVENTFD, "virtqueue kicks without an exit"),
+    "USER_MEMORY": (abi.KVM_CAP_USER_MEMORY, "guest RAM from our mappings"),
+    "SET_TSS_ADDR": (abi.KVM_CAP_SET_TSS_ADDR, "TSS placement"),
+    "EXT_CPUID": (abi.KVM_CAP_EXT_CPUID, "KVM_GET_SUPPORTED_CPUID"),
+    "MP_STATE": (abi.KVM_CAP_MP_STATE, "vCPU start states"),
+    "IMMEDIATE_EXIT": (abi.KVM_CAP_IMMEDIATE_EXIT, "stopping vCPUs promptly"),
+}
+
+
+@dataclass
+class HostReport:
+    device: str
+    usable: bool
+    problem: str | None = None
+    api_version: int | None = None
+    kvm_module: str = "unknown"
+    hardware_backed: bool = False
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    max_vcpus: int | None = None
+    recommended_vcpus: int | None = None
+    cpuid_leaves: int | None = None
+
+    @property
+    def boots_linux(self) -> bool:
+        return self.usable and self.hardware_backed and all(self.capabilities.values())
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"boots_linux": self.boots_linux}
+
+
+def check_host(device: str = KVM_DEVICE) -> HostReport:
+    flavour = KvmFlavour.detect()
+    report = HostReport(device=device, usable=False, kvm_module=flavour.module, hardware_backed=flavour.hardware_backed)
+    if not os.path.exists(device):
+        report.problem = f"{device} does not exist"
+        return report
+    try:
+        kvm = Kvm(device)
+    except VmctlError as error:
+        report.problem = str(error)
+        return report
+    with kvm:
+        report.api_version = abi.KVM_API_VERSION
+        report.capabilities = {name: kvm.check_extension(cap) > 0 for name, (cap, _) in REQUIRED_CAPABILITIES.items()}
+        report.max_vcpus = kvm.check_extension(abi.KVM_CAP_MAX_VCPUS)
+        report.recommended_vcpus = kvm.check_extension(abi.KVM_CAP_NR_VCPUS)
+        report.cpuid_leaves = len(kvm.supported_cpuid())
+    report.usable = all(report.capabilities.values())
+    if not report.usable:
+        missing = [name for name, ok in report.capabilities.items() if not ok]
+        report.problem = "missing KVM capabilities: " + ", ".join(missing)
+    return report
+
+
+def describe(report: HostReport) -> list[str]:
+    lines = [f"{'device':18} {report.device}"]
+    if report.problem:
+        lines.append(f"{'problem':18} {report.problem}")
+    if report.api_version is not None:
+        lines.append(f"{'api version':18} {report.api_version}")
+    kind = {
+        "kvm_pvm": "paravirtual (kvm_pvm): guest kernel code is emulated; stock Linux does not boot here",
+        "kvm_intel": "hardware (Intel VT-x)",
+        "kvm_amd": "hardware (AMD-V)",
+    }.get(report.kvm_module, "unknown (no kvm_intel, kvm_amd or kvm_pvm module found)")
+    lines.append(f"{'kvm implementation':18} {kind}")
+    for name, ok in report.capabilities.items():
+        lines.append(f"{'capability':18} {name:15} {'yes' if ok else 'MISSING'}  ({REQUIRED_CAPABILITIES[name][1]})")
+    if report.max_vcpus is not None:
+        lines.append(f"{'vcpus':18} max {report.max_vcpus}, recommended {report.recommended_vcpus}")
+        lines.append(f"{'cpuid leaves':18} {report.cpuid_leaves}")
+    verdict = (
+        "yes" if report.boots_linux
+        else "tiny guests only (use the nested host for Linux: docs/nested-host.md)" if report.usable
+        else "no"
+    )
+    lines.append(f"{'boots linux':18} {verdict}")
+    return lines
