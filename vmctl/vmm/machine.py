@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ..arch import vcpu_setup
 from ..arch.cpuid import cpuid_for_vcpu
@@ -42,6 +42,27 @@ EXIT_MARKER = re.compile(r"^VMCTL-EXIT (\d+)\s*$")
 PANIC_MARKER = re.compile(r"Kernel panic - not syncing: (.*)")
 
 
+class MmioDevice(Protocol):
+    """A device in a virtio-mmio slot: bus reads/writes, plus teardown."""
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MmioDeviceFactory(Protocol):
+    """Creates a device once the VM exists: it gets the machine (memory, irq lines,
+    ioeventfds), its slot's base address and its interrupt line (GSI)."""
+
+    def attach(self, machine: "Machine", base: int, gsi: int) -> MmioDevice: ...
+
+
+VIRTIO_FIRST_GSI = 5  # ISA IRQs 0-4 are the PIT, keyboard, cascade, COM2 and COM1
+MAX_MMIO_DEVICES = 19  # GSIs 5..23 of the IOAPIC
+
+
 @dataclass
 class MachineConfig:
     kernel: Path
@@ -53,6 +74,7 @@ class MachineConfig:
     console_sinks: list[BinaryIO] = field(default_factory=list)
     interactive: bool = False  # forward stdin to the serial console
     timeout: float | None = None
+    devices: list[MmioDeviceFactory] = field(default_factory=list)  # virtio-mmio slots, in order
 
     def validate(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -61,6 +83,8 @@ class MachineConfig:
             raise VmctlError(f"memory: {format_size(self.memory)} is below the minimum of {format_size(layout.MIN_MEMORY)}")
         if self.memory % 4096:
             raise VmctlError(f"memory: {self.memory} bytes is not a multiple of 4 KiB")
+        if len(self.devices) > MAX_MMIO_DEVICES:
+            raise VmctlError(f"devices: {len(self.devices)} virtio devices, at most {MAX_MMIO_DEVICES} fit")
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not Path(path).is_file():
                 raise VmctlError(f"{what}: {path}: no such file")
@@ -86,6 +110,7 @@ class Machine:
         self.mmio = Bus("MMIO")
         self.serial: Serial | None = None
         self.boot: BootInfo | None = None
+        self.mmio_devices: list[MmioDevice] = []
 
     # --- life cycle ------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -127,6 +152,9 @@ class Machine:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(timeout=5)
         self.console.flush()
+        for device in self.mmio_devices:
+            device.close()
+        self.mmio_devices.clear()
         for vcpu in self.vcpus:
             vcpu.close()
         for fd in self._eventfds:
@@ -158,7 +186,8 @@ class Machine:
         for region in self.memory.regions:
             self.vm.add_memory_slot(region.guest_address, region.size, region.host_address)
 
-        self.boot = load_linux(self.memory, Path(config.kernel), Path(config.initrd) if config.initrd else None, config.cmdline)
+        cmdline = " ".join([config.cmdline, *self._add_mmio_devices()])
+        self.boot = load_linux(self.memory, Path(config.kernel), Path(config.initrd) if config.initrd else None, cmdline)
         cr3 = vcpu_setup.write_boot_tables(self.memory)
         mptable = build_mptable(config.cpus)
         self.memory.write(mptable.address, mptable.data)
@@ -184,6 +213,19 @@ class Machine:
         self._eventfds.append(fd)
         self.vm.register_irqfd(fd, gsi)
         return IrqLine(fd, gsi)
+
+    def _add_mmio_devices(self) -> list[str]:
+        """Attach each configured device to its 4 KiB slot; returns the kernel cmdline words
+        that declare them (virtio_mmio.device=<size>@<base>:<irq>)."""
+        words = []
+        for index, factory in enumerate(self.config.devices):
+            base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SLOT_SIZE
+            gsi = VIRTIO_FIRST_GSI + index
+            device = factory.attach(self, base, gsi)
+            self.mmio_devices.append(device)
+            self.mmio.register(base, layout.VIRTIO_MMIO_SLOT_SIZE, device)
+            words.append(f"virtio_mmio.device=4K@0x{base:x}:{gsi}")
+        return words
 
     def _add_legacy_devices(self) -> None:
         self.serial = Serial(self.console, self.irq_line(COM1_IRQ).trigger)
