@@ -59,3 +59,27 @@ def test_timeout_stops_a_guest_that_never_exits(assemble):
     machine, outcome, _ = boot(assemble("forever.S"), cpus=2, timeout=1.0)
     assert outcome.exit_code == 124 and "timed out" in outcome.reason
     assert all(not thread.is_alive() for thread in machine.threads)
+
+
+def test_triple_fault_is_one_clear_error_with_registers_in_the_debug_log(assemble, vmctl_cli):
+    result = vmctl_cli("-vv", "boot", "--kernel", str(assemble("crash.S")), "--timeout", "60")
+    assert result.returncode == 125
+    errors = [line for line in result.stderr.splitlines() if line.startswith("vmctl: error:")]
+    assert errors == ["vmctl: error: guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU 0 at rip=0x100007 (registers: run with -vv)"]
+    assert "rip=0x0000000000100007" in result.stderr and "cr3=0x9000" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--memory", "8M"], "memory: 8 MiB is below the minimum of 16 MiB"),
+        (["--cpus", "0"], "cpus: 0 is out of range 1..32"),
+        (["--cmdline", "x" * 70000], "kernel command line is 70000 bytes"),
+        (["--initrd", "/nonexistent"], "initrd: /nonexistent: no such file"),
+    ],
+)
+def test_bad_boot_arguments_are_one_line_errors(assemble, vmctl_cli, args, message):
+    result = vmctl_cli("boot", "--kernel", str(assemble("hello.S")), *args)
+    assert result.returncode == 1
+    assert result.stderr.startswith("vmctl: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
