@@ -1,0 +1,107 @@
+"""The YAML machine spec: values, defaults, and an error for every kind of mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmctl.errors import VmctlError
+from vmctl.spec import load_spec, parse_spec
+from vmctl.spec.model import PortForward
+from vmctl.spec.parse import SpecError
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_full_machine(tmp_path):
+    (tmp_path / "base.qcow2").write_bytes(b"")
+    (tmp_path / "key.pub").write_text("ssh-ed25519 AAAA test")
+    spec_path = tmp_path / "vm.yaml"
+    spec_path.write_text(
+        """
+defaults:
+  memory: 1GiB
+machines:
+  web:
+    cpus: 2
+    disks:
+      - image: base.qcow2
+        size: 2G
+      - {size: 64M}
+    network:
+      mode: nat
+      mac: 52:54:00:AB:CD:EF
+      forwards: ["8080:80", "5353:53/udp"]
+    ssh: {user: admin, authorized_key: key.pub}
+    environment: {GREETING: hello, N: 3}
+    command: [uname, -a]
+    ephemeral: true
+  db:
+    memory: 2G
+    command: echo hi && true
+"""
+    )
+    spec = load_spec(spec_path)
+    web, db = spec.machines
+    assert (web.name, web.cpus, web.memory, web.backend) == ("web", 2, 1 << 30, "kvm")
+    assert web.disks[0].image == tmp_path / "base.qcow2" and web.disks[0].size == 2 << 30
+    assert web.disks[1].image is None and web.disks[1].overlay
+    assert web.network.mac == "52:54:00:ab:cd:ef"
+    assert web.network.forwards == (PortForward(8080, 80), PortForward(5353, 53, "udp"))
+    assert web.ssh.user == "admin" and web.ssh.authorized_key == str(tmp_path / "key.pub")
+    assert web.environment == {"GREETING": "hello", "N": "3"}
+    assert web.command == ("uname", "-a") and web.ephemeral
+    assert db.memory == 2 << 30 and db.command == ("/bin/sh", "-c", "echo hi && true")
+    assert spec.machine("db") is db and web.source.endswith("vm.yaml:6")
+
+
+def test_a_dict_with_one_machine():
+    spec = parse_spec({"name": "t1", "cpus": 2, "memory": "512M"})
+    assert spec.machines[0].name == "t1" and spec.machines[0].memory == 512 << 20
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("machines:\n  a:\n    cpu: 2\n", "x.yaml:3:5: machines.a.cpu: unknown key (did you mean 'cpus'?)"),
+        ("machines:\n  a:\n    cpus: 0\n", "x.yaml:3:11: machines.a.cpus: 0 is out of range 1..32"),
+        ("machines:\n  a:\n    cpus: '2'\n", "machines.a.cpus: expected an integer, got '2'"),
+        ("machines:\n  a:\n    memory: 12Q\n", "x.yaml:3:13: machines.a.memory: cannot read size '12Q'"),
+        ("machines:\n  a:\n    memory: 4M\n", "machines.a.memory: 4M is below the minimum of 16M"),
+        ("machines:\n  a:\n    backend: kvmm\n", "machines.a.backend: unknown backend 'kvmm' (did you mean 'kvm'?)"),
+        ("machines:\n  a:\n    kernel: nope/bzImage\n", "x.yaml:3:13: machines.a.kernel: nope/bzImage: no such file"),
+        ("machines:\n  a:\n    disks: [{size: 1000}]\n", "machines.a.disks[0].size: must be a multiple of 512 bytes"),
+        ("machines:\n  a:\n    disks: [{read_only: true}]\n", "machines.a.disks[0]: give `image`"),
+        ("machines:\n  a:\n    network: {mode: bridge}\n", "machines.a.network.mode: unknown mode 'bridge'"),
+        ("machines:\n  a:\n    network: {mac: zz}\n", "machines.a.network.mac: 'zz' is not a MAC address"),
+        ("machines:\n  a:\n    network: {mode: nat, forwards: [80]}\n", "machines.a.network.forwards[0]: '80' is not HOST:GUEST"),
+        ("machines:\n  a:\n    network: {forwards: ['80:80']}\n", "port forwards need a network: set mode to nat"),
+        ("machines:\n  a:\n    environment: {1X: y}\n", "machines.a.environment.1X: not a valid environment variable name"),
+        ("machines:\n  a:\n    ephemeral: maybe\n", "machines.a.ephemeral: expected true or false, got 'maybe'"),
+        ("machines:\n  a:\n    name: b\n", "machines.a.name: the machine's name is its key under `machines`"),
+        ("machines:\n  Bad_Name: {}\n", "machines.Bad_Name: machine name 'Bad_Name' must be lowercase"),
+        ("machines:\n  a: {}\nmachine: {}\n", "x.yaml:3:1: machine: unknown key (did you mean 'machines'?)"),
+        ("machines:\n  a:\n    cpus: 1\n    cpus: 2\n", "machines.a.cpus: key given twice"),
+        ("machines: []\n", "machines: expected a mapping of machine name -> settings"),
+        ("machines:\n  a: [1]\n", "machines.a: expected a mapping, got a list"),
+        ("machines: {a: {cpus: 1}\n", "x.yaml:2:1: invalid YAML"),
+        ("", "x.yaml: empty spec"),
+    ],
+)
+def test_errors_name_file_line_column_and_field(text, message):
+    with pytest.raises(SpecError) as error:
+        parse_spec(text, source="x.yaml", base_dir=Path("/nonexistent-dir"))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_machine_name_lists_the_known_ones(tmp_path):
+    spec = parse_spec("machines:\n  a: {}\n  b: {}\n", source="x.yaml", base_dir=tmp_path)
+    with pytest.raises(VmctlError, match=r"no machine named 'c' \(machines: a, b\)"):
+        spec.machine("c")
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_parse(example):
+    assert load_spec(example).machines

@@ -1,0 +1,297 @@
+"""Read a spec from YAML (or a dict) into `SpecFile`, with errors that point at file:line:column.
+
+The YAML is composed into nodes (not plain data) so that every value keeps its position;
+each key is checked against the fields it may be, and an unknown key suggests the nearest
+valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..errors import VmctlError
+from ..units import parse_size
+from .model import BACKENDS, NETWORK_MODES, DiskSpec, MachineSpec, NetworkSpec, PortForward, SpecFile, SshSpec
+
+MIN_MEMORY = 16 << 20
+MAX_CPUS = 32
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FORWARD = re.compile(r"^(\d+):(\d+)(?:/(tcp|udp))?$")
+
+
+class SpecError(VmctlError):
+    pass
+
+
+class _Context:
+    def __init__(self, source: str, base_dir: Path | None) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def error(self, node: yaml.Node, where: str, message: str) -> SpecError:
+        mark = node.start_mark
+        return SpecError(f"{self.source}:{mark.line + 1}:{mark.column + 1}: {where}: {message}")
+
+    def path(self, node: yaml.Node, where: str, must_exist: bool = True) -> Path:
+        text = self.scalar(node, where, str)
+        path = Path(text).expanduser()
+        if not path.is_absolute() and self.base_dir is not None:
+            path = self.base_dir / path
+        if must_exist and not path.exists():
+            raise self.error(node, where, f"{text}: no such file")
+        return path
+
+    def scalar(self, node: yaml.Node, where: str, kind: type) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(node, where, f"expected a {_kind_name(kind)}, got a {_node_name(node)}")
+        value = yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
+        if kind is str:
+            if value is None or isinstance(value, (list, dict)):
+                raise self.error(node, where, "expected a string")
+            return str(value)
+        if kind is bool and not isinstance(value, bool):
+            raise self.error(node, where, f"expected true or false, got {node.value!r}")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self.error(node, where, f"expected an integer, got {node.value!r}")
+        return value
+
+    def mapping(self, node: yaml.Node, where: str, fields: dict[str, Callable]) -> dict[str, Any]:
+        """Apply `fields[key](value_node, where.key)` to each key; unknown keys are errors."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, where, f"expected a mapping, got a {_node_name(node)}")
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.scalar(key_node, where, str)
+            inner = f"{where}.{key}" if where else key
+            if key not in fields:
+                hint = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (valid keys: {', '.join(sorted(fields))})"
+                raise self.error(key_node, inner, f"unknown key{suggestion}")
+            if key in result:
+                raise self.error(key_node, inner, "key given twice")
+            result[key] = fields[key](value_node, inner)
+        return result
+
+    def sequence(self, node: yaml.Node, where: str, item: Callable) -> list[Any]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(node, where, f"expected a list, got a {_node_name(node)}")
+        return [item(child, f"{where}[{index}]") for index, child in enumerate(node.value)]
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "string", int: "integer", bool: "boolean"}.get(kind, kind.__name__)
+
+
+def _node_name(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "list"
+    return f"value {node.value!r}"
+
+
+def load_spec(path: Path | str) -> SpecFile:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise VmctlError(f"{path}: cannot read spec: {error.strerror}") from None
+    return parse_spec(text, source=str(path), base_dir=path.parent)
+
+
+def parse_spec(document: str | dict, source: str = "<spec>", base_dir: Path | None = None) -> SpecFile:
+    """Parse YAML text, or a dict with the same structure (as the pytest fixture passes)."""
+    text = yaml.safe_dump(document, sort_keys=False) if isinstance(document, dict) else document
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        position = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
+        raise SpecError(f"{source}:{position}: invalid YAML: {error.problem}") from None
+    if root is None:
+        raise SpecError(f"{source}: empty spec: declare `machines:`")
+    context = _Context(source, base_dir)
+    if isinstance(root, yaml.MappingNode) and not any(k.value == "machines" for k, _ in root.value):
+        # A single machine at the top level (handy for dicts and one-machine files).
+        return SpecFile(Path(source) if base_dir else None, (_machine(context, root, "", None),))
+    top = context.mapping(root, "", {
+        "machines": lambda node, where: node,
+        "defaults": lambda node, where: node,
+    })
+    if "machines" not in top:
+        raise context.error(root, "machines", "missing: declare at least one machine")
+    machines_node = top["machines"]
+    if not isinstance(machines_node, yaml.MappingNode) or not machines_node.value:
+        raise context.error(machines_node, "machines", "expected a mapping of machine name -> settings")
+    defaults = top.get("defaults")
+    machines = [
+        _machine(context, value, f"machines.{key.value}", key, defaults) for key, value in machines_node.value
+    ]
+    names = [m.name for m in machines]
+    for key, _ in machines_node.value:
+        if names.count(key.value) > 1:
+            raise context.error(key, f"machines.{key.value}", "machine name given twice")
+    return SpecFile(Path(source) if base_dir else None, tuple(machines))
+
+
+def _machine(context: _Context, node: yaml.Node, where: str, name_node: yaml.Node | None, defaults: yaml.Node | None = None) -> MachineSpec:
+    fields = _machine_fields(context)
+    values: dict[str, Any] = {}
+    if defaults is not None:
+        values.update(context.mapping(defaults, "defaults", {k: v for k, v in fields.items() if k != "name"}))
+    values.update(context.mapping(node, where, fields))
+    if name_node is not None:
+        if "name" in values:
+            raise context.error(node, f"{where}.name", "the machine's name is its key under `machines`")
+        values["name"] = _name(context, name_node, where)
+    values.setdefault("name", "vm")
+    values["source"] = f"{context.source}:{node.start_mark.line + 1}"
+    return MachineSpec(**values)
+
+
+def _name(context: _Context, node: yaml.Node, where: str) -> str:
+    name = context.scalar(node, where, str)
+    if not NAME.match(name):
+        raise context.error(node, where, f"machine name {name!r} must be lowercase letters, digits and '-' (max 63)")
+    return name
+
+
+def _machine_fields(c: _Context) -> dict[str, Callable]:
+    def backend(node, where):
+        value = c.scalar(node, where, str)
+        if value not in BACKENDS:
+            hint = difflib.get_close_matches(value, BACKENDS, n=1)
+            raise c.error(node, where, f"unknown backend {value!r}" + (f" (did you mean {hint[0]!r}?)" if hint else f" (one of {', '.join(BACKENDS)})"))
+        return value
+
+    def cpus(node, where):
+        value = c.scalar(node, where, int)
+        if not 1 <= value <= MAX_CPUS:
+            raise c.error(node, where, f"{value} is out of range 1..{MAX_CPUS}")
+        return value
+
+    def memory(node, where):
+        text = c.scalar(node, where, str)
+        try:
+            value = parse_size(text, where)
+        except VmctlError as error:
+            raise c.error(node, where, str(error).split(": ", 1)[1]) from None
+        if value < MIN_MEMORY:
+            raise c.error(node, where, f"{text} is below the minimum of 16M")
+        if value > 1 << 40:
+            raise c.error(node, where, f"{text} is more than 1 TiB")
+        return value
+
+    def command(node, where):
+        if isinstance(node, yaml.ScalarNode):
+            return ("/bin/sh", "-c", c.scalar(node, where, str))
+        return tuple(c.sequence(node, where, lambda n, w: c.scalar(n, w, str)))
+
+    def environment(node, where):
+        if not isinstance(node, yaml.MappingNode):
+            raise c.error(node, where, f"expected a mapping of NAME: value, got a {_node_name(node)}")
+        result = {}
+        for key_node, value_node in node.value:
+            key = c.scalar(key_node, where, str)
+            if not ENV_NAME.match(key):
+                raise c.error(key_node, f"{where}.{key}", "not a valid environment variable name")
+            result[key] = c.scalar(value_node, f"{where}.{key}", str)
+        return result
+
+    return {
+        "name": lambda node, where: _name(c, node, where),
+        "backend": backend,
+        "cpus": cpus,
+        "memory": memory,
+        "kernel": lambda node, where: c.path(node, where),
+        "initrd": lambda node, where: c.path(node, where),
+        "cmdline": lambda node, where: c.scalar(node, where, str),
+        "disks": lambda node, where: tuple(c.sequence(node, where, lambda n, w: _disk(c, n, w))),
+        "network": lambda node, where: _network(c, node, where),
+        "ssh": lambda node, where: _ssh(c, node, where),
+        "environment": environment,
+        "command": command,
+        "ephemeral": lambda node, where: c.scalar(node, where, bool),
+    }
+
+
+def _disk(c: _Context, node: yaml.Node, where: str) -> DiskSpec:
+    if isinstance(node, yaml.ScalarNode):  # shorthand: just the base image
+        return DiskSpec(image=c.path(node, where))
+
+    def size(n, w):
+        text = c.scalar(n, w, str)
+        try:
+            return parse_size(text, w)
+        except VmctlError as error:
+            raise c.error(n, w, str(error).split(": ", 1)[1]) from None
+
+    values = c.mapping(node, where, {
+        "image": lambda n, w: c.path(n, w),
+        "size": size,
+        "read_only": lambda n, w: c.scalar(n, w, bool),
+        "overlay": lambda n, w: c.scalar(n, w, bool),
+    })
+    if "image" not in values and "size" not in values:
+        raise c.error(node, where, "give `image` (a base disk) or `size` (a new blank disk)")
+    if values.get("size") is not None and values["size"] % 512:
+        raise c.error(node, f"{where}.size", "must be a multiple of 512 bytes")
+    return DiskSpec(image=values.get("image"), size=values.get("size"), read_only=values.get("read_only", False), overlay=values.get("overlay", True))
+
+
+def _network(c: _Context, node: yaml.Node, where: str) -> NetworkSpec:
+    if isinstance(node, yaml.ScalarNode):  # shorthand: just the mode
+        node_mode = node
+        values = {"mode": node_mode}
+    else:
+        values = c.mapping(node, where, {
+            "mode": lambda n, w: n,
+            "mac": lambda n, w: n,
+            "forwards": lambda n, w: n,
+        })
+    mode = "none"
+    if "mode" in values:
+        mode = c.scalar(values["mode"], f"{where}.mode", str)
+        if mode not in NETWORK_MODES:
+            hint = difflib.get_close_matches(mode, NETWORK_MODES, n=1)
+            raise c.error(values["mode"], f"{where}.mode", f"unknown mode {mode!r}" + (f" (did you mean {hint[0]!r}?)" if hint else f" (one of {', '.join(NETWORK_MODES)})"))
+    mac = None
+    if "mac" in values:
+        mac = c.scalar(values["mac"], f"{where}.mac", str).lower()
+        if not MAC.match(mac):
+            raise c.error(values["mac"], f"{where}.mac", f"{mac!r} is not a MAC address like 52:54:00:12:34:56")
+        if int(mac[:2], 16) & 1:
+            raise c.error(values["mac"], f"{where}.mac", f"{mac} is a multicast address")
+    forwards: list[PortForward] = []
+    if "forwards" in values:
+        for index, item in enumerate(c.sequence(values["forwards"], f"{where}.forwards", lambda n, w: n)):
+            w = f"{where}.forwards[{index}]"
+            text = c.scalar(item, w, str)
+            match = FORWARD.match(text)
+            if not match:
+                raise c.error(item, w, f"{text!r} is not HOST:GUEST[/tcp|/udp], e.g. 8080:80")
+            host, guest = int(match.group(1)), int(match.group(2))
+            if not (1 <= host <= 65535 and 1 <= guest <= 65535):
+                raise c.error(item, w, "ports must be 1..65535")
+            forwards.append(PortForward(host, guest, match.group(3) or "tcp"))
+        if mode == "none":
+            raise c.error(values["forwards"], f"{where}.forwards", "port forwards need a network: set mode to nat")
+    return NetworkSpec(mode=mode, mac=mac, forwards=tuple(forwards))
+
+
+def _ssh(c: _Context, node: yaml.Node, where: str) -> SshSpec:
+    def key(n, w):
+        text = c.scalar(n, w, str)
+        if text.startswith(("ssh-", "ecdsa-", "sk-")):
+            return text
+        return str(c.path(n, w))
+
+    values = c.mapping(node, where, {"user": lambda n, w: c.scalar(n, w, str), "authorized_key": key})
+    return SshSpec(**values)
