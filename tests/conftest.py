@@ -7,6 +7,8 @@ skipped, and why they were skipped, so CI output shows which tiers really ran.
 from __future__ import annotations
 
 import collections
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,29 @@ def pytest_terminal_summary(terminalreporter) -> None:
         )
         for reason, n in _skip_reasons[tier].most_common():
             write(f"       skipped {n}x: {reason}")
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    vmlinux: Path
+    bzimage: Path
+
+
+@pytest.fixture(scope="session")
+def reference_kernel() -> KernelFiles:
+    """The reference guest kernel built by `vmctl image kernel` (or $VMCTL_TEST_KERNEL_DIR)."""
+    folder = os.environ.get("VMCTL_TEST_KERNEL_DIR")
+    if folder:
+        files = KernelFiles(Path(folder) / "vmlinux", Path(folder) / "arch/x86/boot/bzImage")
+        if not files.bzimage.exists():
+            files = KernelFiles(Path(folder) / "vmlinux", Path(folder) / "bzImage")
+    else:
+        try:
+            from vmctl.images import locate
+        except ImportError:
+            pytest.skip("vmctl.images is not available to locate the reference kernel")
+        found = locate()
+        files = KernelFiles(found.vmlinux, found.bzimage)
+    if not (files.vmlinux.exists() and files.bzimage.exists()):
+        pytest.skip(f"reference kernel not built ({files.vmlinux}): run `vmctl image kernel`")
+    return files

@@ -208,3 +208,17 @@ def test_mp_table_checksums_and_contents(cpus):
 def test_mp_table_fits_in_the_ebda_or_says_so():
     with pytest.raises(ValueError, match="does not fit below 640 KiB"):
         build_mptable(64)
+
+
+def test_real_bzimage_and_vmlinux_of_the_reference_kernel(reference_kernel, memory):
+    bz = kernel_image.read_kernel(reference_kernel.bzimage)
+    assert bz.kind == "bzImage" and bz.protocol >= 0x020F
+    raw = reference_kernel.bzimage.read_bytes()
+    assert len(bz.segments[0].data) == len(raw) - (raw[0x1F1] + 1) * 512
+    assert bz.init_size > len(bz.segments[0].data)  # it decompresses past its own end
+    info = load_linux(memory, reference_kernel.bzimage, None, "console=ttyS0")
+    page = memory.read(layout.ZERO_PAGE_ADDRESS, 4096)
+    assert page[0x1F1 : 0x1F1 + len(bz.setup_header)][0x202 - 0x1F1 :][:4] == b"HdrS"
+    assert page[params.TYPE_OF_LOADER] == 0xFF and info.entry == 0x100200
+    elf = kernel_image.read_kernel(reference_kernel.vmlinux)
+    assert elf.kind == "ELF" and elf.entry == min(s.guest_address for s in elf.segments) == 0x1000000
