@@ -13,9 +13,9 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import VmctlError
-from . import boot, hostcheck, image
+from . import boot, hostcheck, image, lifecycle
 
-COMMAND_MODULES = (boot, hostcheck, image)
+COMMAND_MODULES = (boot, hostcheck, image, lifecycle)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,70 @@
+"""Lifecycle of tiny guests through the real CLI: up / ps / logs / down / rm, and kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+
+@pytest.fixture
+def spec(tmp_path, assemble, monkeypatch):
+    monkeypatch.setenv("VMCTL_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "vm.yaml"
+    path.write_text(
+        f"machines:\n"
+        f"  hello:\n    kernel: {assemble('hello.S', STATUS=0)}\n"
+        f"  idle:\n    kernel: {assemble('forever.S')}\n    cpus: 2\n    memory: 64M\n"
+    )
+    return path
+
+
+def ps(vmctl_cli) -> dict:
+    result = vmctl_cli("ps", "--json")
+    assert result.returncode == 0, result.stderr
+    return {row["name"]: row for row in json.loads(result.stdout)}
+
+
+def test_up_ps_logs_down_rm(spec, vmctl_cli, tmp_path):
+    assert vmctl_cli("up", str(spec), "hello").returncode == 0
+    assert vmctl_cli("up", str(spec), "idle", "--no-wait").returncode == 0
+    rows = ps(vmctl_cli)
+    assert rows["hello"]["state"] == "exited" and rows["hello"]["exit_code"] == 0
+    assert rows["idle"]["state"] == "running" and rows["idle"]["cpus"] == 2
+    assert vmctl_cli("logs", "hello").stdout == "hello from the guest\n"
+    again = vmctl_cli("up", str(spec), "idle", "--no-wait")
+    assert again.returncode == 0 and "already running" in again.stderr
+    assert vmctl_cli("down", "idle").returncode == 0
+    assert ps(vmctl_cli)["idle"]["state"] == "exited"
+    assert vmctl_cli("rm", "hello", "idle").returncode == 0
+    assert ps(vmctl_cli) == {}
+    assert sorted(os.listdir(tmp_path / "state" / "machines")) == [".lock"]
+
+
+def test_kill_9_of_a_vmm_is_shown_dead_and_rm_leaves_nothing(spec, vmctl_cli, tmp_path):
+    assert vmctl_cli("up", str(spec), "idle", "--no-wait").returncode == 0
+    pid = ps(vmctl_cli)["idle"]["pid"]
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "state/machines/idle/control.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while ps(vmctl_cli)["idle"]["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ps(vmctl_cli)["idle"]["state"] == "dead"
+    assert vmctl_cli("rm", "idle").returncode == 0
+    assert not (tmp_path / "state/machines/idle").exists()
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+
+
+def test_unknown_machine_and_bad_spec_are_one_line_errors(spec, vmctl_cli, tmp_path):
+    result = vmctl_cli("status", "nope")
+    assert result.returncode == 1 and result.stderr == "vmctl: error: no machine named 'nope' (machines: none)\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("machines:\n  a:\n    cpu: 1\n")
+    result = vmctl_cli("up", str(bad))
+    assert result.returncode == 1
+    assert result.stderr == f"vmctl: error: {bad}:3:5: machines.a.cpu: unknown key (did you mean 'cpus'?)\n"

@@ -1,0 +1,14 @@
+"""Backends run a machine spec: `kvm` (vmctl's own VMM); `libvirt` and `container` plug in here."""
+
+from __future__ import annotations
+
+from ..errors import VmctlError
+from .base import Backend
+
+
+def get_backend(name: str) -> Backend:
+    if name == "kvm":
+        from .kvm import KvmBackend
+
+        return KvmBackend()
+    raise VmctlError(f"backend {name!r} is not available yet (available: kvm)")

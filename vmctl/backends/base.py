@@ -1,0 +1,37 @@
+"""What every backend provides to the lifecycle commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..spec.model import MachineSpec
+from ..state import MachineRecord, StateStore
+
+
+@dataclass(frozen=True)
+class MachineStatus:
+    name: str
+    backend: str
+    state: str  # running | exited | crashed | dead | created
+    pid: int | None
+    detail: str = ""  # how it ended, or why it is dead
+    exit_code: int | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    def start(self, store: StateStore, spec: MachineSpec, spec_file: str | None) -> MachineRecord:
+        """Prepare the machine's resources and start it detached; return its record."""
+
+    def wait_ready(self, store: StateStore, record: MachineRecord, timeout: float) -> float:
+        """Block until the guest is ready; returns the seconds it took. Raises on failure."""
+
+    def status(self, store: StateStore, record: MachineRecord) -> MachineStatus: ...
+
+    def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
+        """Ask the machine to stop, then kill it after `timeout` seconds."""
+
+    def remove(self, store: StateStore, record: MachineRecord) -> None:
+        """Stop it if needed and release everything it holds (processes, disks, taps, state)."""

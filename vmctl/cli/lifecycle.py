@@ -1,0 +1,173 @@
+"""Lifecycle commands: up, down, ps, status, logs, rm, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..backends import get_backend
+from ..errors import VmctlError
+from ..spec import load_spec
+from ..spec.model import MachineSpec
+from ..state import CONSOLE, StateStore
+
+DEFAULT_SPEC = "vmctl.yaml"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    up = subparsers.add_parser(
+        "up", help="start the machines of a spec file",
+        description="Start machines declared in a YAML spec (default ./vmctl.yaml), each as its own "
+        "detached VMM, and wait until each guest is ready (its console shows VMCTL-READY).",
+        epilog="example: vmctl up examples/throwaway.yaml",
+    )
+    up.add_argument("file", nargs="?", default=DEFAULT_SPEC, type=Path, help="spec file (default vmctl.yaml)")
+    up.add_argument("names", nargs="*", help="only these machines (default: all)")
+    up.add_argument("--no-wait", action="store_true", help="return as soon as the VMMs started")
+    up.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default 300)")
+    up.set_defaults(func=cmd_up)
+
+    down = subparsers.add_parser("down", help="stop machines", description="Ask machines to stop; kill them after --timeout.")
+    down.add_argument("names", nargs="*", help="machines to stop (default: all running)")
+    down.add_argument("--timeout", type=float, default=10, help="seconds before the VMM is killed (default 10)")
+    down.set_defaults(func=cmd_down)
+
+    ps = subparsers.add_parser("ps", help="list machines", description="List machines, their backend and state.")
+    ps.add_argument("--json", action="store_true", help="print JSON")
+    ps.set_defaults(func=cmd_ps)
+
+    status = subparsers.add_parser("status", help="show one machine", description="Show one machine's state as JSON.")
+    status.add_argument("name")
+    status.set_defaults(func=cmd_status)
+
+    logs = subparsers.add_parser("logs", help="print a machine's console", description="Print the guest console log.")
+    logs.add_argument("name")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the machine ends")
+    logs.set_defaults(func=cmd_logs)
+
+    rm = subparsers.add_parser("rm", help="remove machines", description="Stop machines if needed and delete everything they hold.")
+    rm.add_argument("names", nargs="+")
+    rm.set_defaults(func=cmd_rm)
+
+
+def _store() -> StateStore:
+    return StateStore()
+
+
+def _selected(specs: list[MachineSpec], names: list[str], file: Path) -> list[MachineSpec]:
+    if not names:
+        return specs
+    known = {spec.name: spec for spec in specs}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise VmctlError(f"{file}: no machine named {missing[0]!r} (machines: {', '.join(known)})")
+    return [known[name] for name in names]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    spec_file = load_spec(args.file)
+    store = _store()
+    started = []
+    with store.locked():
+        for spec in _selected(list(spec_file.machines), args.names, args.file):
+            if store.exists(spec.name):
+                record = store.load(spec.name)
+                state = get_backend(record.backend).status(store, record).state
+                if state == "running":
+                    print(f"{spec.name}: already running", file=sys.stderr)
+                    continue
+                raise VmctlError(f"{spec.name}: a stopped machine of that name exists ({state}): vmctl rm {spec.name}")
+            backend = get_backend(spec.backend)
+            started.append((backend, backend.start(store, spec, str(args.file))))
+            print(f"{spec.name}: started ({spec.backend}, pid {started[-1][1].pid})", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    for backend, record in started:
+        print(f"{record.name}: waiting for the guest (up to {args.timeout:g} s)…", file=sys.stderr)
+        seconds = backend.wait_ready(store, record, args.timeout)
+        print(f"{record.name}: ready in {seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    store = _store()
+    with store.locked():
+        names = args.names or store.names()
+        for name in names:
+            record = store.load(name)
+            backend = get_backend(record.backend)
+            backend.stop(store, record, args.timeout)
+            if record.ephemeral:
+                backend.remove(store, record)
+                print(f"{name}: stopped and removed (ephemeral)", file=sys.stderr)
+            else:
+                print(f"{name}: stopped", file=sys.stderr)
+    return 0
+
+
+def _statuses(store: StateStore) -> list:
+    result = []
+    for name in store.names():
+        record = store.load(name)
+        result.append((record, get_backend(record.backend).status(store, record)))
+    return result
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    rows = _statuses(_store())
+    if args.json:
+        print(json.dumps([{
+            "name": s.name, "backend": s.backend, "state": s.state, "pid": s.pid, "exit_code": s.exit_code,
+            "detail": s.detail, "cpus": r.spec.get("cpus"), "memory": r.spec.get("memory"), "created": r.created,
+        } for r, s in rows], indent=2))
+        return 0
+    print(f"{'NAME':20} {'BACKEND':9} {'STATE':8} {'PID':>7} {'CPUS':>4} {'MEMORY':>7} {'AGE':>6}  DETAIL")
+    for record, status in rows:
+        age = time.time() - record.created
+        age_text = f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h"
+        memory = f"{record.spec.get('memory', 0) >> 20}M"
+        print(f"{status.name:20} {status.backend:9} {status.state:8} {status.pid or '-':>7} "
+              f"{record.spec.get('cpus', '-'):>4} {memory:>7} {age_text:>6}  {status.detail}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _store()
+    record = store.load(args.name)
+    status = get_backend(record.backend).status(store, record)
+    print(json.dumps({
+        "name": record.name, "backend": record.backend, "state": status.state, "pid": status.pid,
+        "exit_code": status.exit_code, "detail": status.detail, "spec": record.spec, "spec_file": record.spec_file,
+        "ephemeral": record.ephemeral, "folder": str(store.folder(record.name)),
+    }, indent=2))
+    return 0 if status.state in ("running", "exited") else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    store = _store()
+    record = store.load(args.name)
+    path = store.folder(args.name) / CONSOLE
+    backend = get_backend(record.backend)
+    with open(path, "rb") if path.exists() else open("/dev/null", "rb") as handle:
+        while True:
+            data = handle.read(65536)
+            if data:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+                continue
+            if not args.follow or backend.status(store, record).state != "running":
+                return 0
+            time.sleep(0.2)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = _store()
+    with store.locked():
+        for name in args.names:
+            record = store.load(name)
+            get_backend(record.backend).remove(store, record)
+            print(f"{name}: removed", file=sys.stderr)
+    return 0

@@ -1,0 +1,97 @@
+"""The VMM's control socket: one JSON request line in, one JSON response line out.
+
+Requests: {"op": "status"} and {"op": "stop", "reason": "..."}. The server runs in a thread of
+the VMM process; `request()` is the client every `vmctl` command uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Callable
+
+from ..errors import VmctlError
+
+MAX_REQUEST = 64 * 1024
+
+
+class ControlServer:
+    def __init__(self, path: Path, handlers: dict[str, Callable[[dict], dict]]) -> None:
+        self.path = path
+        self.handlers = handlers
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self.sock.listen(8)
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                connection.settimeout(5)
+                try:
+                    self._answer(connection)
+                except (OSError, ValueError):
+                    continue
+
+    def _answer(self, connection: socket.socket) -> None:
+        data = b""
+        while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            message = json.loads(data)
+            handler = self.handlers[message["op"]]
+            response = {"ok": True, **handler(message)}
+        except (ValueError, KeyError, TypeError) as error:
+            response = {"ok": False, "error": f"bad request: {error}"}
+        connection.sendall(json.dumps(response).encode() + b"\n")
+
+
+def request(path: Path, op: str, timeout: float = 5.0, **fields: object) -> dict:
+    """Send one request; raises VmctlError when the VMM does not answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as error:
+            raise VmctlError(f"{path}: the VMM does not answer: {error.strerror or error}") from None
+    try:
+        response = json.loads(data)
+    except ValueError:
+        raise VmctlError(f"{path}: unreadable answer from the VMM: {data[:200]!r}") from None
+    if not response.get("ok"):
+        raise VmctlError(f"{path}: {response.get('error', 'request failed')}")
+    return response
