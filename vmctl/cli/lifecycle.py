@@ -52,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("names", nargs="+")
     rm.set_defaults(func=cmd_rm)
 
+    register_run(subparsers)
+
 
 def _store() -> StateStore:
     return StateStore()
@@ -171,3 +173,95 @@ def cmd_rm(args: argparse.Namespace) -> int:
             get_backend(record.backend).remove(store, record)
             print(f"{name}: removed", file=sys.stderr)
     return 0
+
+
+def register_run(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser(
+        "run", help="boot a throwaway guest, run a command, print its output",
+        usage="vmctl run [FILE] [options] [-- COMMAND [ARG...]]",
+        description="Boot an ephemeral guest (from a spec file, or the reference images), run COMMAND "
+        "in it, print the command's output and exit with its status. The guest and its state "
+        "are removed afterwards, whatever happens.",
+        epilog="examples:\n  vmctl run -- uname -a\n  vmctl run examples/throwaway.yaml\n"
+        "  vmctl run --cpus 2 --memory 512M -- sh -c 'nproc; free -m'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("file", nargs="?", type=Path, help="spec file (default: the reference images)")
+    run.add_argument("--name", help="machine of the spec file to run (default: the first)")
+    run.add_argument("--kernel", type=Path, help="kernel (default: the reference kernel)")
+    run.add_argument("--initrd", type=Path, help="initramfs (default: the reference initramfs)")
+    run.add_argument("--cpus", type=int, help="vCPUs")
+    run.add_argument("--memory", help="guest RAM, e.g. 512M")
+    run.add_argument("--timeout", type=float, default=600, help="seconds before the guest is killed (default 600)")
+    run.add_argument("--show-boot", action="store_true", help="print the whole console, not only the command's output")
+    run.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import uuid
+
+    from ..spec import parse_spec
+    from ..units import parse_size
+
+    command = args.passthrough
+    if args.file:
+        spec_file = load_spec(args.file)
+        spec = spec_file.machine(args.name) if args.name else spec_file.machines[0]
+    else:
+        spec = parse_spec({"name": "run"}).machines[0]
+    overrides: dict = {"ephemeral": True, "name": f"{spec.name}-run-{uuid.uuid4().hex[:8]}"}
+    if command:
+        overrides["command"] = tuple(command)
+    for field in ("kernel", "initrd", "cpus"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
+    if args.memory:
+        overrides["memory"] = parse_size(args.memory, "--memory")
+    spec = dataclasses.replace(spec, **overrides)
+    if not spec.command:
+        raise VmctlError("nothing to run: give -- COMMAND or a `command:` in the spec")
+
+    store = _store()
+    backend = get_backend(spec.backend)
+    with store.locked():
+        record = backend.start(store, spec, str(args.file) if args.file else None)
+    try:
+        return _follow_until_exit(store, backend, record, args.timeout, args.show_boot)
+    finally:
+        with store.locked():
+            backend.remove(store, record)
+
+
+def _follow_until_exit(store: StateStore, backend, record, timeout: float, show_boot: bool) -> int:
+    """Stream the command's output (between the READY and EXIT markers) until the guest ends."""
+    path = store.folder(record.name) / CONSOLE
+    deadline = time.monotonic() + timeout
+    printing = show_boot
+    pending = b""
+    offset = 0
+    while True:
+        status = backend.status(store, record)
+        if path.exists():
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read()
+                offset += len(data)
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                text = line.rstrip(b"\r")
+                if text.startswith(b"VMCTL-EXIT "):
+                    printing = show_boot
+                if printing:
+                    sys.stdout.buffer.write(text + b"\n")
+                if text == b"VMCTL-READY":
+                    printing = True
+            sys.stdout.flush()
+        if status.state != "running":
+            if status.state in ("crashed", "dead"):
+                raise VmctlError(f"{record.name}: {status.detail}")
+            return status.exit_code or 0
+        if time.monotonic() > deadline:
+            raise VmctlError(f"{record.name}: still running after {timeout:g} s: stopped")
+        time.sleep(0.05)
