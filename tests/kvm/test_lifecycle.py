@@ -68,3 +68,14 @@ def test_unknown_machine_and_bad_spec_are_one_line_errors(spec, vmctl_cli, tmp_p
     result = vmctl_cli("up", str(bad))
     assert result.returncode == 1
     assert result.stderr == f"vmctl: error: {bad}:3:5: machines.a.cpu: unknown key (did you mean 'cpus'?)\n"
+
+
+def test_run_returns_the_guest_status_and_leaves_no_state(assemble, vmctl_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("VMCTL_STATE_DIR", str(tmp_path / "state"))
+    result = vmctl_cli("run", "--kernel", str(assemble("hello.S", STATUS=9)), "--show-boot", "--", "true")
+    assert result.returncode == 9, result.stderr
+    assert result.stdout == "hello from the guest\n"
+    assert sorted(os.listdir(tmp_path / "state" / "machines")) == [".lock"]
+    crashed = vmctl_cli("run", "--kernel", str(assemble("crash.S")), "--", "true")
+    assert crashed.returncode == 1 and "triple fault" in crashed.stderr
+    assert sorted(os.listdir(tmp_path / "state" / "machines")) == [".lock"]
