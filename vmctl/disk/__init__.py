@@ -1,0 +1,10 @@
+"""Virtual disks for the VMMs: the BlockBackend interface, raw files and qcow2 images."""
+
+from .backend import (BlockBackend, DiskError, DiskFormatError, DiskRangeError, ReadOnlyError,
+                      UnsupportedFeatureError, open_disk, probe_format)
+from .qcow2.lock import ImageLockedError
+
+__all__ = [
+    "BlockBackend", "DiskError", "DiskFormatError", "DiskRangeError", "ImageLockedError",
+    "ReadOnlyError", "UnsupportedFeatureError", "open_disk", "probe_format",
+]

@@ -1,0 +1,112 @@
+"""Raw disk files: the virtual disk is the file, byte for byte."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from typing import Sequence
+
+from .backend import (BlockBackend, DiskError, as_bytes_views, chunks, slice_buffers,
+                      total_length)
+from .qcow2 import lock as lock_mod
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE): frees the range and makes it read as zeros. False if the
+    filesystem cannot do it (the caller then writes zeros)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise DiskError(f"fallocate failed: {os.strerror(ctypes.get_errno())}")
+
+
+class RawDisk(BlockBackend):
+    def __init__(self, path: str, *, read_only: bool = True, lock: bool = True) -> None:
+        self.path = path
+        self._read_only = read_only
+        self._mutex = threading.Lock()
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as error:
+            raise DiskError(f"{path}: cannot open: {error.strerror}") from None
+        try:
+            if lock:
+                lock_mod.acquire(self.fd, path, lock_mod.READER if read_only else lock_mod.WRITER)
+            self._size = os.fstat(self.fd).st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def readinto(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        views = as_bytes_views(buffers)
+        length = total_length(views)
+        self._check_range(offset, length, "read")
+        got = 0
+        for group in chunks(views):
+            got += os.preadv(self.fd, group, offset + got)
+        if got < length:  # the file shrank under us: the rest reads as zeros
+            for view in slice_buffers(views, got, length - got):
+                view[:] = bytes(view.nbytes)
+        return length
+
+    def write(self, offset: int, buffers: Sequence[memoryview]) -> int:
+        views = as_bytes_views(buffers)
+        length = total_length(views)
+        self._check_writable("write")
+        self._check_range(offset, length, "write")
+        done = 0
+        for group in chunks(views):
+            done += os.pwritev(self.fd, group, offset + done)
+        if done != length:
+            raise DiskError(f"{self.path}: short write at {offset:#x} ({done}/{length})")
+        return length
+
+    def flush(self) -> None:
+        if not self._read_only:
+            os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_writable("discard")
+        self._check_range(offset, length, "discard")
+        if length:
+            _punch_hole(self.fd, offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._check_writable("write-zeroes")
+        self._check_range(offset, length, "write-zeroes")
+        if not length or _punch_hole(self.fd, offset, length):
+            return
+        zeros = memoryview(bytes(min(length, 1 << 20)))
+        while length:
+            count = min(length, len(zeros))
+            self.write(offset, [zeros[:count]])
+            offset += count
+            length -= count
+
+    def close(self) -> None:
+        with self._mutex:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
