@@ -7,6 +7,7 @@ from typing import Protocol
 
 from ..spec.model import MachineSpec
 from ..state import MachineRecord, StateStore
+from ..vmm.agent import ExecResult
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Backend(Protocol):
 
     def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
         """Ask the machine to stop, then kill it after `timeout` seconds."""
+
+    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
+        """Run a command in the guest; its exit code and output."""
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         """Stop it if needed and release everything it holds (processes, disks, taps, state)."""

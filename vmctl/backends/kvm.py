@@ -15,6 +15,7 @@ from typing import BinaryIO
 from ..errors import VmctlError
 from ..spec.model import MachineSpec
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
+from ..vmm.agent import ExecResult
 from ..vmm.control import request
 from ..vmm.machine import DEFAULT_CMDLINE, MachineConfig
 from .base import MachineStatus
@@ -66,7 +67,7 @@ def machine_config(record: MachineRecord, console: BinaryIO) -> MachineConfig:
     cmdline = " ".join(filter(None, [spec["cmdline"] or DEFAULT_CMDLINE, command_cmdline(spec["command"], spec["environment"])]))
     return MachineConfig(
         kernel=Path(kernel), initrd=Path(initrd) if initrd else None, cmdline=cmdline,
-        cpus=spec["cpus"], memory=spec["memory"], console_sinks=[console],
+        cpus=spec["cpus"], memory=spec["memory"], console_sinks=[console], agent=True,
     )
 
 
@@ -128,6 +129,13 @@ class KvmBackend:
         if not _wait_gone(record.pid, timeout):
             _signal(record.pid, signal.SIGKILL)
             _wait_gone(record.pid, 5)
+
+    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
+        if not pid_alive(record.pid):
+            raise VmctlError(f"{record.name}: not running")
+        script = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec["environment"].items()) + shlex.join(command)
+        answer = request(store.folder(record.name) / CONTROL, "exec", timeout=timeout + 5, script=script, timeout_seconds=timeout)
+        return ExecResult(answer["exit_code"], base64.b64decode(answer["stdout"]), base64.b64decode(answer["stderr"]))
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)

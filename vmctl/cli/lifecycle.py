@@ -54,6 +54,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     register_run(subparsers)
 
+    exec_parser = subparsers.add_parser(
+        "exec", help="run a command in a running machine",
+        usage="vmctl exec NAME [--timeout S] -- COMMAND [ARG...]",
+        description="Run COMMAND in the running machine NAME through its guest agent (no network "
+        "needed); print its output and exit with its status.",
+        epilog="example: vmctl exec web -- cat /etc/os-release",
+    )
+    exec_parser.add_argument("name")
+    exec_parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for the command (default 60)")
+    exec_parser.set_defaults(func=cmd_exec)
+
 
 def _store() -> StateStore:
     return StateStore()
@@ -265,3 +276,15 @@ def _follow_until_exit(store: StateStore, backend, record, timeout: float, show_
         if time.monotonic() > deadline:
             raise VmctlError(f"{record.name}: still running after {timeout:g} s: stopped")
         time.sleep(0.05)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    if not args.passthrough:
+        raise VmctlError("nothing to run: vmctl exec NAME -- COMMAND")
+    store = _store()
+    record = store.load(args.name)
+    result = get_backend(record.backend).exec(store, record, args.passthrough, args.timeout)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    return result.exit_code

@@ -1,6 +1,7 @@
 """The VMM's control socket: one JSON request line in, one JSON response line out.
 
-Requests: {"op": "status"} and {"op": "stop", "reason": "..."}. The server runs in a thread of
+Requests: {"op": "status"}, {"op": "stop", "reason": "..."} and
+{"op": "exec", "script": "...", "timeout": seconds} (through the guest agent). The server runs in a thread of
 the VMM process; `request()` is the client every `vmctl` command uses.
 """
 
@@ -50,12 +51,16 @@ class ControlServer:
                 connection, _ = self.sock.accept()
             except OSError:
                 return  # closed
-            with connection:
-                connection.settimeout(5)
-                try:
-                    self._answer(connection)
-                except (OSError, ValueError):
-                    continue
+            # One thread per request: a long `exec` must not hold up `status` or `stop`.
+            threading.Thread(target=self._answer_and_close, args=(connection,), daemon=True).start()
+
+    def _answer_and_close(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(5)
+            try:
+                self._answer(connection)
+            except (OSError, ValueError):
+                pass
 
     def _answer(self, connection: socket.socket) -> None:
         data = b""
@@ -70,6 +75,8 @@ class ControlServer:
             response = {"ok": True, **handler(message)}
         except (ValueError, KeyError, TypeError) as error:
             response = {"ok": False, "error": f"bad request: {error}"}
+        except VmctlError as error:
+            response = {"ok": False, "error": str(error)}
         connection.sendall(json.dumps(response).encode() + b"\n")
 
 

@@ -6,6 +6,7 @@ socket, and writes outcome.json when the guest ends (however it ends).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import logging
@@ -48,7 +49,14 @@ def serve(folder: Path) -> int:
         machine.stop(Outcome(0, str(message.get("reason", "stopped by vmctl"))))
         return {"stopping": True}
 
-    server = ControlServer(folder / CONTROL, {"status": status, "stop": stop})
+    def run_in_guest(message: dict) -> dict:
+        if machine.agent is None:
+            raise VmctlError("this machine has no guest agent channel")
+        result = machine.agent.exec(str(message["script"]), float(message.get("timeout_seconds", 60)))
+        return {"exit_code": result.exit_code, "stdout": base64.b64encode(result.stdout).decode(),
+                "stderr": base64.b64encode(result.stderr).decode()}
+
+    server = ControlServer(folder / CONTROL, {"status": status, "stop": stop, "exec": run_in_guest})
     server.start()
     # SIGTERM from `vmctl down`'s fallback ends the guest like a stop request.
     signal.signal(signal.SIGTERM, lambda *_: machine.stop(Outcome(143, "terminated (SIGTERM)")))

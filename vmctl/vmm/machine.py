@@ -29,6 +29,7 @@ from ..kvm.vcpu import VcpuFd
 from ..kvm.vm import VmFd
 from ..memory import GuestMemory
 from ..units import format_size
+from .agent import COM2_IRQ, COM2_PORT, AgentChannel
 from .console import ConsoleInput, ConsoleOutput
 from .outcome import EXIT_TIMEOUT, Outcome
 from .vcpu_thread import VcpuThread, install_kick_handler
@@ -75,6 +76,7 @@ class MachineConfig:
     interactive: bool = False  # forward stdin to the serial console
     timeout: float | None = None
     devices: list[MmioDeviceFactory] = field(default_factory=list)  # virtio-mmio slots, in order
+    agent: bool = False  # a second UART (COM2) for the guest agent's exec channel
 
     def validate(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -109,6 +111,7 @@ class Machine:
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.serial: Serial | None = None
+        self.agent: AgentChannel | None = None
         self.boot: BootInfo | None = None
         self.mmio_devices: list[MmioDevice] = []
 
@@ -230,6 +233,11 @@ class Machine:
     def _add_legacy_devices(self) -> None:
         self.serial = Serial(self.console, self.irq_line(COM1_IRQ).trigger)
         self.pio.register(COM1_PORT, 8, self.serial)
+        if self.config.agent:
+            self.agent = AgentChannel()
+            agent_uart = Serial(self.agent.receive, self.irq_line(COM2_IRQ).trigger)
+            self.agent.send = agent_uart.feed
+            self.pio.register(COM2_PORT, 8, agent_uart)
         self.pio.register(simple.I8042_DATA_PORT, 5, simple.I8042(self._on_reset))
         self.pio.register(simple.EXIT_PORT, 4, simple.ExitPort(self._on_exit_port))
         self.pio.register(simple.IO_DELAY_PORT, 1, simple.Sink())
