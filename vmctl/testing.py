@@ -1,0 +1,132 @@
+"""Throwaway guests for tests: a context manager, and pytest fixtures (registered as a plugin).
+
+    from vmctl.testing import guest
+
+    with guest({"cpus": 2, "memory": "512M"}) as vm:
+        code, out, err = vm.exec("uname -r")
+
+    def test_kernel(vmctl_guest):                 # pytest: torn down after the test
+        vm = vmctl_guest({"memory": "256M"})
+        assert vm.exec("true")[0] == 0
+
+`vmctl_session_guest` is the same factory with session scope: boot once, share across tests.
+Teardown always runs (failed test, exception, Ctrl-C): the guest, its overlay and its state
+folder are removed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import shlex
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .backends import get_backend
+from .spec import load_spec, parse_spec
+from .spec.model import MachineSpec
+from .state import CONSOLE, MachineRecord, StateStore
+
+CHUNK = 48 * 1024  # bytes per exec when copying files (base64 keeps the agent's lines ASCII)
+
+
+def _spec_of(spec: dict | str | Path | MachineSpec, name: str | None) -> MachineSpec:
+    if isinstance(spec, MachineSpec):
+        machine = spec
+    elif isinstance(spec, dict):
+        machine = parse_spec(spec).machines[0]
+    else:
+        machines = load_spec(spec).machines
+        machine = next((m for m in machines if m.name == name), None) if name else machines[0]
+        if machine is None:
+            raise ValueError(f"{spec}: no machine named {name!r}")
+    return dataclasses.replace(machine, name=f"{machine.name}-{uuid.uuid4().hex[:8]}", ephemeral=True)
+
+
+@dataclasses.dataclass
+class Guest:
+    store: StateStore
+    record: MachineRecord
+    ready_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def exec(self, command: str | list[str], timeout: float = 60) -> tuple[int, str, str]:
+        """Run a command (a string goes to /bin/sh -c); returns (exit_code, stdout, stderr)."""
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        result = get_backend(self.record.backend).exec(self.store, self.record, argv, timeout)
+        return result.exit_code, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+
+    def put(self, data: bytes | str | Path, guest_path: str) -> None:
+        payload = Path(data).read_bytes() if isinstance(data, Path) else data.encode() if isinstance(data, str) else data
+        target = shlex.quote(guest_path)
+        self._check(self.exec(f": > {target}"), f"cannot create {guest_path}")
+        for start in range(0, len(payload), CHUNK):
+            chunk = base64.b64encode(payload[start : start + CHUNK]).decode()
+            self._check(self.exec(f"echo {chunk} | base64 -d >> {target}"), f"cannot write {guest_path}")
+
+    def get(self, guest_path: str) -> bytes:
+        code, out, err = self.exec(f"base64 < {shlex.quote(guest_path)}")
+        self._check((code, out, err), f"cannot read {guest_path}")
+        return base64.b64decode(out)
+
+    @property
+    def console_log(self) -> str:
+        path = self.store.folder(self.name) / CONSOLE
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _check(self, result: tuple[int, str, str], what: str) -> None:
+        if result[0] != 0:
+            raise RuntimeError(f"{self.name}: {what}: {result[2].strip()}")
+
+
+@contextlib.contextmanager
+def guest(spec: dict | str | Path | MachineSpec, name: str | None = None, timeout: float = 300,
+          store: StateStore | None = None) -> Iterator[Guest]:
+    machine = _spec_of(spec, name)
+    store = store or StateStore()
+    backend = get_backend(machine.backend)
+    with store.locked():
+        record = backend.start(store, machine, None)
+    try:
+        yield Guest(store, record, backend.wait_ready(store, record, timeout))
+    finally:
+        with store.locked():
+            backend.remove(store, record)
+
+
+class _Factory:
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+
+    def __call__(self, spec: dict | str | Path | MachineSpec = None, name: str | None = None, timeout: float = 300) -> Guest:
+        return self._stack.enter_context(guest(spec if spec is not None else {}, name, timeout))
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@pytest.fixture
+def vmctl_guest() -> Iterator[_Factory]:
+    """Boots throwaway guests for one test: `vm = vmctl_guest({...})`; removed after the test."""
+    factory = _Factory()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="session")
+def vmctl_session_guest() -> Iterator[_Factory]:
+    """Like vmctl_guest, but the guests live for the whole session (boot once, share)."""
+    factory = _Factory()
+    try:
+        yield factory
+    finally:
+        factory.close()
