@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from ..units import parse_size
+from ..virtio.factories import cli_cmdline_words as virtio_cmdline_words
+from ..virtio.factories import cli_devices as virtio_devices
 from ..vmm.machine import DEFAULT_CMDLINE, MAX_CPUS, Machine, MachineConfig, default_console_sinks
 
 EPILOG = f"""\
@@ -47,11 +49,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="do not copy the console to stdout")
     parser.add_argument("--timeout", type=float, help="stop the guest after SECONDS (exit status 124)")
     parser.add_argument("--no-input", action="store_true", help="never forward stdin to the guest")
+    parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
+                        help="virtio-blk disk (raw or qcow2), /dev/vda, /dev/vdb... in order; repeatable")
+    parser.add_argument("--rng", action="store_true", help="virtio-rng device fed from the host's urandom")
+    parser.add_argument("--net", choices=("none", "isolated", "nat"), default="none",
+                        help="virtio-net on a new TAP: isolated (guest <-> host only) or nat (plus outbound "
+                        "NAT through the host); the guest gets ip= on its command line (default none)")
+    parser.add_argument("--console-channel", metavar="SOCKET",
+                        help="virtio-console (guest /dev/hvc0) connected to a Unix socket vmctl listens on")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cmdline = f"{args.cmdline} {args.append}".strip()
+    devices = virtio_devices(args)
+    cmdline = " ".join(word for word in [args.cmdline, args.append, *virtio_cmdline_words(devices)] if word).strip()
     config = MachineConfig(
         kernel=args.kernel,
         initrd=args.initrd,
@@ -62,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         console_sinks=default_console_sinks(args.console_log, args.quiet),
         interactive=not args.no_input and sys.stdin.isatty(),
         timeout=args.timeout,
+        devices=devices,
     )
     outcome = Machine(config).run()
     if outcome.crashed or outcome.exit_code == 124:

@@ -1,0 +1,174 @@
+"""Host side of a VM's network, set up and torn down with `ip` (iproute2).
+
+Each VM gets its own TAP with a point-to-point /30: the host address on the TAP, the guest
+address next to it. Because the TAP is non-persistent, its address and routes vanish with
+the VM process even on SIGKILL. Modes:
+
+  isolated  the guest reaches the host's TAP address and nothing else (no forwarding)
+  nat       as isolated, plus forwarding and an iptables MASQUERADE rule for the /30,
+            tagged with the TAP's name; `sweep_stale_rules` removes the rules of TAPs that
+            no longer exist (a VM that was killed), and runs before each setup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from ..errors import VmctlError
+from .tap import Tap
+
+log = logging.getLogger(__name__)
+
+SUBNET_POOL = ipaddress.ip_network("172.30.0.0/16")
+TAP_PREFIX = "vmctl"
+RULE_TAG = "vmctl:"
+
+
+def _ip(*args: str) -> str:
+    if shutil.which("ip") is None:
+        raise VmctlError("`ip` (iproute2) is needed for VM networking")
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if result.returncode:
+        raise VmctlError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC (first byte x2/x6/xa/xe)."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def _used_networks() -> list[ipaddress.IPv4Network]:
+    used = []
+    for link in json.loads(_ip("-j", "addr", "show") or "[]"):
+        for info in link.get("addr_info", []):
+            if info.get("family") == "inet":
+                used.append(ipaddress.ip_network(f"{info['local']}/{info['prefixlen']}", strict=False))
+    return used
+
+
+def _free_tap_name() -> str:
+    existing = set(os.listdir("/sys/class/net"))
+    for index in range(1000):
+        name = f"{TAP_PREFIX}{index}"
+        if name not in existing:
+            return name
+    raise VmctlError("no free TAP name")
+
+
+@dataclass
+class HostNetwork:
+    """One VM's TAP and addresses; `close()` undoes everything `open()` did."""
+
+    mode: str = "isolated"
+    mac: str = field(default_factory=random_mac)
+    tap: Tap | None = None
+    subnet: ipaddress.IPv4Network | None = None
+    _nat_rule: list[str] | None = None
+
+    @property
+    def host_ip(self) -> str:
+        return str(self.subnet[1])
+
+    @property
+    def guest_ip(self) -> str:
+        return str(self.subnet[2])
+
+    def kernel_ip_parameter(self) -> str:
+        """`ip=` for the guest kernel's autoconfiguration (guest eth0, gateway = host)."""
+        return f"ip={self.guest_ip}::{self.host_ip}:{self.subnet.netmask}::eth0:off"
+
+    def open(self) -> "HostNetwork":
+        if self.mode not in ("isolated", "nat"):
+            raise VmctlError(f"network mode {self.mode!r}: use isolated or nat")
+        sweep_stale_rules()
+        self.tap = Tap(_free_tap_name())
+        try:
+            used = _used_networks()
+            for candidate in SUBNET_POOL.subnets(new_prefix=30):
+                if not any(candidate.overlaps(net) for net in used):
+                    self.subnet = candidate
+                    break
+            else:
+                raise VmctlError(f"no free /30 left in {SUBNET_POOL}")
+            _quiet_ipv6(self.tap.name)
+            _ip("addr", "add", f"{self.host_ip}/30", "dev", self.tap.name)
+            _ip("link", "set", "dev", self.tap.name, "up")
+            if self.mode == "nat":
+                self._enable_nat()
+        except BaseException:
+            self.close()
+            raise
+        log.info("network: %s %s, host %s, guest %s (%s)", self.mode, self.tap.name, self.host_ip, self.guest_ip, self.mac)
+        return self
+
+    def _enable_nat(self) -> None:
+        if shutil.which("iptables") is None:
+            raise VmctlError("--net nat needs iptables (Debian: apt-get install iptables); --net isolated does not")
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as file:
+            file.write("1")
+        rule = ["POSTROUTING", "-t", "nat", "-s", str(self.subnet), "!", "-o", self.tap.name, "-j", "MASQUERADE",
+                "-m", "comment", "--comment", f"{RULE_TAG}{self.tap.name}"]
+        _iptables("-A", *rule)
+        self._nat_rule = rule
+
+    def close(self) -> None:
+        if self._nat_rule:
+            try:
+                _iptables("-D", *self._nat_rule)
+            except VmctlError as error:
+                log.warning("network: %s", error)
+            self._nat_rule = None
+        if self.tap:
+            self.tap.close()  # the TAP, its address and route go with the fd
+            self.tap = None
+
+
+def _quiet_ipv6(name: str) -> None:
+    """The link is IPv4 point-to-point: no IPv6 autoconfiguration chatter towards the guest."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as file:
+            file.write("1")
+    except OSError:
+        pass
+
+
+def _iptables(*args: str) -> str:
+    result = subprocess.run(["iptables", "-w", *args], capture_output=True, text=True)
+    if result.returncode:
+        raise VmctlError(f"iptables {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def sweep_stale_rules() -> int:
+    """Delete NAT rules tagged for TAPs that no longer exist; returns how many."""
+    if shutil.which("iptables") is None:
+        return 0
+    try:
+        listing = _iptables("-t", "nat", "-S", "POSTROUTING")
+    except VmctlError:
+        return 0
+    existing = set(os.listdir("/sys/class/net"))
+    removed = 0
+    for line in listing.splitlines():
+        if f'--comment {RULE_TAG}' not in line and f'--comment "{RULE_TAG}' not in line:
+            continue
+        tag = line.split("--comment", 1)[1].split()[0].strip('"')
+        if tag[len(RULE_TAG):] in existing:
+            continue
+        words = line.replace('"', "").split()
+        if words[:1] == ["-A"]:
+            try:
+                _iptables("-t", "nat", "-D", *words[1:])
+                removed += 1
+            except VmctlError as error:
+                log.warning("network: %s", error)
+    return removed

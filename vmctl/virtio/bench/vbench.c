@@ -1,0 +1,91 @@
+/*
+ * Guest side of the virtio benchmark (built static by vmctl/virtio/benchmark.py and put in
+ * the guest's root image). Prints one line "BENCH <name> <value> <unit>" per measurement,
+ * timed with the guest's CLOCK_MONOTONIC.
+ *
+ *   vbench seqread  DEV MIB        1 MiB O_DIRECT reads        -> MB/s
+ *   vbench seqwrite DEV MIB        1 MiB O_DIRECT writes+fsync -> MB/s
+ *   vbench randread DEV SECONDS    4 KiB O_DIRECT random reads -> IOPS (queue depth 1)
+ *   vbench tcpsend  HOST PORT MIB  one TCP stream to the host  -> MB/s (until the host closes)
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/fs.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int open_dev(const char *path, int flags) {
+    int fd = open(path, flags | O_DIRECT);
+    if (fd < 0) { perror(path); exit(1); }
+    return fd;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) { fprintf(stderr, "usage: see source\n"); return 2; }
+    const char *what = argv[1];
+    void *buf;
+    if (posix_memalign(&buf, 4096, 1 << 20)) return 1;
+    memset(buf, 0x5a, 1 << 20);
+    if (!strcmp(what, "seqread") || !strcmp(what, "seqwrite")) {
+        int write_mode = !strcmp(what, "seqwrite");
+        long mib = atol(argv[3]);
+        int fd = open_dev(argv[2], write_mode ? O_WRONLY : O_RDONLY);
+        double start = now();
+        for (long i = 0; i < mib; i++) {
+            ssize_t n = write_mode ? pwrite(fd, buf, 1 << 20, i << 20) : pread(fd, buf, 1 << 20, i << 20);
+            if (n != 1 << 20) { perror(what); return 1; }
+        }
+        if (write_mode) fsync(fd);
+        printf("BENCH %s_1m %.1f MB/s\n", what, mib * 1.048576 / (now() - start));
+    } else if (!strcmp(what, "randread")) {
+        int fd = open_dev(argv[2], O_RDONLY);
+        unsigned long long size = 0;
+        ioctl(fd, BLKGETSIZE64, &size);
+        long blocks = size / 4096;
+        double seconds = atof(argv[3]), start = now(), end = start + seconds;
+        long ops = 0;
+        unsigned int seed = 12345;
+        while (now() < end) {
+            for (int k = 0; k < 64; k++, ops++) {
+                long block = rand_r(&seed) % blocks;
+                if (pread(fd, buf, 4096, block * 4096) != 4096) { perror("randread"); return 1; }
+            }
+        }
+        printf("BENCH randread_4k %.0f IOPS %ld\n", ops / (now() - start), ops);
+    } else if (!strcmp(what, "tcpsend") && argc >= 5) {
+        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
+        inet_pton(AF_INET, argv[2], &addr.sin_addr);
+        long mib = atol(argv[4]);
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(s, (struct sockaddr *)&addr, sizeof addr)) { perror("connect"); return 1; }
+        double start = now();
+        for (long i = 0; i < mib; i++) {
+            for (size_t done = 0; done < (1 << 20);) {
+                ssize_t n = send(s, (char *)buf + done, (1 << 20) - done, 0);
+                if (n <= 0) { perror("send"); return 1; }
+                done += n;
+            }
+        }
+        shutdown(s, SHUT_WR);
+        char c;
+        while (read(s, &c, 1) > 0) {}  /* the host closes once it has every byte */
+        printf("BENCH tcp_guest_to_host %.1f MB/s\n", mib * 1.048576 / (now() - start));
+    } else {
+        fprintf(stderr, "unknown benchmark %s\n", what);
+        return 2;
+    }
+    return 0;
+}

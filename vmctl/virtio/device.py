@@ -1,0 +1,82 @@
+"""What every virtio device model implements, independent of the transport.
+
+A device sees its queues only through `VirtioDevice.process(index, queue, ctx)`, called on
+the device's worker thread when the driver kicks that queue. The transport owns feature
+negotiation, status, reset and interrupts.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable
+
+from ..memory import GuestMemory
+from .queue import DescriptorChain, Virtqueue
+
+# Device-independent feature bits (spec 6).
+F_INDIRECT_DESC = 1 << 28
+F_EVENT_IDX = 1 << 29
+F_VERSION_1 = 1 << 32
+TRANSPORT_FEATURES = F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1
+
+# Device IDs (spec 5).
+ID_NET = 1
+ID_BLOCK = 2
+ID_CONSOLE = 3
+ID_RNG = 4
+ID_VSOCK = 19
+
+
+class DeviceError(Exception):
+    """A request the device cannot process because the guest broke the device's rules.
+
+    Like `QueueError`, it puts the device into DEVICE_NEEDS_RESET."""
+
+
+@dataclass
+class QueueContext:
+    """What a device needs while it processes a queue: guest memory, and a way to complete
+    a chain (which also decides, per EVENT_IDX, whether to interrupt)."""
+
+    memory: GuestMemory
+    complete: Callable[[Virtqueue, DescriptorChain, int], None]
+
+
+class VirtioDevice(abc.ABC):
+    device_id: int
+    queue_sizes: tuple[int, ...]
+    name: str = "virtio"
+
+    @property
+    def features(self) -> int:
+        """Feature bits offered; the transport adds TRANSPORT_FEATURES."""
+        return 0
+
+    def config_bytes(self) -> bytes:
+        """The device-specific configuration space (little-endian struct)."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Drivers rarely write config; the default ignores it."""
+
+    def activate(self, features: int, ctx: QueueContext) -> None:
+        """DRIVER_OK: the negotiated features are final, queues are set up."""
+
+    @abc.abstractmethod
+    def process(self, index: int, queue: Virtqueue, ctx: QueueContext) -> None:
+        """Handle every available chain of queue `index` (pop until None, complete each)."""
+
+    def extra_fds(self) -> dict[int, Callable[[], None]]:
+        """Host fds the worker should also wait on (a TAP device, a socket), with handlers."""
+        return {}
+
+    # Set by the worker: add or remove a host fd while the device runs (a new connection).
+    watch: Callable[[int, Callable[[], None]], None] | None = None
+    unwatch: Callable[[int], None] | None = None
+
+    def reset(self) -> None:
+        """Forget per-driver state (the driver wrote 0 to Status)."""
+
+    def close(self) -> None:
+        """Release host resources (files, TAP fds)."""

@@ -1,0 +1,313 @@
+"""The virtio-mmio transport, version 2 registers (VIRTIO 1.x, 4.2.2), as an MMIO bus device.
+
+The vCPU thread calls `read`/`write` for register accesses. Queue work happens on the
+device's worker thread (`worker.py`), woken by an ioeventfd on QueueNotify; interrupts go out
+through an irqfd. One lock serialises register changes against queue processing, so a reset
+never races a request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from typing import Callable
+
+from ..errors import GuestMemoryError
+from ..memory import GuestMemory
+from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TRANSPORT_FEATURES, DeviceError, QueueContext, VirtioDevice
+from .queue import DescriptorChain, QueueError, Virtqueue
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x74726976  # "virt"
+VERSION = 2
+VENDOR_ID = 0x4C54434D  # "MCTL"
+
+# Register offsets
+MAGIC_VALUE, VERSION_REG, DEVICE_ID, VENDOR = 0x000, 0x004, 0x008, 0x00C
+DEVICE_FEATURES, DEVICE_FEATURES_SEL = 0x010, 0x014
+DRIVER_FEATURES, DRIVER_FEATURES_SEL = 0x020, 0x024
+QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY = 0x030, 0x034, 0x038, 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS, INTERRUPT_ACK = 0x060, 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW, QUEUE_DESC_HIGH = 0x080, 0x084
+QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH = 0x090, 0x094
+QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH = 0x0A0, 0x0A4
+SHM_SEL, SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH = 0x0AC, 0x0B0, 0x0B4, 0x0B8, 0x0BC
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+
+# Device status bits (spec 2.1)
+ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
+DEVICE_NEEDS_RESET, FAILED = 0x40, 0x80
+
+# InterruptStatus bits
+INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
+
+
+class VirtioMmioTransport:
+    """One virtio-mmio slot. `irq` raises the slot's interrupt line (an irqfd write)."""
+
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, irq: Callable[[], None]) -> None:
+        self.device = device
+        self.memory = memory
+        self.irq = irq
+        self.lock = threading.RLock()
+        self.queues = [Virtqueue(memory, size) for size in device.queue_sizes]
+        # One eventfd per queue: the ioeventfd target, and what a trapped QueueNotify writes.
+        self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
+        self.trapped_notifies = 0  # QueueNotify writes that came through an MMIO exit
+        self.ctx = QueueContext(memory, self._complete)
+        self._interrupt_status = 0
+        self._int_lock = threading.Lock()
+        self._pending_irq = False
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.config_generation = 0
+        self.broken = False  # set with DEVICE_NEEDS_RESET; queues are not touched until reset
+        with self._int_lock:
+            self._interrupt_status = 0
+        for queue in self.queues:
+            queue.reset()
+
+    @property
+    def offered_features(self) -> int:
+        return self.device.features | TRANSPORT_FEATURES
+
+    @property
+    def active(self) -> bool:
+        return bool(self.status & DRIVER_OK) and not self.broken
+
+    # --- bus device ----------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        if offset >= CONFIG:
+            return self._read_config(offset - CONFIG, size)
+        if size != 4 or offset % 4:
+            return bytes(size)  # the spec allows only aligned 32-bit register reads
+        return struct.pack("<I", self._read_register(offset) & 0xFFFFFFFF)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset >= CONFIG:
+            with self.lock:
+                self.device.write_config(offset - CONFIG, data)
+            return
+        if len(data) != 4 or offset % 4:
+            return
+        self._write_register(offset, struct.unpack("<I", data)[0])
+
+    def close(self) -> None:
+        for fd in self.notify_fds:
+            os.close(fd)
+        self.notify_fds = []
+        self.device.close()
+
+    # --- registers -----------------------------------------------------------------------
+    def _read_register(self, offset: int) -> int:
+        if offset == INTERRUPT_STATUS:
+            with self._int_lock:
+                return self._interrupt_status
+        with self.lock:
+            queue = self._selected_queue()
+            if offset == MAGIC_VALUE:
+                return MAGIC
+            if offset == VERSION_REG:
+                return VERSION
+            if offset == DEVICE_ID:
+                return self.device.device_id
+            if offset == VENDOR:
+                return VENDOR_ID
+            if offset == DEVICE_FEATURES:
+                return self.offered_features >> (32 * self.device_features_sel) if self.device_features_sel < 2 else 0
+            if offset == QUEUE_NUM_MAX:
+                return queue.max_size if queue else 0
+            if offset == QUEUE_READY:
+                return int(queue.ready) if queue else 0
+            if offset == STATUS:
+                return self.status
+            if offset == CONFIG_GENERATION:
+                return self.config_generation
+            if offset in (SHM_LEN_LOW, SHM_LEN_HIGH):
+                return 0xFFFFFFFF  # no shared memory regions
+            return 0
+
+    def _write_register(self, offset: int, value: int) -> None:
+        if offset == QUEUE_NOTIFY:
+            self.notify(value)
+            return
+        if offset == INTERRUPT_ACK:
+            with self._int_lock:
+                self._interrupt_status &= ~value
+            return
+        with self.lock:
+            if offset == STATUS:
+                self._set_status(value)
+            elif offset == DEVICE_FEATURES_SEL:
+                self.device_features_sel = value
+            elif offset == DRIVER_FEATURES_SEL:
+                self.driver_features_sel = value
+            elif offset == DRIVER_FEATURES:
+                self._set_driver_features(value)
+            elif offset == QUEUE_SEL:
+                self.queue_sel = value
+            elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
+                            QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
+                self._write_queue_register(offset, value)
+
+    def _selected_queue(self) -> Virtqueue | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _set_driver_features(self, value: int) -> None:
+        # Features are writable only between DRIVER and FEATURES_OK (spec 3.1.1).
+        if not self.status & DRIVER or self.status & FEATURES_OK or self.driver_features_sel > 1:
+            return
+        shift = 32 * self.driver_features_sel
+        self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+
+    def _write_queue_register(self, offset: int, value: int) -> None:
+        queue = self._selected_queue()
+        if queue is None:
+            return
+        if offset == QUEUE_READY and value == 0:
+            queue.ready = False  # the driver may always take a queue away (Linux does on teardown)
+            return
+        # Queue layout may change only after FEATURES_OK, before DRIVER_OK, while not ready.
+        if self.broken or not self.status & FEATURES_OK or self.status & DRIVER_OK:
+            return
+        if offset == QUEUE_READY:
+            if value == 1 and not queue.ready:
+                try:
+                    queue.activate(bool(self.driver_features & F_EVENT_IDX), bool(self.driver_features & F_INDIRECT_DESC))
+                except QueueError as error:
+                    self._needs_reset(f"queue {self.queue_sel}: {error}")
+            return
+        if queue.ready:
+            return
+        if offset == QUEUE_NUM:
+            queue.size = value
+        elif offset == QUEUE_DESC_LOW:
+            queue.desc_table = (queue.desc_table & ~0xFFFFFFFF) | value
+        elif offset == QUEUE_DESC_HIGH:
+            queue.desc_table = (queue.desc_table & 0xFFFFFFFF) | (value << 32)
+        elif offset == QUEUE_DRIVER_LOW:
+            queue.avail_ring = (queue.avail_ring & ~0xFFFFFFFF) | value
+        elif offset == QUEUE_DRIVER_HIGH:
+            queue.avail_ring = (queue.avail_ring & 0xFFFFFFFF) | (value << 32)
+        elif offset == QUEUE_DEVICE_LOW:
+            queue.used_ring = (queue.used_ring & ~0xFFFFFFFF) | value
+        elif offset == QUEUE_DEVICE_HIGH:
+            queue.used_ring = (queue.used_ring & 0xFFFFFFFF) | (value << 32)
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self.reset()
+            return
+        value &= 0xFF
+        if value & ~self.status & ~(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | FAILED):
+            return  # the driver cannot set DEVICE_NEEDS_RESET or unknown bits
+        if self.status & ~value & ~DEVICE_NEEDS_RESET:
+            return  # bits are only ever added, except by a reset
+        added = value & ~self.status
+        if added & FEATURES_OK and not self._features_acceptable():
+            added &= ~FEATURES_OK  # the driver reads Status back and sees the refusal
+        if added & DRIVER_OK and not self.status & FEATURES_OK and not added & FEATURES_OK:
+            return  # DRIVER_OK before FEATURES_OK is out of order
+        self.status |= added
+        if added & DRIVER_OK and not self.broken:
+            self.device.activate(self.driver_features, self.ctx)
+            for index in range(len(self.queues)):
+                self._wake(index)  # buffers posted before DRIVER_OK are processed now
+
+    def _features_acceptable(self) -> bool:
+        if not self.status & DRIVER:
+            return False
+        if self.driver_features & ~self.offered_features:
+            return False
+        return bool(self.driver_features & F_VERSION_1)  # no legacy interface over v2 registers
+
+    def reset(self) -> None:
+        with self.lock:
+            self.device.reset()
+            self._reset_state()
+
+    # --- config space --------------------------------------------------------------------
+    def _read_config(self, offset: int, size: int) -> bytes:
+        with self.lock:
+            config = self.device.config_bytes()
+        chunk = config[offset : offset + size]
+        return chunk + bytes(size - len(chunk))
+
+    def config_changed(self) -> None:
+        with self.lock:
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        self._interrupt(INT_CONFIG_CHANGE)
+
+    # --- queues, called on the worker thread ----------------------------------------------
+    def notify(self, index: int) -> None:
+        """A kick that reached userspace (no ioeventfd matched): wake the worker the same way."""
+        if index < len(self.notify_fds):
+            self.trapped_notifies += 1
+            self._wake(index)
+
+    def _wake(self, index: int) -> None:
+        if index < len(self.notify_fds):
+            os.eventfd_write(self.notify_fds[index], 1)
+
+    def process_queue(self, index: int) -> None:
+        """Handle queue `index`; any rule the guest broke ends in DEVICE_NEEDS_RESET."""
+        with self.lock:
+            if not self.active or index >= len(self.queues) or not self.queues[index].ready:
+                return
+            self._pending_irq = False
+            try:
+                self.device.process(index, self.queues[index], self.ctx)
+            except (QueueError, DeviceError, GuestMemoryError) as error:
+                self._needs_reset(f"queue {index}: {error}")
+            except Exception:  # a device bug must not take the VMM down
+                log.exception("%s: unexpected error processing queue %d", self.device.name, index)
+                self._needs_reset(f"queue {index}: internal error")
+            if self._pending_irq:
+                self._pending_irq = False
+                self._interrupt(INT_USED_BUFFER)
+
+    def run_device_callback(self, callback: Callable[[], None]) -> None:
+        """Run a device's host-side event (TAP readable...) under the same rules."""
+        with self.lock:
+            if not self.active:
+                return
+            self._pending_irq = False
+            try:
+                callback()
+            except (QueueError, DeviceError, GuestMemoryError) as error:
+                self._needs_reset(str(error))
+            except Exception:
+                log.exception("%s: unexpected error in a host event", self.device.name)
+                self._needs_reset("internal error")
+            if self._pending_irq:
+                self._pending_irq = False
+                self._interrupt(INT_USED_BUFFER)
+
+    def _complete(self, queue: Virtqueue, chain: DescriptorChain, written: int) -> None:
+        queue.add_used(chain.head, written)
+        if queue.needs_interrupt():
+            self._pending_irq = True  # one interrupt per batch, sent when the batch ends
+
+    def _interrupt(self, bits: int) -> None:
+        with self._int_lock:
+            self._interrupt_status |= bits
+        self.irq()
+
+    def _needs_reset(self, why: str) -> None:
+        if not self.broken:
+            log.warning("%s: guest driver error, device needs reset: %s", self.device.name, why)
+        self.broken = True
+        self.status |= DEVICE_NEEDS_RESET
+        self._interrupt(INT_CONFIG_CHANGE)
