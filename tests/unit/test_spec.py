@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,32 @@ def test_unknown_machine_name_lists_the_known_ones(tmp_path):
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_parse(example):
     assert load_spec(example).machines
+
+
+def test_libvirt_settings_per_machine_and_per_file():
+    spec = parse_spec(
+        "defaults:\n  backend: libvirt\n  libvirt: {uri: 'qemu+ssh://root@host/system', upload: true}\n"
+        "machines:\n  a: {}\n  b:\n    libvirt: {domain_type: qemu, bridge: br0, vsock: true}\n  c:\n    libvirt: {vsock: 9, network: lab}\n"
+    )
+    a, b, c = spec.machines
+    assert a.backend == "libvirt" and a.libvirt.uri == "qemu+ssh://root@host/system" and a.libvirt.upload
+    assert (b.libvirt.uri, b.libvirt.domain_type, b.libvirt.bridge, b.libvirt.vsock) == ("qemu:///system", "qemu", "br0", 0)
+    assert (c.libvirt.vsock, c.libvirt.network) == (9, "lab")
+    assert parse_spec({"name": "d"}).machines[0].libvirt.vsock is None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("machines:\n  a:\n    libvirt: {url: x}\n", "x.yaml:3:15: machines.a.libvirt.url: unknown key (did you mean 'uri'?)"),
+        ("machines:\n  a:\n    libvirt: {uri: host}\n", "machines.a.libvirt.uri: 'host' is not a libvirt URI"),
+        ("machines:\n  a:\n    libvirt: {domain_type: xen}\n", "machines.a.libvirt.domain_type: unknown domain type 'xen' (one of kvm, qemu)"),
+        ("machines:\n  a:\n    libvirt: {vsock: 2}\n", "machines.a.libvirt.vsock: 2 is not a guest CID"),
+        ("machines:\n  a:\n    libvirt: {bridge: 'a b'}\n", "machines.a.libvirt.bridge: 'a b' is not a network interface name"),
+        ("machines:\n  a:\n    libvirt: {network: n, bridge: b}\n", "machines.a.libvirt.bridge: give `network` or `bridge`, not both"),
+        ("machines:\n  a:\n    libvirt: qemu:///system\n", "machines.a.libvirt: expected a mapping"),
+    ],
+)
+def test_libvirt_settings_errors(text, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(text, source="x.yaml")

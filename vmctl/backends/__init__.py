@@ -11,4 +11,8 @@ def get_backend(name: str) -> Backend:
         from .kvm import KvmBackend
 
         return KvmBackend()
-    raise VmctlError(f"backend {name!r} is not available yet (available: kvm)")
+    if name == "libvirt":
+        from .libvirt import LibvirtBackend
+
+        return LibvirtBackend()
+    raise VmctlError(f"backend {name!r} is not available yet (available: kvm, libvirt)")

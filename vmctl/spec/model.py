@@ -7,6 +7,7 @@ from pathlib import Path
 
 BACKENDS = ("kvm", "libvirt", "container")
 NETWORK_MODES = ("none", "nat", "isolated")
+LIBVIRT_DOMAIN_TYPES = ("kvm", "qemu")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,18 @@ class SshSpec:
 
 
 @dataclass(frozen=True)
+class LibvirtSpec:
+    """Settings only the `libvirt` backend reads (docs/libvirt.md)."""
+
+    uri: str = "qemu:///system"  # qemu+ssh://user@host/system runs the machine on another host
+    domain_type: str = "kvm"  # kvm, or qemu (TCG: no /dev/kvm needed)
+    network: str | None = None  # a libvirt network for the NIC (nat default: `default`)
+    bridge: str | None = None  # a host bridge for the NIC instead of a libvirt network
+    vsock: int | None = None  # guest CID (>= 3); 0: libvirt picks one; None: no vsock device
+    upload: bool = False  # copy base images missing on a remote host there
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     name: str
     backend: str = "kvm"
@@ -52,6 +65,7 @@ class MachineSpec:
     environment: dict[str, str] = field(default_factory=dict)
     command: tuple[str, ...] = ()
     ephemeral: bool = False
+    libvirt: LibvirtSpec = field(default_factory=LibvirtSpec)
     source: str = ""  # "file:line" where the machine was declared, for messages
 
 

@@ -16,7 +16,8 @@ import yaml
 
 from ..errors import VmctlError
 from ..units import parse_size
-from .model import BACKENDS, NETWORK_MODES, DiskSpec, MachineSpec, NetworkSpec, PortForward, SpecFile, SshSpec
+from .model import (BACKENDS, LIBVIRT_DOMAIN_TYPES, NETWORK_MODES, DiskSpec, LibvirtSpec, MachineSpec, NetworkSpec,
+                    PortForward, SpecFile, SshSpec)
 
 MIN_MEMORY = 16 << 20
 MAX_CPUS = 32
@@ -219,6 +220,7 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
         "environment": environment,
         "command": command,
         "ephemeral": lambda node, where: c.scalar(node, where, bool),
+        "libvirt": lambda node, where: _libvirt(c, node, where),
     }
 
 
@@ -295,3 +297,50 @@ def _ssh(c: _Context, node: yaml.Node, where: str) -> SshSpec:
 
     values = c.mapping(node, where, {"user": lambda n, w: c.scalar(n, w, str), "authorized_key": key})
     return SshSpec(**values)
+
+
+LIBVIRT_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
+BRIDGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+
+
+def _libvirt(c: _Context, node: yaml.Node, where: str) -> LibvirtSpec:
+    def uri(n, w):
+        text = c.scalar(n, w, str)
+        if not LIBVIRT_URI.match(text):
+            raise c.error(n, w, f"{text!r} is not a libvirt URI like qemu:///system or qemu+ssh://user@host/system")
+        return text
+
+    def domain_type(n, w):
+        value = c.scalar(n, w, str)
+        if value not in LIBVIRT_DOMAIN_TYPES:
+            raise c.error(n, w, f"unknown domain type {value!r} (one of {', '.join(LIBVIRT_DOMAIN_TYPES)})")
+        return value
+
+    def bridge(n, w):
+        value = c.scalar(n, w, str)
+        if not BRIDGE_NAME.match(value):
+            raise c.error(n, w, f"{value!r} is not a network interface name")
+        return value
+
+    def vsock(n, w):
+        value = yaml.safe_load(yaml.serialize(n)) if isinstance(n, yaml.ScalarNode) else None
+        if value is True:
+            return 0  # libvirt assigns a free CID
+        if value is False:
+            return None
+        cid = c.scalar(n, w, int)
+        if not 3 <= cid < 1 << 32:
+            raise c.error(n, w, f"{cid} is not a guest CID (3..4294967295, or true for any)")
+        return cid
+
+    values = c.mapping(node, where, {
+        "uri": uri,
+        "domain_type": domain_type,
+        "network": lambda n, w: c.scalar(n, w, str),
+        "bridge": bridge,
+        "vsock": vsock,
+        "upload": lambda n, w: c.scalar(n, w, bool),
+    })
+    if "network" in values and "bridge" in values:
+        raise c.error(node, f"{where}.bridge", "give `network` or `bridge`, not both")
+    return LibvirtSpec(**values)

@@ -1,0 +1,402 @@
+"""The `libvirt` backend: the same machine spec, run by libvirt (QEMU) instead of our VMM.
+
+Each machine is a libvirt domain named `vmctl-<name>`: persistent (defined, then started) or,
+for an ephemeral machine, transient (gone when it stops). Its state folder holds the domain
+XML, the console log (local URIs) and the qcow2 overlays (local URIs; remote URIs keep them in
+a `vmctl` storage pool on the other host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import tempfile
+import threading
+import time
+import uuid as uuid_module
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ...errors import VmctlError
+from ...spec.model import MachineSpec
+from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
+from ...vmm.agent import AgentChannel, ExecResult
+from ...vmm.machine import EXIT_MARKER
+from ..base import MachineStatus
+from .connection import connect, is_remote, libvirt_module, message, not_found, translated
+from .disks import POOL_PATH, RemoteDisks, local_disks
+from .domain_xml import render
+from .plan import boot_for, domain_name, domain_plan, nic_for
+
+READY_MARKER = b"VMCTL-READY"
+DOMAIN_XML = "domain.xml"
+POLL = 0.1
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+
+
+# libvirt's VIR_DOMAIN_SHUTOFF_* reasons, as `ps` shows them.
+SHUTOFF_REASONS = {1: "shut down", 2: "stopped (destroyed)", 3: "crashed", 5: "saved", 6: "start failed",
+                   7: "restored from a snapshot", 8: "ended in a daemon failover"}
+
+
+def domain_type_for(uri: str, wanted: str) -> str:
+    """The test driver only knows its own domain type."""
+    return "test" if urlsplit(uri).scheme.startswith("test") else wanted
+
+
+def exit_code_in(console: bytes) -> int | None:
+    """The status the reference /init printed (VMCTL-EXIT n), the last one wins."""
+    code = None
+    for line in console.splitlines():
+        match = EXIT_MARKER.match(line.decode(errors="replace").rstrip("\r"))
+        if match:
+            code = int(match.group(1))
+    return code
+
+
+class LibvirtBackend:
+    name = "libvirt"
+
+    def __init__(self) -> None:
+        # One connection per URI for the backend's lifetime (test:///default keeps its state
+        # only while a connection is open).
+        self._connections: dict[str, Any] = {}
+
+    def _conn(self, uri: str, machine: str) -> Any:
+        conn = self._connections.get(uri)
+        if conn is None or not conn.isAlive():
+            conn = self._connections[uri] = connect(uri, machine)
+        return conn
+
+    def close(self) -> None:
+        for conn in self._connections.values():
+            try:
+                conn.close()
+            except Exception:  # already closed by the peer: nothing left to release
+                pass
+        self._connections.clear()
+
+    # start ---------------------------------------------------------------------------------
+
+    def start(self, store: StateStore, spec: MachineSpec, spec_file: str | None) -> MachineRecord:
+        settings = spec.libvirt
+        uri, remote = settings.uri, is_remote(settings.uri)
+        name = domain_name(spec.name)
+        record = MachineRecord(
+            name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral,
+            spec={"cpus": spec.cpus, "memory": spec.memory, "uri": uri, "domain": name,
+                  "uuid": str(uuid_module.uuid4()), "remote": remote, "persistent": not spec.ephemeral,
+                  "environment": dict(spec.environment), "console": None, "agent_socket": None},
+        )
+        folder = store.create(record)
+        remote_disks: RemoteDisks | None = None
+        conn = None
+        try:
+            conn = self._conn(uri, spec.name)
+            self._check_name_free(conn, spec.name, name, uri)
+            nic = nic_for(spec)
+            boot_for(spec)  # a spec mistake is reported before anything is made
+            with translated(spec.name, f"preparing disks on {uri}"):
+                if remote:
+                    remote_disks = RemoteDisks(conn, spec.name, settings.upload)
+                    remote_disks.pool()  # the console log lives in the pool's folder too
+                    disks = remote_disks.disks(spec, name)
+                else:
+                    disks = local_disks(spec, folder)
+            console = f"{POOL_PATH}/{name}.console.log" if remote else str(folder / CONSOLE)
+            agent = None if remote else self._agent_path(folder, record.spec["uuid"])
+            plan = domain_plan(spec, uuid=record.spec["uuid"], domain_type=domain_type_for(uri, settings.domain_type),
+                               disks=disks, console_log=console, agent_socket=agent, run_as=self._run_as(uri),
+                               state_folder=str(folder))
+            if remote and remote_disks is not None:
+                for path in (plan.kernel, plan.initrd):
+                    if path and remote_disks.find(path) is None:
+                        raise VmctlError(f"{spec.name}: {path} does not exist on {uri} (copy it there)")
+            xml = render(plan)
+            (folder / DOMAIN_XML).write_text(xml)
+            record.spec.update(console=console, agent_socket=agent)
+            record.resources = {"volumes": list(remote_disks.created) if remote_disks else []}
+            store.save(record)
+            if nic is not None and nic.kind == "network":
+                self._network_up(conn, spec.name, nic.source, uri)
+            with translated(spec.name, f"starting domain {name} on {uri}"):
+                if spec.ephemeral:
+                    conn.createXML(xml, 0)  # transient: libvirt forgets it when it stops
+                else:
+                    conn.defineXML(xml).create()
+            record.pid = self._qemu_pid(uri, name)
+            store.save(record)
+        except BaseException:
+            self._discard(conn, record, remote_disks)
+            store.delete(spec.name)  # nothing half-made stays behind
+            raise
+        return record
+
+    def _check_name_free(self, conn: Any, machine: str, name: str, uri: str) -> None:
+        libvirt = libvirt_module()
+        try:
+            conn.lookupByName(name)
+        except libvirt.libvirtError as error:
+            if not_found(error):
+                return
+            raise VmctlError(f"{machine}: looking up domain {name} on {uri}: {message(error)}") from None
+        raise VmctlError(f"{machine}: a libvirt domain named {name} already exists on {uri} "
+                         f"(remove it: virsh -c {uri} undefine {name})")
+
+    def _network_up(self, conn: Any, machine: str, network: str, uri: str) -> None:
+        libvirt = libvirt_module()
+        try:
+            net = conn.networkLookupByName(network)
+        except libvirt.libvirtError as error:
+            if not_found(error):
+                raise VmctlError(f"{machine}: no libvirt network named {network!r} on {uri} "
+                                 f"(virsh -c {uri} net-list --all)") from None
+            raise
+        if not net.isActive():
+            with translated(machine, f"starting libvirt network {network!r} on {uri}"):
+                net.create()
+
+    @staticmethod
+    def _agent_path(folder: Path, uuid: str) -> str:
+        path = folder / "agent.sock"
+        if len(str(path)) <= MAX_SOCKET_PATH:
+            return str(path)
+        return os.path.join(tempfile.gettempdir(), f"vmctl-agent-{uuid}.sock")
+
+    @staticmethod
+    def _run_as(uri: str) -> tuple[int, int] | None:
+        parts = urlsplit(uri)
+        if parts.scheme == "qemu" and parts.path == "/system" and not parts.hostname:
+            return os.getuid(), os.getgid()
+        return None
+
+    @staticmethod
+    def _qemu_pid(uri: str, name: str) -> int | None:
+        if is_remote(uri) or not uri.startswith("qemu"):
+            return None
+        try:
+            return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    # looking at a machine ----------------------------------------------------------------
+
+    def _domain(self, record: MachineRecord) -> Any | None:
+        """The machine's domain, or None when libvirt no longer has it."""
+        conn = self._conn(record.spec["uri"], record.name)
+        libvirt = libvirt_module()
+        try:
+            return conn.lookupByUUIDString(record.spec["uuid"])
+        except libvirt.libvirtError as error:
+            if not_found(error):
+                return None
+            raise VmctlError(f"{record.name}: looking up domain {record.spec['domain']}: {message(error)}") from None
+
+    def _console(self, store: StateStore, record: MachineRecord) -> bytes:
+        self._sync_console(store, record)
+        try:
+            return (store.folder(record.name) / CONSOLE).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def _sync_console(self, store: StateStore, record: MachineRecord) -> None:
+        """Remote machines: copy the console log from the other host (a volume of the pool), so
+        `vmctl logs` reads it where it reads every machine's."""
+        if not record.spec.get("remote"):
+            return
+        libvirt = libvirt_module()
+        conn = self._conn(record.spec["uri"], record.name)
+        try:
+            conn.storagePoolLookupByName("vmctl").refresh(0)
+            volume = conn.storageVolLookupByPath(record.spec["console"])
+            chunks: list[bytes] = []
+            stream = conn.newStream(0)
+            volume.download(stream, 0, 0, 0)
+            stream.recvAll(lambda _stream, data, _opaque: chunks.append(data), None)
+            stream.finish()
+        except libvirt.libvirtError:
+            return  # not created yet, or the host is away: keep the last copy
+        target = store.folder(record.name) / CONSOLE
+        temporary = target.with_suffix(".tmp")
+        temporary.write_bytes(b"".join(chunks))
+        os.replace(temporary, target)
+
+    def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
+        libvirt = libvirt_module()
+        try:
+            domain = self._domain(record)
+        except VmctlError as error:
+            return MachineStatus(record.name, self.name, "dead", None, str(error).split(": ", 1)[1])
+        outcome = store.outcome(record.name)
+        self._sync_console(store, record)  # so `vmctl logs` after `ps` shows a remote console
+        if domain is not None:
+            try:
+                state, reason = domain.state()
+            except libvirt.libvirtError:
+                domain, state, reason = None, None, None
+        if domain is not None and state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED,
+                                            libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_SHUTDOWN):
+            detail = "paused" if state == libvirt.VIR_DOMAIN_PAUSED else ""
+            return MachineStatus(record.name, self.name, "running", record.pid, detail)
+        if outcome is not None:
+            state_name = "crashed" if outcome.get("crashed") else "exited"
+            return MachineStatus(record.name, self.name, state_name, None, outcome["reason"], outcome["exit_code"])
+        code = exit_code_in(self._console(store, record))
+        if domain is None:
+            if record.spec.get("persistent"):
+                return MachineStatus(record.name, self.name, "dead", None,
+                                     f"domain {record.spec['domain']} was undefined outside vmctl")
+            if code is None:
+                return MachineStatus(record.name, self.name, "crashed", None,
+                                     "the guest ended without reporting an exit status")
+            return MachineStatus(record.name, self.name, "exited", None, f"guest exited with status {code}", code)
+        if state == libvirt.VIR_DOMAIN_CRASHED or (state == libvirt.VIR_DOMAIN_SHUTOFF and reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED):
+            return MachineStatus(record.name, self.name, "crashed", None, "the guest crashed", code)
+        if code is not None:
+            detail = f"guest exited with status {code}"
+        else:
+            detail = SHUTOFF_REASONS.get(reason, "powered off")
+        return MachineStatus(record.name, self.name, "exited", None, detail, code)
+
+    def wait_ready(self, store: StateStore, record: MachineRecord, timeout: float) -> float:
+        """Ready = the console shows VMCTL-READY, or the guest already ended successfully."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if READY_MARKER in self._console(store, record):
+                return time.monotonic() - start
+            status = self.status(store, record)
+            if status.state != "running":
+                if status.state == "exited" and status.exit_code == 0:
+                    return time.monotonic() - start
+                raise VmctlError(f"{record.name}: guest ended before it was ready: {status.detail} "
+                                 f"(vmctl logs {record.name})")
+            time.sleep(POLL)
+        raise VmctlError(f"{record.name}: not ready after {timeout:g} s (vmctl logs {record.name})")
+
+    # stopping and removing ---------------------------------------------------------------
+
+    def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
+        """ACPI shutdown, then destroy after `timeout` seconds."""
+        libvirt = libvirt_module()
+        domain = self._domain(record)
+        if domain is None or not domain.isActive():
+            return
+        self._sync_console(store, record)
+        try:
+            domain.shutdown()
+        except libvirt.libvirtError:
+            pass  # e.g. no ACPI in the guest: destroy below
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._active(domain):
+            time.sleep(POLL)
+        if self._active(domain):
+            with translated(record.name, f"destroying domain {record.spec['domain']}"):
+                try:
+                    domain.destroy()
+                except libvirt.libvirtError as error:
+                    if not_found(error) or self._active(domain) is False:
+                        return
+                    raise
+        self._sync_console(store, record)
+        if not record.spec.get("persistent"):
+            # A transient domain leaves nothing to ask afterwards: note how it ended.
+            code = exit_code_in(self._console(store, record))
+            outcome = {"exit_code": code, "reason": "stopped by vmctl", "crashed": False}
+            (store.folder(record.name) / OUTCOME).write_text(json.dumps(outcome))
+
+    @staticmethod
+    def _active(domain: Any) -> bool:
+        try:
+            return bool(domain.isActive())
+        except libvirt_module().libvirtError:
+            return False  # a transient domain vanished: not active
+
+    def remove(self, store: StateStore, record: MachineRecord) -> None:
+        self.stop(store, record, timeout=5)
+        conn = self._conn(record.spec["uri"], record.name)
+        problems = self._discard(conn, record, RemoteDisks(conn, record.name, False) if record.spec.get("remote") else None)
+        if problems:
+            raise VmctlError(f"{record.name}: could not remove everything: {'; '.join(problems)}")
+        store.delete(record.name)
+
+    def _discard(self, conn: Any, record: MachineRecord, remote_disks: RemoteDisks | None) -> list[str]:
+        """Undefine the domain and delete the remote volumes; the messages of what failed."""
+        problems: list[str] = []
+        if conn is None:
+            return problems
+        libvirt = libvirt_module()
+        try:
+            domain = conn.lookupByUUIDString(record.spec["uuid"])
+            if domain.isActive():
+                domain.destroy()
+            if domain.isPersistent():
+                domain.undefine()
+        except libvirt.libvirtError as error:
+            if not not_found(error):
+                problems.append(f"domain {record.spec['domain']}: {message(error)}")
+        if remote_disks is not None:
+            volumes = list(record.resources.get("volumes", [])) + [v for v in remote_disks.created
+                                                                   if v not in record.resources.get("volumes", [])]
+            if record.spec.get("console"):
+                volumes.append(record.spec["console"])
+            try:
+                remote_disks.pool()  # refreshed, so the console log is a volume we can delete
+            except libvirt.libvirtError as error:
+                problems.append(f"storage pool: {message(error)}")
+            problems += remote_disks.delete(volumes)
+        agent = record.spec.get("agent_socket")
+        if agent and os.path.basename(agent).startswith("vmctl-agent-"):  # outside the state folder
+            try:
+                os.unlink(agent)
+            except FileNotFoundError:
+                pass
+        return problems
+
+    # exec -----------------------------------------------------------------------------------
+
+    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
+        if self.status(store, record).state != "running":
+            raise VmctlError(f"{record.name}: not running")
+        path = record.spec.get("agent_socket")
+        if not path:
+            raise VmctlError(f"{record.name}: exec needs the agent socket, which only a local libvirt has "
+                             f"({record.spec['uri']} is remote)")
+        script = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec["environment"].items()) + shlex.join(command)
+        return agent_exec(record.name, path, script, timeout)
+
+
+def agent_exec(machine: str, path: str, script: str, timeout: float) -> ExecResult:
+    """Speak the guest agent's protocol (vmctl.vmm.agent) over the serial port's unix socket."""
+    channel = AgentChannel()
+    channel.ready.set()  # the agent announced itself long ago, to nobody: QEMU keeps no backlog
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+    except OSError as error:
+        raise VmctlError(f"{machine}: cannot reach the guest agent at {path}: {error.strerror}") from None
+    channel.send = sock.sendall
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            channel.receive(data)
+
+    reader = threading.Thread(target=pump, name=f"agent-{machine}", daemon=True)
+    reader.start()
+    try:
+        return channel.exec(script, timeout)
+    except VmctlError as error:
+        raise VmctlError(f"{machine}: {error}") from None
+    finally:
+        stop.set()
+        sock.close()
+        reader.join(1)
