@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from vmctl.memory import GuestMemory
 from vmctl.virtio.driver import QueueDriver
-from vmctl.virtio.queue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_INDIRECT, Buffer, QueueError,
-                                Virtqueue, need_event)
+from vmctl.virtio.queue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_INDIRECT, Buffer, DescriptorChain,
+                                QueueError, Virtqueue, need_event)
 
 RAM = 2 << 20
 QUEUE_BASE = 0x10000
@@ -245,3 +245,89 @@ def test_fuzz_random_rings(memory, descriptors, ring, avail_idx, indirect_table)
             queue.add_used(chain.head, chain.writable_length & 0xFFFFFFFF)
     except QueueError:
         pass
+
+
+# --- the fast path for plain indirect tables must agree with the general walk --------------
+def _walk_both(memory, table: int, entries: list[tuple[int, int, int, int]]):
+    """(fast, general): each (readable, writable, one region?) or the QueueError text. The
+    general walk (`_walk_indirect_slow`) is the descriptor-by-descriptor reference."""
+    results = []
+    for general in (False, True):
+        queue, driver = make_queue(memory)
+        for index, entry in enumerate(entries):
+            put_desc(memory, table, index, *entry)
+        try:
+            if general:
+                chain = DescriptorChain(0)
+                queue._walk_indirect_slow(chain, table, 16 * len(entries))
+            else:
+                put_desc(memory, driver.desc, 0, table, 16 * len(entries), DESC_F_INDIRECT)
+                driver.publish(0)
+                chain = queue.pop()
+            results.append((chain.readable, chain.writable, chain.region is not None))
+        except QueueError as error:
+            results.append(str(error))
+    return results
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    entries=st.lists(
+        st.tuples(
+            st.one_of(st.integers(0x40000, 0x40000 + 64 * 4096).map(lambda a: a & ~0xFFF),
+                      st.integers(0, RAM + 4096), st.integers(0, 2**64 - 1)),
+            st.one_of(st.sampled_from([1, 16, 4096]), st.integers(0, 2**32 - 1)),
+            st.sampled_from([0, DESC_F_WRITE]),
+        ),
+        min_size=1, max_size=40,
+    ),
+    break_at=st.integers(-1, 40),
+    bad_flags=st.sampled_from([DESC_F_INDIRECT, 0x100, DESC_F_NEXT]),
+)
+def test_fast_indirect_walk_agrees_with_the_general_walk(memory, entries, break_at, bad_flags):
+    # Plain tables: readable entries first, each linking to the next. Sometimes one entry is
+    # broken (a bad flag, a missing NEXT, a wrong link) to exercise the fall-back.
+    entries = sorted(entries, key=lambda e: e[2])
+    table = []
+    for index, (address, length, write) in enumerate(entries):
+        last = index == len(entries) - 1
+        flags, nxt = write | (0 if last else DESC_F_NEXT), (0 if last else index + 1)
+        if index == break_at:
+            flags ^= bad_flags
+            nxt = (nxt + 1) % 50 if bad_flags == DESC_F_NEXT else nxt
+        table.append((address, length, flags, nxt))
+    fast, general = _walk_both(memory, 0x30000, table)
+    assert fast == general
+    if not isinstance(fast, str):
+        for buffer in fast[0] + fast[1]:
+            assert memory.contains(buffer.address, buffer.length)
+
+
+def test_fast_indirect_walk_merges_contiguous_pages(memory):
+    table = [(0x40000, 16, DESC_F_NEXT, 1), (0x41000, 4096, DESC_F_NEXT, 2), (0x42000, 4096, DESC_F_NEXT, 3),
+             (0x44000, 4096, DESC_F_WRITE | DESC_F_NEXT, 4), (0x45000, 1, DESC_F_WRITE, 0)]
+    fast, general = _walk_both(memory, 0x30000, table)
+    assert fast == general == ([Buffer(0x40000, 16), Buffer(0x41000, 8192)], [Buffer(0x44000, 4097)], True)
+
+
+def test_kick_on_next_names_the_drivers_next_slot_not_the_devices(memory):
+    # A device that took buffers back (not enough for a large frame) must still get a kick
+    # when the driver posts one more: avail_event = the driver's index, not last_avail.
+    queue, driver = make_queue(memory, event_idx=True)
+    driver.post([], [64])
+    driver.post([], [64])
+    assert queue.pop() and queue.pop()
+    queue.last_avail = (queue.last_avail - 2) & 0xFFFF  # given back, still unused
+    assert queue.kick_on_next() == 2
+    assert driver.avail_event() == 2
+    assert need_event(driver.avail_event(), 3, 2)  # the driver's next post kicks
+
+
+def test_single_descriptor_fast_path_checks_ram(memory):
+    queue, driver = make_queue(memory)
+    driver.post([], [64])
+    assert queue.pop().writable_length == 64  # the region is now cached
+    put_desc(memory, driver.desc, 0, RAM - 8, 64, DESC_F_WRITE)  # runs past the end of RAM
+    driver.publish(0)
+    with pytest.raises(QueueError, match="outside guest RAM"):
+        queue.pop()

@@ -95,9 +95,11 @@ class BlkDevice(VirtioDevice):
         if not status_views:
             raise DeviceError("request has no device-writable status byte")
         kind, _, sector = _HEADER.unpack(header)
+        # Lengths from the chain's ranges (one C-level sum), not from the views one by one.
+        lengths = (chain.readable_length - _HEADER.size, chain.writable_length - 1)
         written = 0
         try:
-            status, written = self._serve(kind, sector, readable, data_out)
+            status, written = self._serve(kind, sector, readable, data_out, lengths)
         except DiskError as error:
             if not self._io_errors_logged:
                 log.warning("virtio-blk %s: I/O error (further ones not logged): %s", self.backend.path, error)
@@ -106,15 +108,16 @@ class BlkDevice(VirtioDevice):
         status_views[0][0] = status
         return written + 1
 
-    def _serve(self, kind: int, sector: int, readable: list[memoryview], data_out: list[memoryview]) -> tuple[int, int]:
+    def _serve(self, kind: int, sector: int, readable: list[memoryview], data_out: list[memoryview],
+               lengths: tuple[int, int]) -> tuple[int, int]:
         if kind == T_IN:
-            length = sum(v.nbytes for v in data_out)
+            length = lengths[1]
             if not self._in_range(sector, length):
                 return S_IOERR, 0
             self.backend.readinto(sector * SECTOR, data_out)
             return S_OK, length
         if kind == T_OUT:
-            length = sum(v.nbytes for v in readable)
+            length = lengths[0]
             if self.read_only or not self._in_range(sector, length):
                 return S_IOERR, 0
             self.backend.write(sector * SECTOR, readable)

@@ -41,6 +41,8 @@ class QueueContext:
 
     memory: GuestMemory
     complete: Callable[[Virtqueue, DescriptorChain, int], None]
+    # Several chains at once, as (head, bytes written): one used-index update for all.
+    complete_many: Callable[[Virtqueue, list[tuple[int, int]]], None] | None = None
 
 
 class VirtioDevice(abc.ABC):

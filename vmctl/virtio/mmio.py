@@ -60,7 +60,7 @@ class VirtioMmioTransport:
         # One eventfd per queue: the ioeventfd target, and what a trapped QueueNotify writes.
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
         self.trapped_notifies = 0  # QueueNotify writes that came through an MMIO exit
-        self.ctx = QueueContext(memory, self._complete)
+        self.ctx = QueueContext(memory, self._complete, self._complete_many)
         self._interrupt_status = 0
         self._int_lock = threading.Lock()
         self._pending_irq = False
@@ -299,6 +299,11 @@ class VirtioMmioTransport:
         queue.add_used(chain.head, written)
         if queue.needs_interrupt():
             self._pending_irq = True  # one interrupt per batch, sent when the batch ends
+
+    def _complete_many(self, queue: Virtqueue, entries: list[tuple[int, int]]) -> None:
+        queue.add_used_many(entries)
+        if queue.needs_interrupt():
+            self._pending_irq = True
 
     def _interrupt(self, bits: int) -> None:
         with self._int_lock:

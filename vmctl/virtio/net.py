@@ -117,7 +117,12 @@ class NetDevice(VirtioDevice):
                 except BlockingIOError:
                     return  # TAP drained; the next edge on its fd resumes here
             if not self._deliver(queue, ctx):
-                return
+                # Not enough buffers for this frame: ask for a kick on the next one the
+                # driver posts (avail_event would otherwise stay where the last drain left
+                # it, behind buffers already posted, and no kick would ever come).
+                seen = queue.kick_on_next()
+                if queue.avail_idx() == seen:
+                    return  # the RX kick resumes here
 
     def _deliver(self, queue: Virtqueue, ctx: QueueContext) -> bool:
         """Copy the pending frame into one chain (or several with MRG_RXBUF); False when the
@@ -150,7 +155,7 @@ class NetDevice(VirtioDevice):
         for chain, count in chains:
             chain.write_writable(ctx.memory, frame[offset : offset + count])
             offset += count
-            ctx.complete(queue, chain, count)
+        ctx.complete_many(queue, [(chain.head, count) for chain, count in chains])
         self._pending = 0
         return True
 

@@ -9,11 +9,13 @@ those raises `QueueError`; the transport then puts the device into DEVICE_NEEDS_
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
+from operator import add, eq, itemgetter
 from typing import Iterator
 
 from ..errors import GuestMemoryError
-from ..memory import GuestMemory
+from ..memory import GuestMemory, MemoryRegion
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -29,6 +31,16 @@ MAX_INDIRECT = 1024
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_LENGTH = itemgetter(1)
+_FENCE = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A store-load barrier: taking a lock is an atomic read-modify-write (a locked
+    instruction on x86), so our ring write is visible before the ring read that follows,
+    as the spec asks between publishing avail_event and re-reading avail->idx."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class QueueError(Exception):
@@ -44,27 +56,50 @@ class Buffer:
     length: int
 
 
-@dataclass
 class DescriptorChain:
-    """A request: device-readable buffers first, then device-writable ones (spec 2.7.4.2)."""
+    """A request: device-readable buffers first, then device-writable ones (spec 2.7.4.2).
 
-    head: int
-    readable: list[Buffer] = field(default_factory=list)
-    writable: list[Buffer] = field(default_factory=list)
+    The ranges are plain (address, length) tuples, checked against guest RAM when the chain
+    was walked; `region` is the one RAM region that holds all of them (None when they span
+    several), so the views are slices of one memoryview with no lookup per buffer."""
+
+    __slots__ = ("head", "readable_ranges", "writable_ranges", "region")
+
+    def __init__(self, head: int, readable_ranges: list[tuple[int, int]] | None = None,
+                 writable_ranges: list[tuple[int, int]] | None = None, region: MemoryRegion | None = None) -> None:
+        self.head = head
+        self.readable_ranges = readable_ranges if readable_ranges is not None else []
+        self.writable_ranges = writable_ranges if writable_ranges is not None else []
+        self.region = region
+
+    @property
+    def readable(self) -> list[Buffer]:
+        return [Buffer(address, length) for address, length in self.readable_ranges]
+
+    @property
+    def writable(self) -> list[Buffer]:
+        return [Buffer(address, length) for address, length in self.writable_ranges]
 
     @property
     def readable_length(self) -> int:
-        return sum(b.length for b in self.readable)
+        return sum(map(_LENGTH, self.readable_ranges))
 
     @property
     def writable_length(self) -> int:
-        return sum(b.length for b in self.writable)
+        return sum(map(_LENGTH, self.writable_ranges))
+
+    def _views(self, ranges: list[tuple[int, int]], memory: GuestMemory) -> list[memoryview]:
+        region = self.region
+        if region is None:
+            return [memory.view(address, length) for address, length in ranges if length]
+        base, view = region.guest_address, region.view
+        return [view[address - base : address - base + length] for address, length in ranges if length]
 
     def readable_views(self, memory: GuestMemory) -> list[memoryview]:
-        return [memory.view(b.address, b.length) for b in self.readable if b.length]
+        return self._views(self.readable_ranges, memory)
 
     def writable_views(self, memory: GuestMemory) -> list[memoryview]:
-        return [memory.view(b.address, b.length) for b in self.writable if b.length]
+        return self._views(self.writable_ranges, memory)
 
     def read_readable(self, memory: GuestMemory, offset: int = 0, length: int | None = None) -> bytes:
         """Copy `length` bytes (default: all) of the readable part, starting at `offset`."""
@@ -75,8 +110,13 @@ class DescriptorChain:
 
     def write_writable(self, memory: GuestMemory, data: bytes | memoryview, offset: int = 0) -> int:
         """Scatter `data` into the writable part from `offset`; returns bytes written."""
+        views = self.writable_views(memory)
+        if offset == 0 and len(views) == 1:  # the common case: one guest buffer
+            count = min(len(data), views[0].nbytes)
+            views[0][:count] = data[:count]
+            return count
         done = 0
-        for view in slice_views(self.writable_views(memory), offset, len(data)):
+        for view in slice_views(views, offset, len(data)):
             view[:] = data[done : done + view.nbytes]
             done += view.nbytes
         return done
@@ -133,6 +173,36 @@ def need_event(event: int, new: int, old: int) -> bool:
     return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
+def _merge(addresses: tuple[int, ...], lengths: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(address, length) ranges, buffers that continue the previous one merged into it."""
+    ranges = list(zip(addresses, lengths))
+    # A C-level scan first: most chains have no contiguous neighbours and skip the loop.
+    if len(ranges) < 2 or not any(map(eq, addresses[1:], map(add, addresses, lengths))):
+        return ranges
+    merged = [ranges[0]]
+    for address, length in ranges[1:]:
+        last_address, last_length = merged[-1]
+        if last_address + last_length == address:
+            merged[-1] = (last_address, last_length + length)
+        else:
+            merged.append((address, length))
+    return merged
+
+
+_TABLE_STRUCTS: dict[int, struct.Struct] = {}
+_NEXT_SEQUENCES: dict[int, tuple[int, ...]] = {}
+
+
+def _table_layout(count: int) -> tuple[struct.Struct, tuple[int, ...]]:
+    """The struct for a whole table of `count` descriptors, and the `next` fields a plain
+    sequential table has (1, 2, ..., count-1): how Linux always builds indirect tables."""
+    layout = _TABLE_STRUCTS.get(count)
+    if layout is None:
+        layout = _TABLE_STRUCTS[count] = struct.Struct("<" + "QIHH" * count)
+        _NEXT_SEQUENCES[count] = tuple(range(1, count))
+    return layout, _NEXT_SEQUENCES[count]
+
+
 class Virtqueue:
     """Device side of one split virtqueue. Configured by the transport, used by one worker."""
 
@@ -154,7 +224,13 @@ class Virtqueue:
         self.last_avail = 0  # next available-ring slot the device will look at
         self.next_used = 0  # index the device writes into used->idx next
         self.signalled_used: int | None = None  # used idx at the last interrupt (EVENT_IDX)
-        self._ram = (0, -1)  # the RAM region that held the last buffer checked: (start, end); none yet
+        self._region: MemoryRegion | None = None  # the RAM region that held the last buffer checked
+        # Views of the three areas, made once at QueueReady (their ranges are checked then):
+        # ring accesses are then plain indexing, with no region lookup per access.
+        self._desc = memoryview(b"")
+        self._avail = memoryview(b"").cast("H")  # flags, idx, ring[size], used_event
+        self._used = memoryview(b"")  # bytes: flags, idx, ring[size] of (id, len), avail_event
+        self._used16 = memoryview(b"").cast("H")
 
     # --- setup -------------------------------------------------------------------------------
     def activate(self, event_idx: bool, indirect: bool) -> None:
@@ -172,6 +248,10 @@ class Virtqueue:
                 raise QueueError(f"{name} at 0x{address:x} is not {align}-byte aligned")
             if not self.memory.contains(address, length):
                 raise QueueError(f"{name} 0x{address:x}+{length} is outside guest RAM")
+        self._desc = self.memory.view(self.desc_table, DESC_SIZE * size)
+        self._avail = self.memory.view(self.avail_ring, 6 + 2 * size).cast("H")
+        self._used = self.memory.view(self.used_ring, 6 + 8 * size)
+        self._used16 = self._used.cast("H")
         self.event_idx = event_idx
         self.indirect = indirect
         self.last_avail = 0
@@ -179,26 +259,13 @@ class Virtqueue:
         self.signalled_used = None
         self.ready = True
 
-    # --- guest memory helpers (any bad address becomes a QueueError) --------------------------
-    def _read_u16(self, address: int) -> int:
-        try:
-            return self.memory.read_u16(address)
-        except GuestMemoryError as error:
-            raise QueueError(str(error)) from None
-
-    def _descriptor(self, table: int, index: int) -> tuple[int, int, int, int]:
-        try:
-            return _DESC.unpack(self.memory.view(table + DESC_SIZE * index, DESC_SIZE))
-        except GuestMemoryError as error:
-            raise QueueError(str(error)) from None
-
     # --- available ring --------------------------------------------------------------------
     def avail_idx(self) -> int:
-        return self._read_u16(self.avail_ring + 2)
+        return self._avail[1]
 
     def pending(self) -> int:
         """How many chains the driver made available that the device has not taken."""
-        count = (self.avail_idx() - self.last_avail) & 0xFFFF
+        count = (self._avail[1] - self.last_avail) & 0xFFFF
         if count > self.size:
             raise QueueError(f"available index moved {count} entries ahead of a queue of {self.size}")
         return count
@@ -207,8 +274,7 @@ class Virtqueue:
         """The next available chain, walked and validated, or None when the ring is empty."""
         if not self.ready or self.pending() == 0:
             return None
-        slot = self.last_avail % self.size
-        head = self._read_u16(self.avail_ring + 4 + 2 * slot)
+        head = self._avail[2 + self.last_avail % self.size]
         chain = self.walk(head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
@@ -226,16 +292,28 @@ class Virtqueue:
     def walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise QueueError(f"chain head {head} is outside a queue of {self.size}")
+        address, length, flags, _ = _DESC.unpack_from(self._desc, DESC_SIZE * head)
+        region = self._region
+        if not flags & ~DESC_F_WRITE and region is not None and region.guest_address <= address \
+                and address + length <= region.end:
+            # One plain descriptor in the region of the last buffer (net RX buffers, rng).
+            if flags:
+                return DescriptorChain(head, [], [(address, length)], region)
+            return DescriptorChain(head, [(address, length)], [], region)
         chain = DescriptorChain(head)
         index = head
         for _ in range(self.size):  # a chain visits each descriptor at most once
-            address, length, flags, nxt = self._descriptor(self.desc_table, index)
+            address, length, flags, nxt = _DESC.unpack_from(self._desc, DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if not self.indirect:
                     raise QueueError("indirect descriptor but VIRTIO_F_INDIRECT_DESC was not negotiated")
                 if flags & DESC_F_NEXT:
                     raise QueueError("descriptor has both INDIRECT and NEXT")
-                self._walk_indirect(chain, address, length)
+                if chain.readable_ranges or chain.writable_ranges:
+                    # Direct descriptors before the table: legal but unusual, the general walk.
+                    self._walk_indirect_slow(chain, address, length)
+                else:
+                    self._walk_indirect(chain, address, length)
                 return chain
             self._add(chain, address, length, flags)
             if not flags & DESC_F_NEXT:
@@ -245,7 +323,8 @@ class Virtqueue:
             index = nxt
         raise QueueError(f"descriptor chain from {head} loops or is longer than the queue ({self.size})")
 
-    def _walk_indirect(self, chain: DescriptorChain, table: int, length: int) -> None:
+    def _table(self, table: int, length: int) -> tuple[int, tuple[int, ...]]:
+        """(count, flat unpacked fields) of an indirect table, after its framing checks."""
         if length == 0 or length % DESC_SIZE:
             raise QueueError(f"indirect table length {length} is not a non-zero multiple of 16")
         count = length // DESC_SIZE
@@ -255,10 +334,51 @@ class Virtqueue:
             entries = self.memory.view(table, length)  # one lookup for the whole table
         except GuestMemoryError:
             raise QueueError(f"indirect table 0x{table:x}+{length} is outside guest RAM") from None
-        table_entries = list(_DESC.iter_unpack(entries))  # one C-level pass over the table
+        return count, _table_layout(count)[0].unpack(entries)  # one C-level pass over the table
+
+    def _walk_indirect(self, chain: DescriptorChain, table: int, length: int) -> None:
+        """The fast path for the tables drivers really build: entries linked in order, the
+        readable ones first, all in one RAM region. It checks exactly what the slow path
+        checks, with C-level operations over whole columns; anything else takes the slow path."""
+        count, flat = self._table(table, length)
+        try:
+            flags = bytes(flat[2::4])  # ValueError when a flags word is above 255: not plain
+        except ValueError:
+            flags = b""
+        body, last = flags[:-1], flags[-1:]
+        readable = len(body) - len(body.lstrip(b"\x01"))  # NEXT-only entries lead...
+        plain = (
+            flags
+            and not body[readable:].lstrip(b"\x03")  # ...then NEXT|WRITE ones
+            and (last == b"\x02" or (last == b"\x00" and readable == len(body)))  # the end: no NEXT
+            and flat[3::4][:-1] == _table_layout(count)[1]  # entry i links to i + 1
+        )
+        if plain:
+            addresses, lengths = flat[0::4], flat[1::4]
+            low, high = min(addresses), max(map(add, addresses, lengths))
+            region = self._region
+            if region is None or not (region.guest_address <= low and high <= region.end):
+                try:
+                    region = self._region = self.memory.region_of(low, high - low)
+                except GuestMemoryError:
+                    region = None  # spans regions (or leaves RAM): checked buffer by buffer
+            if region is not None:
+                if last == b"\x00":
+                    readable = count
+                chain.readable_ranges = _merge(addresses[:readable], lengths[:readable])
+                chain.writable_ranges = _merge(addresses[readable:], lengths[readable:])
+                chain.region = region
+                return
+        self._walk_entries(chain, count, list(zip(*[iter(flat)] * 4)))
+
+    def _walk_indirect_slow(self, chain: DescriptorChain, table: int, length: int) -> None:
+        count, flat = self._table(table, length)
+        self._walk_entries(chain, count, list(zip(*[iter(flat)] * 4)))
+
+    def _walk_entries(self, chain: DescriptorChain, count: int, entries: list[tuple[int, int, int, int]]) -> None:
         index = 0
         for _ in range(count):
-            address, size, flags, nxt = table_entries[index]
+            address, size, flags, nxt = entries[index]
             if flags & DESC_F_INDIRECT:
                 raise QueueError("indirect descriptor inside an indirect table")
             self._add(chain, address, size, flags)
@@ -270,35 +390,47 @@ class Virtqueue:
         raise QueueError("indirect descriptor chain loops")
 
     def _add(self, chain: DescriptorChain, address: int, length: int, flags: int) -> None:
-        start, end = self._ram
-        if not start <= address or address + length > end:  # not in the region of the last buffer
+        region = self._region
+        if region is None or not (region.guest_address <= address and address + length <= region.end):
             try:
-                region = self.memory.region_of(address, length)
+                region = self._region = self.memory.region_of(address, length)
             except GuestMemoryError:
                 raise QueueError(f"buffer 0x{address:x}+{length} is outside guest RAM") from None
-            start, end = self._ram = (region.guest_address, region.end)
+        if not chain.readable_ranges and not chain.writable_ranges:
+            chain.region = region
+        elif chain.region is not region:
+            chain.region = None  # buffers in several regions: views are looked up one by one
         if flags & DESC_F_WRITE:
-            target = chain.writable
-        elif chain.writable:
+            target = chain.writable_ranges
+        elif chain.writable_ranges:
             raise QueueError("device-readable descriptor after a device-writable one")
         else:
-            target = chain.readable
+            target = chain.readable_ranges
         # Buffers that continue the previous one in the same region become one iovec.
-        if target and (last := target[-1]).address + last.length == address and last.address >= start:
-            target[-1] = Buffer(last.address, last.length + length)
+        if target and (last := target[-1])[0] + last[1] == address and last[0] >= region.guest_address:
+            target[-1] = (last[0], last[1] + length)
         else:
-            target.append(Buffer(address, length))
+            target.append((address, length))
 
     # --- used ring -------------------------------------------------------------------------
     def add_used(self, head: int, written: int) -> None:
         """Return a chain to the driver: the element first, then the index that publishes it."""
-        slot = self.next_used % self.size
-        try:
-            _USED_ELEM.pack_into(self.memory.view(self.used_ring + 4 + 8 * slot, 8), 0, head, written)
-            self.next_used = (self.next_used + 1) & 0xFFFF
-            self.memory.write_u16(self.used_ring + 2, self.next_used)
-        except GuestMemoryError as error:
-            raise QueueError(str(error)) from None
+        if not self.ready:
+            raise QueueError("used buffer on a queue that is not ready")
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (self.next_used % self.size), head, written)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        self._used16[1] = self.next_used
+
+    def add_used_many(self, entries: list[tuple[int, int]]) -> None:
+        """Return several chains: every element first, then one index update for all."""
+        if not self.ready:
+            raise QueueError("used buffer on a queue that is not ready")
+        index, size, used = self.next_used, self.size, self._used
+        for head, written in entries:
+            _USED_ELEM.pack_into(used, 4 + 8 * (index % size), head, written)
+            index = (index + 1) & 0xFFFF
+        self.next_used = index
+        self._used16[1] = index
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the used entries added since the last one."""
@@ -308,18 +440,33 @@ class Virtqueue:
             self.signalled_used = new
             if old is None:
                 return True
-            used_event = self._read_u16(self.avail_ring + 4 + 2 * self.size)
-            return need_event(used_event, new, old)
-        return not self._read_u16(self.avail_ring) & AVAIL_F_NO_INTERRUPT
+            return need_event(self._avail[2 + self.size], new, old)  # used_event
+        return not self._avail[0] & AVAIL_F_NO_INTERRUPT
 
     def set_notification(self, enable: bool) -> None:
         """Ask the driver to kick (or not) for new buffers. With EVENT_IDX the device names the
         avail index it wants a kick for; otherwise it sets or clears USED_F_NO_NOTIFY."""
-        try:
-            if self.event_idx:
-                if enable:
-                    self.memory.write_u16(self.used_ring + 4 + 8 * self.size, self.last_avail)
-            else:
-                self.memory.write_u16(self.used_ring, 0 if enable else USED_F_NO_NOTIFY)
-        except GuestMemoryError as error:
-            raise QueueError(str(error)) from None
+        if not self.ready:
+            return
+        if self.event_idx:
+            if enable:
+                self._used16[2 + 4 * self.size] = self.last_avail  # avail_event
+        else:
+            self._used16[0] = 0 if enable else USED_F_NO_NOTIFY
+        if enable:
+            _full_barrier()  # the caller re-reads avail->idx next
+
+    def kick_on_next(self) -> int:
+        """Ask for a kick when the driver adds its next buffer, though buffers it already
+        posted are still unused (a device waiting for more room than the ring holds, e.g. a
+        large RX frame). Returns the avail index seen: if it moved, buffers were added
+        meanwhile and no kick may come for them."""
+        if not self.ready:
+            return 0
+        seen = self._avail[1]
+        if self.event_idx:
+            self._used16[2 + 4 * self.size] = seen  # avail_event: the slot it fills next
+        else:
+            self._used16[0] = 0
+        _full_barrier()
+        return seen

@@ -1,5 +1,5 @@
 /*
- * Guest side of the virtio benchmark (built static by vmctl/virtio/benchmark.py and put in
+ * Guest side of the virtio benchmark (built static by benchmarks/virtio.py and put in
  * the guest's root image). Prints one line "BENCH <name> <value> <unit>" per measurement,
  * timed with the guest's CLOCK_MONOTONIC.
  *
@@ -7,6 +7,7 @@
  *   vbench seqwrite DEV MIB        1 MiB O_DIRECT writes+fsync -> MB/s
  *   vbench randread DEV SECONDS    4 KiB O_DIRECT random reads -> IOPS (queue depth 1)
  *   vbench tcpsend  HOST PORT MIB  one TCP stream to the host  -> MB/s (until the host closes)
+ *   vbench tcprecv  HOST PORT      one TCP stream from the host -> MB/s (until the host closes)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -83,6 +84,21 @@ int main(int argc, char **argv) {
         char c;
         while (read(s, &c, 1) > 0) {}  /* the host closes once it has every byte */
         printf("BENCH tcp_guest_to_host %.1f MB/s\n", mib * 1.048576 / (now() - start));
+    } else if (!strcmp(what, "tcprecv")) {
+        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
+        inet_pton(AF_INET, argv[2], &addr.sin_addr);
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(s, (struct sockaddr *)&addr, sizeof addr)) { perror("connect"); return 1; }
+        double start = 0;
+        long long total = 0;
+        for (;;) {
+            ssize_t n = read(s, buf, 1 << 20);
+            if (n < 0) { perror("recv"); return 1; }
+            if (n == 0) break;
+            if (!total) start = now();  /* from the first byte, as the host side times it */
+            total += n;
+        }
+        printf("BENCH tcp_host_to_guest %.1f MB/s %lld\n", total / 1e6 / (now() - start), total);
     } else {
         fprintf(stderr, "unknown benchmark %s\n", what);
         return 2;
