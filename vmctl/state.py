@@ -3,6 +3,9 @@
     <state_dir>/machines/<name>/machine.json   what was started, by whom, with what resources
     <state_dir>/machines/<name>/control.sock   the VMM's control socket (JSON lines)
     <state_dir>/machines/<name>/console.log    the guest console
+    <state_dir>/machines/<name>/console.sock   the live console (`vmctl console`)
+    <state_dir>/machines/<name>/network.json   the machine's TAP and addresses (written by the VMM)
+    <state_dir>/machines/<name>/ssh/           the machine's own SSH key pair
     <state_dir>/machines/<name>/outcome.json   how it ended (written by the VMM on exit)
     <state_dir>/machines/<name>/disks/         per-machine overlays
 
@@ -29,6 +32,8 @@ RECORD = "machine.json"
 OUTCOME = "outcome.json"
 CONSOLE = "console.log"
 CONTROL = "control.sock"
+CONSOLE_SOCKET = "console.sock"
+NETWORK = "network.json"
 VMM_LOG = "vmm.log"
 
 
@@ -96,6 +101,13 @@ class StateStore:
     def outcome(self, name: str) -> dict | None:
         try:
             return json.loads((self.folder(name) / OUTCOME).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def network(self, name: str) -> dict | None:
+        """The machine's TAP and addresses, once its VMM has set them up."""
+        try:
+            return json.loads((self.folder(name) / NETWORK).read_text())
         except (FileNotFoundError, ValueError):
             return None
 

@@ -9,7 +9,12 @@
         vm = vmctl_guest({"memory": "256M"})
         assert vm.exec("true")[0] == 0
 
-`vmctl_session_guest` is the same factory with session scope: boot once, share across tests.
+    vm = vmctl_guest({"image": "debian", "network": "isolated"})   # exec goes over SSH
+
+`exec` goes through SSH (paramiko, the machine's own key) when the guest has a network and an
+sshd, and through the guest agent on its second serial port otherwise; `put`/`get` copy files
+over the same channel. `vmctl_session_guest` is the same factory with session scope: boot
+once, share across tests.
 Teardown always runs (failed test, exception, Ctrl-C): the guest, its overlay and its state
 folder are removed.
 """
@@ -31,7 +36,7 @@ from .spec import load_spec, parse_spec
 from .spec.model import MachineSpec
 from .state import CONSOLE, MachineRecord, StateStore
 
-CHUNK = 48 * 1024  # bytes per exec when copying files (base64 keeps the agent's lines ASCII)
+CHUNK = 24 * 1024  # bytes per exec when copying files: base64 twice (here and on the agent line) stays under the UART's 64 KiB input buffer
 
 
 def _spec_of(spec: dict | str | Path | MachineSpec, name: str | None) -> MachineSpec:

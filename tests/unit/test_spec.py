@@ -88,6 +88,28 @@ def test_a_dict_with_one_machine():
         ("machines:\n  a: [1]\n", "machines.a: expected a mapping, got a list"),
         ("machines: {a: {cpus: 1}\n", "x.yaml:2:1: invalid YAML"),
         ("", "x.yaml: empty spec"),
+        ("machines:\n  a:\n    image: debain\n", "x.yaml:3:12: machines.a.image: unknown image 'debain' (did you mean 'debian'?)"),
+        ("machines:\n  a:\n    disks: [{size: 0}]\n", "x.yaml:3:20: machines.a.disks[0].size: must be more than 0 and at most 64T"),
+        ("machines:\n  a:\n    disks: [{size: 65T}]\n", "machines.a.disks[0].size: must be more than 0 and at most 64T"),
+        ("machines:\n  a:\n    disks: [{size: 1X}]\n", "x.yaml:3:20: machines.a.disks[0].size: cannot read size '1X'"),
+        ("machines:\n  a:\n    disks: [gone.qcow2]\n", "x.yaml:3:13: machines.a.disks[0]: gone.qcow2: no such file"),
+        ("machines:\n  a:\n    disks: [{image: gone.raw}]\n", "x.yaml:3:21: machines.a.disks[0].image: gone.raw: no such file"),
+        ("machines:\n  a:\n    disks: [{size: 1G, rw: true}]\n", "machines.a.disks[0].rw: unknown key (valid keys: image, overlay, read_only, size)"),
+        ("machines:\n  a:\n    initrd: boot/initrd.img\n", "x.yaml:3:13: machines.a.initrd: boot/initrd.img: no such file"),
+        ("machines:\n  a:\n    ssh: {authorized_key: keys/me.pub}\n", "x.yaml:3:27: machines.a.ssh.authorized_key: keys/me.pub: no such file"),
+        ("machines:\n  a:\n    ssh: {user: Root}\n", "x.yaml:3:17: machines.a.ssh.user: 'Root' is not a user name"),
+        ("machines:\n  a:\n    ssh: {usr: me}\n", "machines.a.ssh.usr: unknown key (did you mean 'user'?)"),
+        ("machines:\n  a:\n    network: {mode: nat, forwards: ['0:80']}\n", "machines.a.network.forwards[0]: ports must be 1..65535"),
+        ("machines:\n  a:\n    network: {mac: '01:00:5e:00:00:01'}\n", "machines.a.network.mac: 01:00:5e:00:00:01 is a multicast address"),
+        ("machines:\n  a:\n    network: {mode: nat, forward: []}\n", "machines.a.network.forward: unknown key (did you mean 'forwards'?)"),
+        ("machines:\n  a:\n    environment: [A=1]\n", "machines.a.environment: expected a mapping of NAME: value, got a list"),
+        ("machines:\n  a:\n    command: {run: x}\n", "machines.a.command: expected a list, got a mapping"),
+        ("machines:\n  a:\n    command: [ls, [a]]\n", "machines.a.command[1]: expected a string, got a list"),
+        ("machines:\n  a:\n    memory: 2T\n", "machines.a.memory: 2T is more than 1 TiB"),
+        ("machines:\n  a:\n    cpus: 33\n", "machines.a.cpus: 33 is out of range 1..32"),
+        ("defaults:\n  name: x\nmachines:\n  a: {}\n", "x.yaml:2:3: defaults.name: unknown key"),
+        ("defaults:\n  memroy: 1G\nmachines:\n  a: {}\n", "defaults.memroy: unknown key (did you mean 'memory'?)"),
+        ("machines:\n  a: {}\n  a: {}\n", "x.yaml:3:3: machines.a: machine name given twice"),
     ],
 )
 def test_errors_name_file_line_column_and_field(text, message):
@@ -135,3 +157,23 @@ def test_libvirt_settings_per_machine_and_per_file():
 def test_libvirt_settings_errors(text, message):
     with pytest.raises(SpecError, match=re.escape(message)):
         parse_spec(text, source="x.yaml")
+
+
+def test_image_profile_and_sizes_in_every_unit(tmp_path):
+    spec = parse_spec("machines:\n  a:\n    image: debian\n    memory: 1GiB\n    disks: [{size: 512M}, {size: 2G}, {size: '1048576'}]\n",
+                      source="x.yaml", base_dir=tmp_path)
+    machine = spec.machines[0]
+    assert machine.image == "debian" and machine.memory == 1 << 30
+    assert [d.size for d in machine.disks] == [512 << 20, 2 << 30, 1 << 20]
+    assert parse_spec({"name": "b"}).machines[0].image == "busybox"
+
+
+def test_an_overlay_may_grow_its_image_but_not_shrink_it(tmp_path):
+    from vmctl.disk.qcow2.create import create
+
+    create(str(tmp_path / "base.qcow2"), 64 << 20)
+    grown = parse_spec("machines:\n  a:\n    disks: [{image: base.qcow2, size: 128M}]\n", source="x.yaml", base_dir=tmp_path)
+    assert grown.machines[0].disks[0].size == 128 << 20
+    with pytest.raises(SpecError, match=re.escape(
+            "x.yaml:3:39: machines.a.disks[0].size: 33554432 bytes is smaller than the image (67108864 bytes): disks can grow, not shrink")):
+        parse_spec("machines:\n  a:\n    disks: [{image: base.qcow2, size: 32M}]\n", source="x.yaml", base_dir=tmp_path)

@@ -10,31 +10,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 from ..errors import VmctlError
 from ..spec.model import MachineSpec
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
 from ..vmm.agent import ExecResult
 from ..vmm.control import request
-from ..vmm.machine import DEFAULT_CMDLINE, MachineConfig
 from .base import MachineStatus
+from .kvm_prepare import prepare, reference_images
 
 READY_MARKER = b"VMCTL-READY"
 POLL = 0.05
-
-
-def spec_to_record_dict(spec: MachineSpec) -> dict:
-    """The parts of a spec the VMM process needs, JSON-safe."""
-    return {
-        "cpus": spec.cpus,
-        "memory": spec.memory,
-        "kernel": str(spec.kernel) if spec.kernel else None,
-        "initrd": str(spec.initrd) if spec.initrd else None,
-        "cmdline": spec.cmdline,
-        "command": list(spec.command),
-        "environment": dict(spec.environment),
-    }
+SSH_PORT = 22
 
 
 def command_cmdline(command: list[str], environment: dict[str, str]) -> str:
@@ -47,38 +34,21 @@ def command_cmdline(command: list[str], environment: dict[str, str]) -> str:
 
 
 def default_images() -> tuple[Path, Path]:
-    try:
-        from ..images import locate
-    except ImportError:
-        raise VmctlError("no kernel given and the image builder is not available") from None
-    found = locate()
-    if not found.bzimage.exists():
-        raise VmctlError(f"no kernel given and the reference kernel is not built ({found.bzimage}): run `vmctl image build`")
-    return found.bzimage, found.initramfs
-
-
-def machine_config(record: MachineRecord, console: BinaryIO) -> MachineConfig:
-    spec = record.spec
-    kernel, initrd = spec["kernel"], spec["initrd"]
-    if kernel is None:
-        default_kernel, default_initrd = default_images()
-        kernel = default_kernel
-        initrd = initrd or default_initrd
-    cmdline = " ".join(filter(None, [spec["cmdline"] or DEFAULT_CMDLINE, command_cmdline(spec["command"], spec["environment"])]))
-    return MachineConfig(
-        kernel=Path(kernel), initrd=Path(initrd) if initrd else None, cmdline=cmdline,
-        cpus=spec["cpus"], memory=spec["memory"], console_sinks=[console], agent=True,
-    )
+    """The reference kernel and busybox initramfs (used by the libvirt backend too)."""
+    kernel, initrd, _ = reference_images("busybox")
+    return kernel, initrd
 
 
 class KvmBackend:
     name = "kvm"
 
     def start(self, store: StateStore, spec: MachineSpec, spec_file: str | None) -> MachineRecord:
-        record = MachineRecord(name=spec.name, backend=self.name, spec=spec_to_record_dict(spec),
-                               spec_file=spec_file, ephemeral=spec.ephemeral)
+        record = MachineRecord(name=spec.name, backend=self.name, spec={}, spec_file=spec_file, ephemeral=spec.ephemeral)
         folder = store.create(record)
         try:
+            record.spec = prepare(spec, folder)
+            record.resources = {"disks": [d["path"] for d in record.spec["disks"] if d["created"]]}
+            store.save(record)
             with open(folder / VMM_LOG, "ab") as log:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "vmctl.vmm.daemon", str(folder)],
@@ -92,14 +62,21 @@ class KvmBackend:
         return record
 
     def wait_ready(self, store: StateStore, record: MachineRecord, timeout: float) -> float:
-        """Ready = the console shows VMCTL-READY; a guest that exits first is an error,
-        except a short-lived one that exits successfully (it ran to completion)."""
+        """Ready = the console shows VMCTL-READY (vmctl's /init prints it once mounts, network
+        and sshd are up); a guest that exits first is an error, except a short-lived one that
+        exits successfully (it ran to completion)."""
         folder = store.folder(record.name)
         start = time.monotonic()
+        offset = 0
         while time.monotonic() - start < timeout:
             console = folder / CONSOLE
-            if console.exists() and READY_MARKER in console.read_bytes():
-                return time.monotonic() - start
+            if console.exists():
+                with open(console, "rb") as handle:
+                    handle.seek(max(0, offset - len(READY_MARKER)))
+                    data = handle.read()
+                if READY_MARKER in data:
+                    return time.monotonic() - start
+                offset += len(data)
             outcome = store.outcome(record.name)
             if outcome is not None:
                 if outcome["exit_code"] == 0 and not outcome["crashed"]:
@@ -116,29 +93,68 @@ class KvmBackend:
             state = "crashed" if outcome["crashed"] else "exited"
             return MachineStatus(record.name, self.name, state, None, outcome["reason"], outcome["exit_code"])
         if pid_alive(record.pid):
-            return MachineStatus(record.name, self.name, "running", record.pid)
+            network = store.network(record.name)
+            detail = f"{network['guest_ip']} ({network['tap']})" if network else ""
+            return MachineStatus(record.name, self.name, "running", record.pid, detail)
         return MachineStatus(record.name, self.name, "dead", record.pid, "the VMM process is gone without an outcome (killed?)")
 
     def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
+        """The guest shuts down through its agent; after `timeout` the VM is stopped, then
+        the VMM is killed."""
         if not pid_alive(record.pid):
+            _reap(record.pid, block=True)
             return
+        control = store.folder(record.name) / CONTROL
         try:
-            request(store.folder(record.name) / CONTROL, "stop", reason="stopped by vmctl down")
+            request(control, "shutdown")
         except VmctlError:
             _signal(record.pid, signal.SIGTERM)
-        if not _wait_gone(record.pid, timeout):
+        if _wait_gone(record.pid, timeout):
+            return
+        try:
+            request(control, "stop", reason=f"stopped by vmctl down (the guest did not shut down in {timeout:g} s)")
+        except VmctlError:
+            pass
+        if not _wait_gone(record.pid, 5):
             _signal(record.pid, signal.SIGKILL)
             _wait_gone(record.pid, 5)
 
     def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
-        if not pid_alive(record.pid):
+        """Through SSH (paramiko) when the machine has a network and its sshd answers;
+        otherwise through the guest agent on COM2."""
+        if not pid_alive(record.pid) or store.outcome(record.name) is not None:
             raise VmctlError(f"{record.name}: not running")
-        script = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec["environment"].items()) + shlex.join(command)
+        exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec.get("environment", {}).items())
+        script = exports + shlex.join(command)
+        target = self.ssh_target(store, record)
+        if target is not None:
+            from ..ssh import exec_ssh
+
+            host, user, key = target
+            return exec_ssh(host, user, key, script, timeout)
         answer = request(store.folder(record.name) / CONTROL, "exec", timeout=timeout + 5, script=script, timeout_seconds=timeout)
         return ExecResult(answer["exit_code"], base64.b64decode(answer["stdout"]), base64.b64decode(answer["stderr"]))
 
+    def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
+        """(guest IP, user, private key) when the guest has a network and, if `probe`, its
+        sshd accepts connections."""
+        from ..ssh import port_open
+
+        network = store.network(record.name)
+        if network is None:
+            return None
+        if probe and not port_open(network["guest_ip"], SSH_PORT):
+            return None
+        ssh = record.spec.get("ssh") or {}
+        key = ssh.get("key")
+        return network["guest_ip"], ssh.get("user", "root"), Path(key) if key else None
+
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)
+        if store.network(record.name) is not None:
+            from ..net.host import sweep_stale_rules
+
+            sweep_stale_rules()  # the NAT rule of a VMM killed with -9 (its TAP is gone with it)
         store.delete(record.name)
 
 
@@ -154,17 +170,18 @@ def _wait_gone(pid: int | None, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not pid_alive(pid):
-            _reap(pid)
+            _reap(pid, block=True)
             return True
         _reap(pid)
         time.sleep(POLL)
     return not pid_alive(pid)
 
 
-def _reap(pid: int | None) -> None:
-    """Collect the exit status if the VMM is our own child (so it does not linger as a zombie)."""
+def _reap(pid: int | None, block: bool = False) -> None:
+    """Collect the exit status if the VMM is our own child (so it does not linger as a
+    zombie). `block`: it is known to be exiting; wait for the end of its exit."""
     if pid:
         try:
-            os.waitpid(pid, os.WNOHANG)
+            os.waitpid(pid, 0 if block else os.WNOHANG)
         except ChildProcessError:
             pass

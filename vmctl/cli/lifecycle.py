@@ -1,18 +1,21 @@
-"""Lifecycle commands: up, down, ps, status, logs, rm, run."""
+"""Lifecycle commands: up, down, ps, status, logs, console, exec, ssh, rm, run."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 from ..backends import get_backend
 from ..errors import VmctlError
 from ..spec import load_spec
-from ..spec.model import MachineSpec
-from ..state import CONSOLE, StateStore
+from ..spec.model import IMAGE_PROFILES, MachineSpec
+from ..state import CONSOLE, CONSOLE_SOCKET, StateStore
 
 DEFAULT_SPEC = "vmctl.yaml"
 
@@ -21,8 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser(
         "up", help="start the machines of a spec file",
         description="Start machines declared in a YAML spec (default ./vmctl.yaml), each as its own "
-        "detached VMM, and wait until each guest is ready (its console shows VMCTL-READY).",
-        epilog="example: vmctl up examples/throwaway.yaml",
+        "detached VMM, and wait until each guest is ready (its console shows VMCTL-READY, which "
+        "vmctl's /init prints once mounts, network and sshd are up). A progress line shows the "
+        "seconds waited; --timeout makes `up` fail (the machine keeps running: vmctl logs, vmctl rm).",
+        epilog="examples:\n  vmctl up examples/web-and-db.yaml\n  vmctl up examples/ssh-debian.yaml --timeout 120\n"
+        "  vmctl up vm.yaml web --no-wait && vmctl logs -f web",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     up.add_argument("file", nargs="?", default=DEFAULT_SPEC, type=Path, help="spec file (default vmctl.yaml)")
     up.add_argument("names", nargs="*", help="only these machines (default: all)")
@@ -30,12 +37,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default 300)")
     up.set_defaults(func=cmd_up)
 
-    down = subparsers.add_parser("down", help="stop machines", description="Ask machines to stop; kill them after --timeout.")
+    down = subparsers.add_parser(
+        "down", help="stop machines",
+        description="Ask each guest to shut down (sync and power off, through its agent); after --timeout "
+        "the VM is stopped and, if need be, its VMM killed. Ephemeral machines are also removed.")
     down.add_argument("names", nargs="*", help="machines to stop (default: all running)")
     down.add_argument("--timeout", type=float, default=10, help="seconds before the VMM is killed (default 10)")
     down.set_defaults(func=cmd_down)
 
-    ps = subparsers.add_parser("ps", help="list machines", description="List machines, their backend and state.")
+    ps = subparsers.add_parser(
+        "ps", help="list machines",
+        description="List machines, their backend and state: running, exited (with its status), crashed, "
+        "or dead (the VMM process is gone without saying how: killed; `vmctl rm` cleans up).")
     ps.add_argument("--json", action="store_true", help="print JSON")
     ps.set_defaults(func=cmd_ps)
 
@@ -48,7 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the machine ends")
     logs.set_defaults(func=cmd_logs)
 
-    rm = subparsers.add_parser("rm", help="remove machines", description="Stop machines if needed and delete everything they hold.")
+    rm = subparsers.add_parser(
+        "rm", help="remove machines",
+        description="Stop machines if needed and delete everything they hold: VMM process, TAP and NAT "
+        "rule, overlays, sockets, key and state folder.")
     rm.add_argument("names", nargs="+")
     rm.set_defaults(func=cmd_rm)
 
@@ -57,13 +73,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exec_parser = subparsers.add_parser(
         "exec", help="run a command in a running machine",
         usage="vmctl exec NAME [--timeout S] -- COMMAND [ARG...]",
-        description="Run COMMAND in the running machine NAME through its guest agent (no network "
-        "needed); print its output and exit with its status.",
+        description="Run COMMAND in the running machine NAME and exit with its status. It goes through "
+        "SSH (paramiko, the machine's own key) when the machine has a network and its sshd answers, "
+        "otherwise through the guest agent on the second serial port (no network needed). The "
+        "machine's `environment` is set.",
         epilog="example: vmctl exec web -- cat /etc/os-release",
     )
     exec_parser.add_argument("name")
     exec_parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for the command (default 60)")
     exec_parser.set_defaults(func=cmd_exec)
+
+    console = subparsers.add_parser(
+        "console", help="attach to a machine's serial console",
+        description="Attach the terminal to the running machine's serial console (COM1): output from "
+        "now on, keystrokes to the guest. Ctrl-A x detaches (the machine keeps running); "
+        "`vmctl logs NAME` shows what came before.",
+    )
+    console.add_argument("name")
+    console.set_defaults(func=cmd_console)
+
+    ssh = subparsers.add_parser(
+        "ssh", help="open an SSH session to a machine",
+        usage="vmctl ssh NAME [-- SSH-ARGS...]",
+        description="Run the OpenSSH client against the machine's address, as its `ssh.user`, with the "
+        "key vmctl made for it. The machine needs a network (nat or isolated) and an sshd "
+        "(image: debian). Arguments after -- go to ssh (e.g. a remote command).",
+        epilog="examples:\n  vmctl ssh db\n  vmctl ssh db -- -L 5432:localhost:5432",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ssh.add_argument("name")
+    ssh.set_defaults(func=cmd_ssh)
 
 
 def _store() -> StateStore:
@@ -99,10 +138,42 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.no_wait:
         return 0
     for backend, record in started:
-        print(f"{record.name}: waiting for the guest (up to {args.timeout:g} s)…", file=sys.stderr)
-        seconds = backend.wait_ready(store, record, args.timeout)
+        with _Progress(f"{record.name}: waiting for the guest (up to {args.timeout:g} s)"):
+            seconds = backend.wait_ready(store, record, args.timeout)
         print(f"{record.name}: ready in {seconds:.2f} s", file=sys.stderr)
     return 0
+
+
+class _Progress:
+    """`message… 12s` rewritten in place every second on a terminal; one line otherwise."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.tty = sys.stderr.isatty()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        if self.tty:
+            self._thread.start()
+        else:
+            print(f"{self.message}…", file=sys.stderr)
+        return self
+
+    def _tick(self) -> None:
+        start = time.monotonic()
+        while True:
+            sys.stderr.write(f"\r{self.message}… {time.monotonic() - start:.0f}s ")
+            sys.stderr.flush()
+            if self._done.wait(1.0):
+                return
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        if self.tty:
+            self._thread.join()
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -135,6 +206,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         print(json.dumps([{
             "name": s.name, "backend": s.backend, "state": s.state, "pid": s.pid, "exit_code": s.exit_code,
             "detail": s.detail, "cpus": r.spec.get("cpus"), "memory": r.spec.get("memory"), "created": r.created,
+            "ephemeral": r.ephemeral, "network": _store().network(r.name),
         } for r, s in rows], indent=2))
         return 0
     print(f"{'NAME':20} {'BACKEND':9} {'STATE':8} {'PID':>7} {'CPUS':>4} {'MEMORY':>7} {'AGE':>6}  DETAIL")
@@ -154,7 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(json.dumps({
         "name": record.name, "backend": record.backend, "state": status.state, "pid": status.pid,
         "exit_code": status.exit_code, "detail": status.detail, "spec": record.spec, "spec_file": record.spec_file,
-        "ephemeral": record.ephemeral, "folder": str(store.folder(record.name)),
+        "ephemeral": record.ephemeral, "folder": str(store.folder(record.name)), "network": store.network(record.name),
     }, indent=2))
     return 0 if status.state in ("running", "exited") else 1
 
@@ -193,12 +265,14 @@ def register_run(subparsers: argparse._SubParsersAction) -> None:
         description="Boot an ephemeral guest (from a spec file, or the reference images), run COMMAND "
         "in it, print the command's output and exit with its status. The guest and its state "
         "are removed afterwards, whatever happens.",
-        epilog="examples:\n  vmctl run -- uname -a\n  vmctl run examples/throwaway.yaml\n"
+        epilog="examples:\n  vmctl run -- uname -a\n  vmctl run examples/throwaway.yaml\n  vmctl run --image debian -- python3 -V\n"
         "  vmctl run --cpus 2 --memory 512M -- sh -c 'nproc; free -m'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("file", nargs="?", type=Path, help="spec file (default: the reference images)")
     run.add_argument("--name", help="machine of the spec file to run (default: the first)")
+    run.add_argument("--image", choices=IMAGE_PROFILES, help="reference image: busybox (initramfs, default) or "
+                     "debian (root disk through a throwaway overlay)")
     run.add_argument("--kernel", type=Path, help="kernel (default: the reference kernel)")
     run.add_argument("--initrd", type=Path, help="initramfs (default: the reference initramfs)")
     run.add_argument("--cpus", type=int, help="vCPUs")
@@ -224,7 +298,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict = {"ephemeral": True, "name": f"{spec.name}-run-{uuid.uuid4().hex[:8]}"}
     if command:
         overrides["command"] = tuple(command)
-    for field in ("kernel", "initrd", "cpus"):
+    for field in ("image", "kernel", "initrd", "cpus"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
     if args.memory:
@@ -288,3 +362,57 @@ def cmd_exec(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
     return result.exit_code
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from ..vmm.console import ConsoleInput
+
+    store = _store()
+    record = store.load(args.name)
+    path = store.folder(args.name) / CONSOLE_SOCKET
+    if get_backend(record.backend).status(store, record).state != "running" or not path.exists():
+        raise VmctlError(f"{args.name}: not running (vmctl logs {args.name} shows its console)")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError as error:
+        raise VmctlError(f"{args.name}: cannot attach to the console: {error.strerror}") from None
+    print(f"[attached to {args.name}'s console; Ctrl-A x detaches]", file=sys.stderr)
+    detached = threading.Event()
+
+    def detach() -> None:
+        detached.set()
+        sock.shutdown(socket.SHUT_RDWR)
+
+    keyboard = ConsoleInput(sock.sendall, detach)
+    keyboard.start()
+    try:
+        while data := sock.recv(65536):
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+    except OSError:
+        pass
+    finally:
+        keyboard.stop()
+        sock.close()
+    print(f"\r\n[{'detached' if detached.is_set() else 'the machine ended'}]", file=sys.stderr)
+    return 0
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    from ..ssh import ssh_argv
+
+    store = _store()
+    record = store.load(args.name)
+    backend = get_backend(record.backend)
+    target = getattr(backend, "ssh_target", None)
+    found = target(store, record, probe=False) if target else None
+    if found is None:
+        raise VmctlError(f"{args.name}: no network to SSH to (give it `network: isolated` or `nat`; "
+                         f"without one use vmctl exec or vmctl console)")
+    host, user, key = found
+    argv = ssh_argv(host, user, key, args.passthrough)
+    try:
+        os.execvp(argv[0], argv)
+    except FileNotFoundError:
+        raise VmctlError("the OpenSSH client `ssh` is not installed (Debian: apt-get install openssh-client)") from None

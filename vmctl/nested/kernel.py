@@ -27,7 +27,7 @@ from . import modinfo
 META_PACKAGE = "linux-image-amd64"
 # virtio_pci: the 9p devices; 9pnet_virtio + 9p: host files; overlay: a writable view of
 # the read-only host root; kvm_amd: /dev/kvm on the emulated AMD-V; tun: TAP devices for
-# the guests' virtio-net (`vmctl boot --net`, tests/linux/inner/test_virtio.py).
+# the guests' virtio-net (`vmctl boot --net`, tests/linux/inner/test_guest_virtio.py).
 NEEDED_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun"]
 DEB_ENV = "VMCTL_NESTED_KERNEL_DEB"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 BACKENDS = ("kvm", "libvirt", "container")
 NETWORK_MODES = ("none", "nat", "isolated")
+IMAGE_PROFILES = ("busybox", "debian")  # reference images (vmctl image build [--profile])
 LIBVIRT_DOMAIN_TYPES = ("kvm", "qemu")
 
 
@@ -56,6 +57,7 @@ class MachineSpec:
     backend: str = "kvm"
     cpus: int = 1
     memory: int = 256 << 20
+    image: str = "busybox"  # reference image profile: busybox (initramfs) or debian (root disk)
     kernel: Path | None = None  # None: the reference kernel from `vmctl image build`
     initrd: Path | None = None
     cmdline: str | None = None

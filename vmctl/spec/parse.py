@@ -16,10 +16,12 @@ import yaml
 
 from ..errors import VmctlError
 from ..units import parse_size
-from .model import (BACKENDS, LIBVIRT_DOMAIN_TYPES, NETWORK_MODES, DiskSpec, LibvirtSpec, MachineSpec, NetworkSpec,
+from .model import (BACKENDS, IMAGE_PROFILES, LIBVIRT_DOMAIN_TYPES, NETWORK_MODES, DiskSpec, LibvirtSpec, MachineSpec, NetworkSpec,
                     PortForward, SpecFile, SshSpec)
 
 MIN_MEMORY = 16 << 20
+MAX_DISK = 64 << 40  # qemu-img's limit for qcow2 is 64 TiB too
+USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 MAX_CPUS = 32
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -135,10 +137,11 @@ def parse_spec(document: str | dict, source: str = "<spec>", base_dir: Path | No
     machines = [
         _machine(context, value, f"machines.{key.value}", key, defaults) for key, value in machines_node.value
     ]
-    names = [m.name for m in machines]
-    for key, _ in machines_node.value:
-        if names.count(key.value) > 1:
+    seen: set[str] = set()
+    for key, _ in machines_node.value:  # the second mention is the mistake
+        if key.value in seen:
             raise context.error(key, f"machines.{key.value}", "machine name given twice")
+        seen.add(key.value)
     return SpecFile(Path(source) if base_dir else None, tuple(machines))
 
 
@@ -190,6 +193,13 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
             raise c.error(node, where, f"{text} is more than 1 TiB")
         return value
 
+    def image(node, where):
+        value = c.scalar(node, where, str)
+        if value not in IMAGE_PROFILES:
+            hint = difflib.get_close_matches(value, IMAGE_PROFILES, n=1)
+            raise c.error(node, where, f"unknown image {value!r}" + (f" (did you mean {hint[0]!r}?)" if hint else f" (one of {', '.join(IMAGE_PROFILES)})"))
+        return value
+
     def command(node, where):
         if isinstance(node, yaml.ScalarNode):
             return ("/bin/sh", "-c", c.scalar(node, where, str))
@@ -211,6 +221,7 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
         "backend": backend,
         "cpus": cpus,
         "memory": memory,
+        "image": image,
         "kernel": lambda node, where: c.path(node, where),
         "initrd": lambda node, where: c.path(node, where),
         "cmdline": lambda node, where: c.scalar(node, where, str),
@@ -243,9 +254,27 @@ def _disk(c: _Context, node: yaml.Node, where: str) -> DiskSpec:
     })
     if "image" not in values and "size" not in values:
         raise c.error(node, where, "give `image` (a base disk) or `size` (a new blank disk)")
-    if values.get("size") is not None and values["size"] % 512:
-        raise c.error(node, f"{where}.size", "must be a multiple of 512 bytes")
+    size_node = next((v for k, v in node.value if k.value == "size"), node)
+    if values.get("size") is not None:
+        if values["size"] % 512:
+            raise c.error(size_node, f"{where}.size", "must be a multiple of 512 bytes")
+        if not 0 < values["size"] <= MAX_DISK:
+            raise c.error(size_node, f"{where}.size", "must be more than 0 and at most 64T")
+        if values.get("image") is not None:
+            _check_not_smaller(c, size_node, f"{where}.size", values["image"], values["size"])
     return DiskSpec(image=values.get("image"), size=values.get("size"), read_only=values.get("read_only", False), overlay=values.get("overlay", True))
+
+
+def _check_not_smaller(c: _Context, node: yaml.Node, where: str, image: Path, size: int) -> None:
+    """An overlay cannot shrink its base: the guest would lose the end of the disk."""
+    from ..disk.qcow2.create import describe_base
+
+    try:
+        base = describe_base(str(image)).size
+    except VmctlError as error:
+        raise c.error(node, where, f"{image}: {error}") from None
+    if size < base:
+        raise c.error(node, where, f"{size} bytes is smaller than the image ({base} bytes): disks can grow, not shrink")
 
 
 def _network(c: _Context, node: yaml.Node, where: str) -> NetworkSpec:
@@ -295,7 +324,13 @@ def _ssh(c: _Context, node: yaml.Node, where: str) -> SshSpec:
             return text
         return str(c.path(n, w))
 
-    values = c.mapping(node, where, {"user": lambda n, w: c.scalar(n, w, str), "authorized_key": key})
+    def user(n, w):
+        text = c.scalar(n, w, str)
+        if not USER.match(text):
+            raise c.error(n, w, f"{text!r} is not a user name (lowercase letters, digits, '_', '-')")
+        return text
+
+    values = c.mapping(node, where, {"user": user, "authorized_key": key})
     return SshSpec(**values)
 
 

@@ -26,7 +26,12 @@ class ControlServer:
         if path.exists() or path.is_symlink():
             path.unlink()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
+        try:
+            self.sock.bind(str(path))
+        except OSError as error:
+            self.sock.close()
+            raise VmctlError(f"{path}: cannot listen: {error.strerror} (the state directory must be on a "
+                             "local file system: set VMCTL_STATE_DIR)") from None
         os.chmod(path, 0o600)
         self.sock.listen(8)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)

@@ -1,82 +1,161 @@
 """A detached VMM process for one machine: `python -m vmctl.vmm.daemon <machine folder>`.
 
-It reads machine.json, runs the machine with its console in console.log, answers the control
-socket, and writes outcome.json when the guest ends (however it ends).
+It reads machine.json (the plan `vmctl.backends.kvm_prepare` wrote), opens the machine's
+network (TAP, NAT, port forwards) and disks, runs the machine with its console in
+console.log and on console.sock, answers the control socket, and writes outcome.json when
+the guest ends (however it ends). Everything it holds that the kernel would not release by
+itself on SIGKILL lives in the machine folder (overlays, sockets, key) or is swept by the
+next network setup (NAT rules of vanished TAPs).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import logging
+import os
+import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from ..errors import VmctlError
-from ..state import CONSOLE, CONTROL, OUTCOME, RECORD, VMM_LOG, MachineRecord
+from ..state import CONSOLE, CONSOLE_SOCKET, CONTROL, NETWORK, OUTCOME, RECORD, VMM_LOG, MachineRecord
 from .control import ControlServer
+from .console_server import ConsoleServer
+from .forward import Forwarder
 from .machine import Machine, MachineConfig
 from .outcome import Outcome
 
 log = logging.getLogger("vmctl.vmm")
+SHUTDOWN_SCRIPT = "sync; /bin/busybox reboot -f"
 
 
-def config_from_record(record: MachineRecord, console: Path) -> MachineConfig:
-    from ..backends.kvm import machine_config
+class MachineProcess:
+    """One machine's devices and services around `Machine`, and their teardown."""
 
-    return machine_config(record, console)
+    def __init__(self, folder: Path, record: MachineRecord) -> None:
+        self.folder = folder
+        self.record = record
+        self.started = time.time()
+        self.net = None
+        self.forwarders: list[Forwarder] = []
+        self.console_file = open(folder / CONSOLE, "ab", buffering=0)
+        self.console_server: ConsoleServer | None = None
+        self.machine: Machine | None = None
+        self.shutdown_requested = threading.Event()
+
+    def _type(self, data: bytes) -> None:
+        if self.machine is not None and self.machine.serial is not None:
+            self.machine.serial.feed(data)
+
+    def build(self) -> Machine:
+        from ..virtio.factories import NetFactory, block
+
+        spec = self.record.spec
+        self.console_server = ConsoleServer(self.folder / CONSOLE_SOCKET, self._type)
+        devices = [block(disk["path"], disk["read_only"]) for disk in spec.get("disks", [])]
+        cmdline = spec["cmdline"]
+        network = spec.get("network") or {"mode": "none"}
+        if network["mode"] != "none":
+            self.net = NetFactory(network["mode"], network.get("mac"))
+            devices.append(self.net)
+            cmdline = " ".join([cmdline, *self.net.cmdline_words()])
+            host = self.net.network
+            info = {"tap": host.tap.name, "host_ip": host.host_ip, "guest_ip": host.guest_ip, "mac": host.mac,
+                    "mode": network["mode"], "forwards": network.get("forwards", [])}
+            _write_json(self.folder / NETWORK, info)
+            for host_port, guest_port, protocol in network.get("forwards", []):
+                self.forwarders.append(Forwarder(host_port, host.guest_ip, guest_port, protocol))
+        config = MachineConfig(
+            kernel=Path(spec["kernel"]), initrd=Path(spec["initrd"]) if spec.get("initrd") else None, cmdline=cmdline,
+            cpus=spec["cpus"], memory=spec["memory"], console_sinks=[self.console_file, self.console_server],
+            agent=True, devices=devices,
+        )
+        self.machine = Machine(config)
+        return self.machine
+
+    # --- control requests ---------------------------------------------------------------------
+    def status(self, _: dict) -> dict:
+        machine = self.machine
+        agent = machine.agent is not None and machine.agent.ready.is_set() if machine else False
+        return {"state": "running", "pid": os.getpid(), "uptime": time.time() - self.started,
+                "exits": machine.exits if machine else 0, "agent": agent}
+
+    def stop(self, message: dict) -> dict:
+        self.machine.stop(Outcome(0, str(message.get("reason", "stopped by vmctl"))))
+        return {"stopping": True}
+
+    def shutdown(self, _: dict) -> dict:
+        """Ask the guest to power off through its agent (sync, then the i8042 reset /init's
+        `reboot -f` does with reboot=k); without an agent, stop the VM at once."""
+        agent = self.machine.agent
+        self.shutdown_requested.set()
+        if agent is not None and agent.post(SHUTDOWN_SCRIPT):
+            return {"graceful": True}
+        self.machine.stop(Outcome(0, "stopped by vmctl down (no guest agent to shut down)"))
+        return {"graceful": False}
+
+    def exec(self, message: dict) -> dict:
+        if self.machine.agent is None:
+            raise VmctlError("this machine has no guest agent channel")
+        result = self.machine.agent.exec(str(message["script"]), float(message.get("timeout_seconds", 60)))
+        return {"exit_code": result.exit_code, "stdout": base64.b64encode(result.stdout).decode(),
+                "stderr": base64.b64encode(result.stderr).decode()}
+
+    # --- the end ------------------------------------------------------------------------------
+    def close(self) -> None:
+        for forwarder in self.forwarders:
+            forwarder.close()
+        if self.net is not None:
+            self.net.release()  # idempotent: the net device may have closed it already
+        if self.console_server is not None:
+            self.console_server.close()
+        self.console_file.close()
+        if self.record.ephemeral:  # throwaway guest: its overlays go as soon as it stops
+            shutil.rmtree(self.folder / "disks", ignore_errors=True)
 
 
 def serve(folder: Path) -> int:
     record = MachineRecord(**json.loads((folder / RECORD).read_text()))
-    started = time.time()
-    outcome: Outcome
-    console_file = open(folder / CONSOLE, "ab", buffering=0)
+    process = MachineProcess(folder, record)
+    server = None
     try:
-        machine = Machine(config_from_record(record, console_file))
-    except VmctlError as error:
-        outcome = Outcome(1, str(error))
-        _write_outcome(folder, outcome, started)
-        return 1
-
-    def status(_: dict) -> dict:
-        return {"state": "running", "pid": os.getpid(), "uptime": time.time() - started, "exits": machine.exits}
-
-    def stop(message: dict) -> dict:
-        machine.stop(Outcome(0, str(message.get("reason", "stopped by vmctl"))))
-        return {"stopping": True}
-
-    def run_in_guest(message: dict) -> dict:
-        if machine.agent is None:
-            raise VmctlError("this machine has no guest agent channel")
-        result = machine.agent.exec(str(message["script"]), float(message.get("timeout_seconds", 60)))
-        return {"exit_code": result.exit_code, "stdout": base64.b64encode(result.stdout).decode(),
-                "stderr": base64.b64encode(result.stderr).decode()}
-
-    server = ControlServer(folder / CONTROL, {"status": status, "stop": stop, "exec": run_in_guest})
-    server.start()
-    # SIGTERM from `vmctl down`'s fallback ends the guest like a stop request.
-    signal.signal(signal.SIGTERM, lambda *_: machine.stop(Outcome(143, "terminated (SIGTERM)")))
-    try:
-        outcome = machine.run()
-    except VmctlError as error:
-        outcome = Outcome(1, str(error))
+        try:
+            machine = process.build()
+            server = ControlServer(folder / CONTROL, {"status": process.status, "stop": process.stop,
+                                                      "shutdown": process.shutdown, "exec": process.exec})
+        except VmctlError as error:
+            outcome = Outcome(1, str(error))
+        else:
+            server.start()
+            # SIGTERM (from `vmctl down`'s fallback) ends the guest like a stop request.
+            signal.signal(signal.SIGTERM, lambda *_: machine.stop(Outcome(143, "terminated (SIGTERM)")))
+            try:
+                outcome = machine.run()
+            except VmctlError as error:
+                outcome = Outcome(1, str(error))
+            if process.shutdown_requested.is_set() and not outcome.crashed:
+                outcome = Outcome(outcome.exit_code, f"shut down by vmctl down ({outcome.reason})")
     finally:
-        server.close()
-        console_file.close()
-    _write_outcome(folder, outcome, started)
+        if server is not None:
+            server.close()
+        process.close()
+    _write_outcome(folder, outcome, process.started)
     return outcome.exit_code
 
 
-def _write_outcome(folder: Path, outcome: Outcome, started: float) -> None:
-    data = {"exit_code": outcome.exit_code, "reason": outcome.reason, "crashed": outcome.crashed,
-            "started": started, "ended": time.time()}
-    temporary = folder / f".{OUTCOME}.tmp"
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(data))
-    temporary.replace(folder / OUTCOME)
+    temporary.replace(path)
+
+
+def _write_outcome(folder: Path, outcome: Outcome, started: float) -> None:
+    _write_json(folder / OUTCOME, {"exit_code": outcome.exit_code, "reason": outcome.reason,
+                                   "crashed": outcome.crashed, "started": started, "ended": time.time()})
 
 
 def main() -> int:

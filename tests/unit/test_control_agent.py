@@ -1,0 +1,75 @@
+"""The guest side of the exec channel (GUEST_AGENT) and the guest script /init runs, under the
+host's busybox sh: the agent on a pseudo-terminal stands in for the guest's ttyS1."""
+
+from __future__ import annotations
+
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import threading
+
+import pytest
+
+from vmctl.backends.kvm_prepare import guest_script
+from vmctl.vmm.agent import GUEST_AGENT, AgentChannel
+
+BUSYBOX = shutil.which("busybox")
+pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox (Debian: busybox-static) runs the guest scripts")
+
+
+def _guest_sh(script: str, tmp_path) -> list[str]:
+    # The scripts call /bin/busybox by absolute path, as in the guest; point that at the host's.
+    return [BUSYBOX, "sh", "-c", script.replace("/bin/busybox", BUSYBOX).replace("/tmp/", f"{tmp_path}/")]
+
+
+@pytest.fixture
+def agent(tmp_path):
+    master, slave = pty.openpty()
+    script = GUEST_AGENT.replace("/dev/ttyS1", os.ttyname(slave)) + "\nwait"
+    process = subprocess.Popen(_guest_sh(script, tmp_path), stdin=subprocess.DEVNULL, start_new_session=True)
+    channel = AgentChannel()
+    channel.send = lambda data: os.write(master, data)
+
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            channel.receive(data)
+
+    threading.Thread(target=pump, daemon=True).start()
+    yield channel
+    os.killpg(process.pid, signal.SIGKILL)  # the agent is a background subshell of the script
+    process.wait()
+    os.close(master)
+    os.close(slave)
+
+
+def test_agent_runs_scripts_and_returns_status_and_both_outputs(agent):
+    result = agent.exec("echo out; echo err >&2; exit 5", timeout=30)
+    assert (result.exit_code, result.stdout, result.stderr) == (5, b"out\n", b"err\n")
+    binary = agent.exec("printf '\\000\\377\\n'; head -c 20000 /dev/zero | tr '\\0' x", timeout=30)
+    assert binary.exit_code == 0 and binary.stdout == b"\x00\xff\n" + b"x" * 20000
+    long_script = "true " + "x" * 30000 + "; echo done"  # far beyond a terminal's 4 KiB line
+    assert agent.exec(long_script, timeout=30).stdout == b"done\n"
+
+
+def test_agent_posts_without_waiting(agent, tmp_path):
+    assert agent.exec("true", timeout=30).exit_code == 0  # announced and serving
+    marker = tmp_path / "posted"
+    assert agent.post(f"echo yes > {marker}")
+    assert agent.exec(f"cat {marker}", timeout=30).stdout == b"yes\n"  # ran in order
+
+
+def test_guest_script_sets_the_environment_and_returns_the_command_status(tmp_path):
+    script = guest_script(["sh", "-c", 'echo "$GREETING"; exit 4'], {"GREETING": "hi there"}, "root")
+    script = script.replace("/dev/ttyS1", str(tmp_path / "no-such-tty"))  # the agent quits quietly
+    result = subprocess.run(_guest_sh(script, tmp_path), capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (4, "hi there\n", "")
+
+
+def test_post_needs_an_announced_agent():
+    assert AgentChannel().post("true") is False
