@@ -57,6 +57,16 @@ class NestedResult:
     total_seconds: float
 
 
+def _with_hidden_cwd(shares: Sequence[Path], cwd: Path) -> list[Path]:
+    """`shares`, plus `cwd` when it lies under a directory L1 replaces with an empty tmpfs
+    (a checkout cloned into /tmp must still be there inside)."""
+    resolved = [Path(p).resolve() for p in shares]
+    hidden = any(cwd.is_relative_to(h) for h in initramfs.HIDDEN_DIRS)
+    if hidden and not any(cwd.is_relative_to(p) for p in resolved):
+        resolved.append(cwd)
+    return resolved
+
+
 def _stderr_progress(message: str) -> None:
     print(f"[nested] {message}", file=sys.stderr, flush=True)
 
@@ -105,7 +115,7 @@ class NestedHost:
         io_dir = work / "io"
         io_dir.mkdir()
         shares = [Share("io", io_dir)] + [
-            Share(f"share{i}", Path(p).resolve()) for i, p in enumerate(self.shares)
+            Share(f"share{i}", path) for i, path in enumerate(_with_hidden_cwd(self.shares, cwd))
         ]
         for share in shares:
             if not share.path.is_dir():

@@ -27,6 +27,8 @@ READY_MARKER = "VMCTL-NESTED-READY"
 EXIT_MARKER = "VMCTL-NESTED-EXIT"
 FAILED_MARKER = "VMCTL-NESTED-SETUP-FAILED"
 ROOT_TAG = "hostroot"
+# Host directories L1 sees as empty tmpfs (transient host state; see INIT_SCRIPT).
+HIDDEN_DIRS = (Path("/tmp"), Path("/var/tmp"), Path("/run"))
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # /init of the vmctl nested host (L1); written by vmctl/nested/initramfs.py.
@@ -65,6 +67,7 @@ mount -t tmpfs -o mode=1777 shm $R/dev/shm
 mount -t tmpfs -o mode=1777 tmp $R/tmp
 mount -t tmpfs -o mode=1777 vartmp $R/var/tmp
 mount -t tmpfs -o mode=0755 run $R/run
+# (HIDDEN_DIRS in initramfs.py lists these three; keep them in step.)
 for tag in $SHARE_TAGS; do
     eval "path=\$SHARE_PATH_$tag"
     mkdir -p "$R$path" && mount -t 9p -o "$NINEP" "$tag" "$R$path" || fail "cannot mount share $path"
