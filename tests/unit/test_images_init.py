@@ -3,6 +3,7 @@ Python side of the contract (InitArgs, markers)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -100,3 +101,21 @@ def test_init_script_contract():
     for mount in ("proc /proc", "sysfs /sys", "devtmpfs /dev", "tmpfs /tmp", "tmpfs /run"):
         assert f"mount_once {mount}" in text
     assert "/usr/sbin/sshd" in text
+
+
+@needs_busybox
+def test_every_busybox_applet_init_calls_exists():
+    # /init calls tools as `$BB applet`; an applet missing from Debian's busybox-static
+    # (e.g. `mountpoint`) only shows as "applet not found" on the guest console.
+    available = set(subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split())
+    used = set(re.findall(r"\$BB ([a-z0-9_-]+)", INIT_SCRIPT.read_text()))
+    assert used and used <= available, f"not in {BUSYBOX}: {sorted(used - available)}"
+
+
+@needs_busybox
+def test_is_mounted_reads_proc_mounts():
+    # the function as written in /init, run against this machine's /proc/mounts
+    function = re.search(r"^is_mounted\(\) \{.*?^\}$", INIT_SCRIPT.read_text(), re.M | re.S).group(0)
+    script = function + "\nis_mounted /proc && echo proc; is_mounted /proc/nonexistent || echo none; is_mounted / && echo root"
+    out = subprocess.run([BUSYBOX, "sh", "-c", script], capture_output=True, text=True)
+    assert out.stdout.split() == ["proc", "none", "root"], out.stderr
