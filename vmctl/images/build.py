@@ -68,7 +68,9 @@ def build_initramfs(profile: str = "busybox", cache: Path | None = None,
         ctx.say(f"up to date ({where.initramfs})")
         return where
     ctx.say(f"writing newc cpio (log: {ctx.log})")
-    entries = cpio.tree_entries(tree) + list(CONSOLE_NODES)
+    entries = cpio.tree_entries(tree)
+    present = {entry.path for entry in entries}  # debootstrap trees already have /dev nodes
+    entries += [node for node in CONSOLE_NODES if node.path not in present]
     with atomic_output(where.initramfs) as tmp, open(tmp, "wb") as out:
         size = cpio.write(entries, out, mtime=rootfs.FIXED_MTIME)
     ctx.note(f"initramfs: {len(entries)} entries, {size} bytes")
