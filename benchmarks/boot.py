@@ -1,19 +1,30 @@
-"""Boot latency and idle memory: vmctl's native VMM vs QEMU microvm, same kernel and initramfs.
+"""Boot to userspace and idle memory: vmctl's native VMM vs QEMU microvm, same kernel + initramfs.
 
-Measures, N times each, the wall time from starting the VMM process to the guest's userspace
-marker line (VMCTL-READY, printed by the reference initramfs's /init), and the VMM's resident
-memory while the guest idles at its shell. Needs hardware-backed KVM: on a host whose KVM is
-paravirtual (kvm_pvm), run it inside the nested host:
+For each VMM, N times (alternating, so load changes hit both alike):
+  boot   wall time from starting the VMM process (`vmctl boot …` / `qemu-system-x86_64 -M
+         microvm -accel kvm …`) to the guest's userspace marker VMCTL-READY on the serial
+         console (printed by the reference initramfs's /init just before its command runs)
+  idle   the guest's command is `sleep IDLE`; halfway through, the VMM process's VmRSS
+         (/proc/PID/status) and Pss (/proc/PID/smaps_rollup) are sampled
+  exits  when /sys/kernel/debug/kvm is there: KVM's exit counters (all VMs of this host,
+         nothing else runs a VM here) before start, at VMCTL-READY and after the VM ended
+Same guest for both: the reference bzImage and busybox initramfs, 1 vCPU, 256 MiB,
+`console=ttyS0 quiet` (reboot=k for vmctl, reboot=t for QEMU's microvm, which has no i8042).
 
-    python benchmarks/boot.py --nested        # re-runs itself inside the nested host
-    python benchmarks/boot.py --runs 10       # here, when /dev/kvm is hardware-backed
+Needs hardware-backed KVM. On a host whose KVM cannot boot Linux (kvm_pvm) the whole
+benchmark runs inside ONE nested host (L1 under QEMU TCG with emulated AMD-V), both VMMs
+there: absolute times are inflated ~13x and more, only the ratios mean something.
 
-Writes benchmarks/results/boot.json and prints a markdown table.
+    python benchmarks/boot.py                  # here if KVM is hardware-backed, else nested
+    python benchmarks/boot.py --runs 5 --nested
+
+Writes benchmarks/results/boot.json and prints a markdown table (docs/benchmarks-boot.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -21,135 +32,313 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from vmctl.hostcheck import check_host  # noqa: E402
+READY = "VMCTL-READY"
+KVM_STATS = Path("/sys/kernel/debug/kvm")
+# KVM's debugfs counters worth reading: all exits, and those that reached the VMM process.
+EXIT_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "signal_exits")
 
-READY = b"VMCTL-READY"
-CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+
+def progress(message: str) -> None:
+    print(f"[boot-bench] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
 class Sample:
     ready_seconds: float
-    idle_rss_kib: int | None
+    total_seconds: float
+    rss_kib: int | None
+    pss_kib: int | None
+    exits_to_ready: dict[str, int] = field(default_factory=dict)
+    exits_total: dict[str, int] = field(default_factory=dict)
 
 
-def vmctl_command(kernel: Path, initrd: Path) -> list[str]:
-    return [sys.executable, "-m", "vmctl", "boot", "--kernel", str(kernel), "--initrd", str(initrd),
-            "--memory", "256M", "--cpus", "1", "--cmdline", CMDLINE, "--no-input"]
+def guest_cmdline(reboot: str, idle: float) -> str:
+    script = base64.b64encode(f"sleep {idle}".encode()).decode()
+    return f"console=ttyS0 reboot={reboot} panic=1 quiet vmctl.cmd={script}"
 
 
-def qemu_command(kernel: Path, initrd: Path) -> list[str]:
-    return ["qemu-system-x86_64", "-M", "microvm,accel=kvm,acpi=off", "-cpu", "host", "-m", "256M", "-smp", "1",
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE]
+def vmctl_command(kernel: Path, initrd: Path, idle: float) -> list[str]:
+    exe = shutil.which("vmctl", path=os.path.dirname(sys.executable)) or "vmctl"
+    return [exe, "boot", "--kernel", str(kernel), "--initrd", str(initrd), "--memory", "256M", "--cpus", "1",
+            "--no-input", "--cmdline", guest_cmdline("k", idle)]
 
 
-def rss_kib(pid: int) -> int | None:
+def qemu_command(kernel: Path, initrd: Path, idle: float) -> list[str]:
+    return ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", "256M",
+            "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", guest_cmdline("t", idle)]
+
+
+def status_kib(pid: int, file: str, key: str) -> int | None:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     except OSError:
         return None
     return None
 
 
-def measure(command: list[str], timeout: float, settle: float) -> Sample:
-    """Start the VMM, wait for READY on its console, let the guest idle, read RSS, kill."""
+def kvm_counters() -> dict[str, int]:
+    counters = {}
+    for name in EXIT_COUNTERS:
+        try:
+            counters[name] = int((KVM_STATS / name).read_text())
+        except (OSError, ValueError):
+            pass
+    return counters
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before[name] for name in after if name in before}
+
+
+def measure(command: list[str], idle: float, timeout: float) -> Sample:
+    """Start the VMM, time VMCTL-READY, sample memory mid-idle, wait for a clean end."""
+    lines: list[str] = []
+    ready = threading.Event()
+    counters_start = kvm_counters()
     start = time.monotonic()
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, errors="replace")
+    ready_at: list[float] = []
+    counters_ready: list[dict[str, int]] = []
+
+    def reader() -> None:
+        for line in process.stdout:
+            if not ready.is_set() and READY in line:
+                ready_at.append(time.monotonic())
+                counters_ready.append(kvm_counters())
+                ready.set()
+            lines.append(line.rstrip("\r\n"))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
     try:
-        seen = b""
-        while READY not in seen:
-            chunk = process.stdout.read1(4096) if hasattr(process.stdout, "read1") else process.stdout.read(1)
-            if not chunk:
-                raise RuntimeError(f"{command[0]} ended before the guest was ready: {seen[-500:]!r}")
-            seen += chunk
-            if time.monotonic() - start > timeout:
-                raise RuntimeError(f"no {READY.decode()} within {timeout} s")
-        ready = time.monotonic() - start
-        time.sleep(settle)
-        return Sample(ready, rss_kib(process.pid))
+        if not ready.wait(timeout):
+            raise RuntimeError(f"{command[0]}: no {READY} within {timeout} s:\n" + "\n".join(lines[-20:]))
+        time.sleep(idle / 2)
+        rss = status_kib(process.pid, "status", "VmRSS")
+        pss = status_kib(process.pid, "smaps_rollup", "Pss")
+        returncode = process.wait(timeout=idle + timeout)
+        end = time.monotonic()
+        thread.join(timeout=10)
     finally:
-        process.kill()
-        process.wait()
+        if process.poll() is None:  # never leave a VMM behind
+            process.kill()
+            process.wait()
+    if returncode != 0 or not any(line.strip() == "VMCTL-EXIT 0" for line in lines):
+        raise RuntimeError(f"{command[0]}: guest did not end cleanly (exit {returncode}):\n" + "\n".join(lines[-20:]))
+    return Sample(ready_at[0] - start, end - start, rss, pss,
+                  delta(counters_ready[0], counters_start), delta(kvm_counters(), counters_start))
 
 
 def summarize(samples: list[Sample]) -> dict:
+    def median(values: list) -> float | None:
+        values = [value for value in values if value is not None]
+        return statistics.median(values) if values else None
+
     ready = [s.ready_seconds for s in samples]
-    rss = [s.idle_rss_kib for s in samples if s.idle_rss_kib is not None]
-    return {
+    out = {
         "runs": len(samples),
-        "ready_median_ms": round(statistics.median(ready) * 1000, 1),
+        "ready_median_ms": round(median(ready) * 1000, 1),
         "ready_min_ms": round(min(ready) * 1000, 1),
         "ready_max_ms": round(max(ready) * 1000, 1),
-        "idle_rss_median_mib": round(statistics.median(rss) / 1024, 1) if rss else None,
+        "rss_median_mib": round(median([s.rss_kib for s in samples]) / 1024, 1),
+        "pss_median_mib": round(median([s.pss_kib for s in samples]) / 1024, 1),
         "samples": [asdict(s) for s in samples],
     }
+    if samples[0].exits_to_ready:
+        out["exits_to_ready_median"] = {name: int(median([s.exits_to_ready.get(name) for s in samples]))
+                                        for name in samples[0].exits_to_ready}
+    return out
 
 
 def table(result: dict) -> str:
-    ours, qemu = result["vmctl"], result.get("qemu")
-    rows = ["| VMM | runs | boot to userspace, median (min–max) | idle VMM RSS |", "|---|---|---|---|"]
-    for name, r in (("vmctl (native)", ours), ("QEMU microvm", qemu)):
-        if r:
-            rows.append(f"| {name} | {r['runs']} | {r['ready_median_ms']} ms ({r['ready_min_ms']}–{r['ready_max_ms']}) | {r['idle_rss_median_mib']} MiB |")
-    if qemu:
-        rows.append("")
-        rows.append(f"vmctl / QEMU boot time ratio: **{ours['ready_median_ms'] / qemu['ready_median_ms']:.2f}x**; "
-                    f"RSS ratio: **{ours['idle_rss_median_mib'] / qemu['idle_rss_median_mib']:.2f}x**.")
-    rows.append(f"Environment: {result['environment']}.")
+    ours, qemu = result["vmctl"], result["qemu"]
+    rows = ["| VMM | runs | start → VMCTL-READY, median (min–max) | idle VmRSS | idle Pss |", "|---|---|---|---|---|"]
+    for name, r in (("vmctl boot (native VMM)", ours), ("QEMU microvm", qemu)):
+        rows.append(f"| {name} | {r['runs']} | {r['ready_median_ms'] / 1000:.2f} s "
+                    f"({r['ready_min_ms'] / 1000:.2f}–{r['ready_max_ms'] / 1000:.2f}) | "
+                    f"{r['rss_median_mib']} MiB | {r['pss_median_mib']} MiB |")
+    rows.append(f"| **vmctl / QEMU** | | **{result['ratio_boot']:.2f}x** | **{result['ratio_rss']:.2f}x** | "
+                f"**{result['ratio_pss']:.2f}x** |")
+    if "exits_to_ready_median" in ours:
+        rows += ["", "| KVM exits, start → VMCTL-READY (median) | " + " | ".join(EXIT_COUNTERS) + " |",
+                 "|---|" + "---|" * len(EXIT_COUNTERS)]
+        for name, r in (("vmctl", ours), ("QEMU", qemu)):
+            rows.append(f"| {name} | " + " | ".join(str(r["exits_to_ready_median"].get(c, "–")) for c in EXIT_COUNTERS) + " |")
+    rows += ["", f"Environment: {result['environment']}."]
     return "\n".join(rows)
 
 
+TRACING = Path("/sys/kernel/debug/tracing/events/kvm")
+# AMD SVM exit codes (arch/x86/include/uapi/asm/svm.h) for the ones a booting guest makes;
+# the nested host's L1 is AMD-V. Others are shown in hex.
+SVM_EXITS = {0x018: "write_cr8", 0x060: "intr", 0x061: "nmi", 0x064: "vintr", 0x06e: "rdtsc", 0x072: "cpuid",
+             0x077: "pause", 0x078: "hlt", 0x079: "invlpg", 0x07b: "ioio", 0x07c: "msr", 0x07f: "shutdown",
+             0x081: "vmmcall", 0x087: "rdtscp", 0x08d: "xsetbv", 0x400: "npf"}
+
+
+class ExitHistogram:
+    """KVM's kvm_exit (by exit reason) and kvm_pio (by port) tracepoints counted in-kernel
+    with hist triggers, for one VM's life; nothing is copied to user space per event."""
+
+    TRIGGERS = (("kvm_exit", "exit_reason"), ("kvm_pio", "port"), ("kvm_msr", "ecx"))
+
+    def __enter__(self) -> "ExitHistogram":
+        for event, key in self.TRIGGERS:
+            (TRACING / event / "trigger").write_text(f"hist:keys={key}:sort=hitcount.descending\n")
+        return self
+
+    def read(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for event, key in self.TRIGGERS:
+            counts: dict[str, int] = {}
+            for line in (TRACING / event / "hist").read_text().splitlines():
+                if line.startswith("{"):
+                    value = int(line.split(":")[1].split("}")[0])
+                    hits = int(line.rsplit("hitcount:", 1)[1])
+                    name = SVM_EXITS.get(value, hex(value)) if event == "kvm_exit" else hex(value)
+                    counts[name] = hits
+            out[event] = counts
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        for event, key in self.TRIGGERS:
+            (TRACING / event / "trigger").write_text(f"!hist:keys={key}:sort=hitcount.descending\n")
+
+
+def startup_floor(command: list[str], runs: int) -> float:
+    """Median seconds for the VMM process to start, load itself and fail on a missing kernel:
+    what every boot pays before the guest's first instruction."""
+    missing = Path("/nonexistent/kernel")
+    argv = [str(missing) if Path(arg).name in ("bzImage", "vmlinux") else arg for arg in command]
+    times = []
+    for _ in range(runs):
+        start = time.monotonic()
+        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+        times.append(time.monotonic() - start)
+    return statistics.median(times)
+
+
+def breakdown(args: argparse.Namespace) -> dict:
+    """One more boot per VMM with exit histograms, and each VMM's start-up floor."""
+    out: dict = {}
+    for name, build in (("vmctl", vmctl_command), ("qemu", qemu_command)):
+        command = build(args.kernel, args.initrd, 1)
+        entry: dict = {"startup_floor_ms": round(startup_floor(command, 3) * 1000, 1)}
+        if (TRACING / "kvm_exit" / "trigger").exists():
+            with ExitHistogram() as histogram:
+                sample = measure(command, 1, args.timeout)
+                entry |= histogram.read()  # READY plus 1 s of idle and the shutdown
+            entry["ready_ms"] = round(sample.ready_seconds * 1000, 1)
+        out[name] = entry
+        progress(f"breakdown {name}: {entry.get('startup_floor_ms')} ms start-up floor, "
+                 f"top exits {list(entry.get('kvm_exit', {}).items())[:5]}")
+    return out
+
+
+def ensure_debugfs() -> None:
+    """KVM's exit counters live in debugfs; mount it if nobody has (root only; optional)."""
+    if not KVM_STATS.exists() and os.geteuid() == 0 and Path("/sys/kernel/debug").is_dir():
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"], capture_output=True)
+
+
+def qemu_version() -> str:
+    result = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+    return result.stdout.splitlines()[0] if result.returncode == 0 else "unknown"
+
+
+def run_nested(args: argparse.Namespace) -> int:
+    """The same command inside one nested host; results land in the shared results folder."""
+    from vmctl.nested import NestedHost
+
+    output = args.output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    inner = [sys.executable, str(Path(__file__).resolve()), "--here", "--runs", str(args.runs),
+             "--kernel", str(args.kernel), "--initrd", str(args.initrd), "--idle", str(args.idle),
+             "--timeout", str(args.timeout), "--output", str(output)] + (["--breakdown"] if args.breakdown else [])
+    host = NestedHost(memory_mib=args.memory, cpus=2, shares=[output.parent], progress=progress)
+    budget = 2 * args.runs * (args.timeout + args.idle) + 300
+    result = host.run(inner, cwd=str(HERE.parent), timeout=budget)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    progress(f"nested host: L1 boot {result.boot_seconds:.1f} s, benchmark {result.command_seconds:.1f} s")
+    return result.exit_code
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--kernel", type=Path, help="bzImage (default: the reference kernel)")
-    parser.add_argument("--initrd", type=Path, help="initramfs (default: the reference initramfs)")
-    parser.add_argument("--timeout", type=float, default=120)
-    parser.add_argument("--settle", type=float, default=1.0, help="idle seconds before reading RSS")
-    parser.add_argument("--nested", action="store_true", help="run inside the nested host (for paravirtual KVM hosts)")
-    parser.add_argument("--output", type=Path, default=HERE / "results" / "boot.json")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="boots per VMM, alternating; medians reported (default 3)")
+    parser.add_argument("--kernel", type=Path, help="kernel for both VMMs (default: the reference bzImage)")
+    parser.add_argument("--initrd", type=Path, help="initramfs (default: the reference busybox initramfs)")
+    parser.add_argument("--idle", type=float, default=5, help="seconds the guest idles (sleep) after READY (default 5)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds allowed per boot (default 300)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--nested", action="store_true", help="run inside the nested host even if KVM here could boot Linux")
+    where.add_argument("--here", action="store_true", help="run on this host's /dev/kvm, never nested")
+    parser.add_argument("--breakdown", action="store_true", help="also: one boot per VMM with KVM exit histograms "
+                        "(tracefs hist triggers, root) and each VMM's start-up floor")
+    parser.add_argument("--memory", type=int, default=2048, help="nested host memory in MiB (default 2048)")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "boot.json", help="JSON results")
     args = parser.parse_args()
 
-    if args.kernel is None or args.initrd is None:
-        from vmctl.images import locate
+    from vmctl.hostcheck import check_host
+    from vmctl.images import locate
 
-        found = locate()
-        args.kernel = args.kernel or found.bzimage
-        args.initrd = args.initrd or found.initramfs
-
-    if args.nested:
-        from vmctl.nested import run_in_nested_host
-
-        inner = [sys.executable, str(Path(__file__).resolve()), "--runs", str(args.runs), "--kernel", str(args.kernel),
-                 "--initrd", str(args.initrd), "--output", str(args.output.resolve())]
-        return run_in_nested_host(inner)
-
+    images = locate()
+    args.kernel = (args.kernel or images.bzimage).resolve()
+    args.initrd = (args.initrd or images.initramfs).resolve()
+    for path in (args.kernel, args.initrd):
+        if not path.exists():
+            print(f"boot.py: {path}: not found (run `vmctl image build`)", file=sys.stderr)
+            return 2
     report = check_host()
+    if args.nested or (not args.here and not report.boots_linux):
+        progress(f"/dev/kvm here is {report.kvm_module}: running inside one nested host")
+        return run_nested(args)
     if not report.boots_linux:
-        print("this host's /dev/kvm cannot boot Linux (see `vmctl host-check`): use --nested", file=sys.stderr)
+        print(f"boot.py: this host's /dev/kvm ({report.kvm_module}) cannot boot Linux: drop --here", file=sys.stderr)
         return 2
-    environment = f"{platform.node()}, KVM {report.kvm_module}, {os.cpu_count()} CPUs, kernel {args.kernel.name}"
-    if Path("/sys/module/kvm_amd").exists() and "nested" in platform.release():
-        environment += " (nested)"
-    result: dict = {"environment": environment, "kvm_module": report.kvm_module, "cmdline": CMDLINE}
-    result["vmctl"] = summarize([measure(vmctl_command(args.kernel, args.initrd), args.timeout, args.settle) for _ in range(args.runs)])
-    if shutil.which("qemu-system-x86_64"):
-        result["qemu"] = summarize([measure(qemu_command(args.kernel, args.initrd), args.timeout, args.settle) for _ in range(args.runs)])
-        result["ratio_boot"] = result["vmctl"]["ready_median_ms"] / result["qemu"]["ready_median_ms"]
-        result["ratio_rss"] = result["vmctl"]["idle_rss_median_mib"] / result["qemu"]["idle_rss_median_mib"]
+    if not shutil.which("qemu-system-x86_64"):
+        print("boot.py: qemu-system-x86_64 not found (apt: qemu-system-x86)", file=sys.stderr)
+        return 2
+    ensure_debugfs()
+
+    nested = os.environ.get("VMCTL_NESTED") == "1"
+    environment = (f"KVM {report.kvm_module}{' inside the nested host (L1 under QEMU TCG)' if nested else ''}, "
+                   f"{os.cpu_count()} CPUs, host kernel {platform.release()}, {qemu_version()}, "
+                   f"guest: {args.kernel.name} + {args.initrd.name}, 1 vCPU, 256 MiB, {time.strftime('%Y-%m-%d')}")
+    samples: dict[str, list[Sample]] = {"vmctl": [], "qemu": []}
+    for index in range(args.runs):
+        for name, build in (("vmctl", vmctl_command), ("qemu", qemu_command)):
+            sample = measure(build(args.kernel, args.initrd, args.idle), args.idle, args.timeout)
+            samples[name].append(sample)
+            progress(f"run {index + 1}/{args.runs} {name}: READY after {sample.ready_seconds:.2f} s, "
+                     f"RSS {sample.rss_kib} KiB, Pss {sample.pss_kib} KiB")
+    result: dict = {"environment": environment, "nested": nested, "kvm_module": report.kvm_module,
+                    "cmdline": {"vmctl": guest_cmdline("k", args.idle), "qemu": guest_cmdline("t", args.idle)},
+                    "vmctl": summarize(samples["vmctl"]), "qemu": summarize(samples["qemu"])}
+    result["ratio_boot"] = round(result["vmctl"]["ready_median_ms"] / result["qemu"]["ready_median_ms"], 2)
+    result["ratio_rss"] = round(result["vmctl"]["rss_median_mib"] / result["qemu"]["rss_median_mib"], 2)
+    result["ratio_pss"] = round(result["vmctl"]["pss_median_mib"] / result["qemu"]["pss_median_mib"], 2)
+    if args.breakdown:
+        result["breakdown"] = breakdown(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
+    progress(f"wrote {args.output}")
     return 0
 
 
