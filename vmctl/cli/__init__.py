@@ -2,23 +2,39 @@
 
 Each command module exposes `register(subparsers)`, which adds its parser(s) and sets
 `func` to a callable taking the parsed namespace and returning the process exit code.
+Only the module of the command being run is imported (all of them for `vmctl --help`): a
+VMM started as `vmctl boot` should not pay for the spec, qcow2 and image code at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Sequence
 
 from .. import __version__
 from ..errors import VmctlError
-from . import boot, hostcheck, image, lifecycle
 
-COMMAND_MODULES = (boot, hostcheck, image, lifecycle)
+# Command modules in help order, and the module that registers each command.
+COMMAND_MODULES = ("boot", "hostcheck", "image", "lifecycle")
+COMMAND_MODULE = {
+    "boot": "boot", "host-check": "hostcheck", "image": "image",
+    **dict.fromkeys(("up", "down", "ps", "status", "logs", "rm", "run", "exec", "console", "ssh"), "lifecycle"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _modules_for(argv: Sequence[str]) -> tuple[str, ...]:
+    """The command modules needed to parse `argv`: the command's own, or all of them."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command not in COMMAND_MODULE:
+        return COMMAND_MODULES  # no or unknown command: argparse lists them all
+    return (COMMAND_MODULE[command],)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv` (only its command registered), or for every command."""
     parser = argparse.ArgumentParser(
         prog="vmctl",
         description="Declarative virtual machines over Linux KVM: boot throwaway guests, "
@@ -30,19 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMAND_MODULES:
-        module.register(subparsers)
+    for name in COMMAND_MODULES if argv is None else _modules_for(argv):
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first "--" is a guest command (vmctl run -- CMD), never our options.
     passthrough: list[str] = []
     if "--" in argv:
         split = argv.index("--")
         argv, passthrough = argv[:split], argv[split + 1 :]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     args.passthrough = passthrough
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
