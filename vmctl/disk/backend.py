@@ -115,8 +115,21 @@ class BlockBackend(abc.ABC):
             raise ReadOnlyError(f"{self.path}: {what} refused: disk is open read-only")
 
 
+class ByteViews(list):
+    """Views a caller already knows to be flat unsigned-byte memoryviews, with their total
+    length: a virtio-blk request's pages (slices of guest RAM, lengths from the descriptor
+    chain). The backend then skips checking and summing them one by one, which for a 1 MiB
+    request of 256 pages was most of its Python cost."""
+
+    def __init__(self, views: list[memoryview], nbytes: int) -> None:
+        super().__init__(views)
+        self.nbytes = nbytes
+
+
 def as_bytes_views(buffers: Sequence[memoryview | bytes | bytearray]) -> list[memoryview]:
     """Flat unsigned-byte views, so slices can be assigned and lengths are byte counts."""
+    if isinstance(buffers, ByteViews):
+        return buffers
     views = []
     for buffer in buffers:
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
@@ -127,6 +140,8 @@ def as_bytes_views(buffers: Sequence[memoryview | bytes | bytearray]) -> list[me
 
 
 def total_length(buffers: Sequence[memoryview]) -> int:
+    if isinstance(buffers, ByteViews):
+        return buffers.nbytes
     return sum(view.nbytes for view in buffers)
 
 

@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..disk.backend import BlockBackend, DiskError, open_disk
+from ..disk.backend import BlockBackend, ByteViews, DiskError, open_disk
 from .device import ID_BLOCK, DeviceError, QueueContext, VirtioDevice
 from .queue import DescriptorChain, Virtqueue, split_back, split_front
 
@@ -114,13 +114,13 @@ class BlkDevice(VirtioDevice):
             length = lengths[1]
             if not self._in_range(sector, length):
                 return S_IOERR, 0
-            self.backend.readinto(sector * SECTOR, data_out)
+            self.backend.readinto(sector * SECTOR, ByteViews(data_out, length))
             return S_OK, length
         if kind == T_OUT:
             length = lengths[0]
             if self.read_only or not self._in_range(sector, length):
                 return S_IOERR, 0
-            self.backend.write(sector * SECTOR, readable)
+            self.backend.write(sector * SECTOR, ByteViews(readable, length))
             return S_OK, 0
         if kind == T_FLUSH:
             self.backend.flush()
