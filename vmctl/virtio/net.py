@@ -3,9 +3,11 @@
 Queue 0 receives (host → guest), queue 1 transmits. The 12-byte virtio_net_hdr_v1 passes
 through the TAP unchanged, so checksum and segmentation offloads (CSUM, TSO4/6 both ways)
 cost nothing here: the host kernel does the work the header asks for. TX is zero-copy
-(`os.writev` of guest-memory views). RX reads straight into the guest's buffers when one
-chain holds a packet; with MRG_RXBUF (small buffers, the Linux default) a packet is read
-once into a host buffer and spread over as many chains as it needs.
+(`os.writev` of guest-memory views). RX with MRG_RXBUF (small buffers, the Linux default)
+is zero-copy too: the device holds enough of the guest's buffers for the largest frame and
+`readv`s each frame straight into them, then completes as many as the frame filled. When
+the guest has posted less than that, a frame is read into a host buffer and spread over
+the chains it needs once they are there (also the path without MRG_RXBUF).
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ F_MRG_RXBUF = 1 << 15
 RX, TX = 0, 1
 QUEUE_SIZE = 256
 MAX_FRAME = 65550 + VNET_HDR_SIZE  # a 64 KiB GSO packet, its Ethernet header and the vnet header
+NUM_BUFFERS_OFFSET = 10  # virtio_net_hdr_v1.num_buffers
+
+
+def _put(views: list[memoryview], offset: int, data: bytes | memoryview) -> None:
+    """Write `data` at byte `offset` of the concatenation of `views` (it fits: callers check)."""
+    for view in views:
+        size = view.nbytes
+        if offset >= size:
+            offset -= size
+            continue
+        count = min(size - offset, len(data))
+        view[offset : offset + count] = data[:count]
+        data = data[count:]
+        offset = 0
+        if not data:
+            return
 
 
 def parse_mac(text: str) -> bytes:
@@ -49,6 +67,9 @@ class NetDevice(VirtioDevice):
         self._rx_queue: Virtqueue | None = None
         self._frame = bytearray(MAX_FRAME)
         self._pending = 0  # bytes of a frame read from the TAP that did not fit the guest's buffers yet
+        # MRG_RXBUF chains taken from the ring but not filled yet, with their views and sizes.
+        self._held: list[tuple[DescriptorChain, list[memoryview], int]] = []
+        self._held_bytes = 0
 
     @property
     def features(self) -> int:
@@ -72,6 +93,7 @@ class NetDevice(VirtioDevice):
 
     def reset(self) -> None:
         self._pending = 0
+        self._held, self._held_bytes = [], 0
         self._ctx = None
         self._rx_queue = None
 
@@ -108,7 +130,14 @@ class NetDevice(VirtioDevice):
     def _receive(self, queue: Virtqueue, ctx: QueueContext) -> None:
         while True:
             if not self._pending:
-                if queue.pending() == 0:
+                if self._mrg_rxbuf and self._hold_for_a_frame(queue, ctx):
+                    try:
+                        length = os.readv(self.tap.fd, [view for _, views, _ in self._held for view in views])
+                    except BlockingIOError:
+                        return  # TAP drained; the next edge on its fd resumes here
+                    self._complete_held(queue, ctx, length)
+                    continue
+                if not self._held and queue.pending() == 0:
                     queue.set_notification(True)
                     if queue.pending() == 0:
                         return  # no buffers: the next RX kick resumes here
@@ -124,6 +153,48 @@ class NetDevice(VirtioDevice):
                 if queue.avail_idx() == seen:
                     return  # the RX kick resumes here
 
+    def _take(self, queue: Virtqueue, ctx: QueueContext) -> tuple[DescriptorChain, list[memoryview], int] | None:
+        """The next RX chain: one already held, else the ring's next (checked)."""
+        if self._held:
+            entry = self._held.pop(0)
+            self._held_bytes -= entry[2]
+            return entry
+        chain = queue.pop()
+        if chain is None:
+            return None
+        size = chain.writable_length
+        if size == 0:
+            raise DeviceError("RX buffer has no device-writable part")
+        return chain, chain.writable_views(ctx.memory), size
+
+    def _hold_for_a_frame(self, queue: Virtqueue, ctx: QueueContext) -> bool:
+        """Take chains from the ring until the held ones fit the largest frame."""
+        while self._held_bytes < MAX_FRAME:
+            chain = queue.pop()
+            if chain is None:
+                return False
+            size = chain.writable_length
+            if size == 0 or (not self._held and size < VNET_HDR_SIZE):
+                raise DeviceError("RX buffer too small for the virtio-net header")
+            self._held.append((chain, chain.writable_views(ctx.memory), size))
+            self._held_bytes += size
+        return True
+
+    def _complete_held(self, queue: Virtqueue, ctx: QueueContext, length: int) -> None:
+        """A frame of `length` bytes was read across the held chains: complete those it filled."""
+        if length <= 0:
+            return
+        header_views = self._held[0][1]
+        used: list[tuple[int, int]] = []
+        left = length
+        while left > 0:
+            chain, _, size = self._held.pop(0)
+            self._held_bytes -= size
+            used.append((chain.head, min(size, left)))
+            left -= size
+        _put(header_views, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))  # the TAP leaves it alone
+        ctx.complete_many(queue, used)
+
     def _deliver(self, queue: Virtqueue, ctx: QueueContext) -> bool:
         """Copy the pending frame into one chain (or several with MRG_RXBUF); False when the
         guest has not posted enough buffers yet (the frame stays pending)."""
@@ -133,29 +204,32 @@ class NetDevice(VirtioDevice):
             chain = queue.pop()
             if chain is None:
                 return False
-            struct.pack_into("<H", self._frame, 10, 1)  # num_buffers (the TAP leaves it untouched)
+            struct.pack_into("<H", self._frame, NUM_BUFFERS_OFFSET, 1)
             written = chain.write_writable(ctx.memory, frame)  # a short buffer truncates, like a NIC
             self._pending = 0
             ctx.complete(queue, chain, written)
             return True
-        chains: list[tuple[DescriptorChain, int]] = []
-        offset = 0
-        while offset < length:
-            chain = queue.pop()
-            if chain is None:
-                queue.last_avail = (queue.last_avail - len(chains)) & 0xFFFF  # give them back, retry later
+        taken: list[tuple[DescriptorChain, list[memoryview], int]] = []
+        capacity = 0
+        while capacity < length:
+            entry = self._take(queue, ctx)
+            if entry is None:
+                self._held[:0] = taken  # keep them for when the rest arrives
+                self._held_bytes += capacity
                 return False
-            if chain.writable_length == 0 or (not chains and chain.writable_length < VNET_HDR_SIZE):
+            if not taken and entry[2] < VNET_HDR_SIZE:
                 raise DeviceError("RX buffer too small for the virtio-net header")
-            count = min(chain.writable_length, length - offset)
-            chains.append((chain, count))
-            offset += count
-        struct.pack_into("<H", self._frame, 10, len(chains))  # num_buffers
+            taken.append(entry)
+            capacity += entry[2]
+        struct.pack_into("<H", self._frame, NUM_BUFFERS_OFFSET, len(taken))
+        used: list[tuple[int, int]] = []
         offset = 0
-        for chain, count in chains:
-            chain.write_writable(ctx.memory, frame[offset : offset + count])
+        for chain, views, size in taken:
+            count = min(size, length - offset)
+            _put(views, 0, frame[offset : offset + count])
+            used.append((chain.head, count))
             offset += count
-        ctx.complete_many(queue, [(chain.head, count) for chain, count in chains])
+        ctx.complete_many(queue, used)
         self._pending = 0
         return True
 
