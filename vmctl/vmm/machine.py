@@ -36,7 +36,10 @@ from .vcpu_thread import VcpuThread, install_kick_handler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CMDLINE = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd"
+# `quiet`: every console byte is a VM exit into Python (a few thousand for a full boot log,
+# which costs seconds under nested virtualization); warnings, errors and panics still show.
+# Drop it, or add `loglevel=7 earlyprintk=serial,ttyS0`, to watch the whole boot.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet i8042.noaux i8042.nomux i8042.dumbkbd"
 MAX_CPUS = 32
 # The busybox image's /init reports the command's status with this line before it reboots.
 EXIT_MARKER = re.compile(r"^VMCTL-EXIT (\d+)\s*$")
