@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -168,12 +168,16 @@ def _name(context: _Context, node: yaml.Node, where: str) -> str:
 
 
 def _machine_fields(c: _Context) -> dict[str, Callable]:
-    def backend(node, where):
-        value = c.scalar(node, where, str)
-        if value not in BACKENDS:
-            hint = difflib.get_close_matches(value, BACKENDS, n=1)
-            raise c.error(node, where, f"unknown backend {value!r}" + (f" (did you mean {hint[0]!r}?)" if hint else f" (one of {', '.join(BACKENDS)})"))
-        return value
+    def choice(what: str, choices: Sequence[str]) -> Callable:
+        def parse(node, where):
+            value = c.scalar(node, where, str)
+            if value not in choices:
+                hint = difflib.get_close_matches(value, choices, n=1)
+                raise c.error(node, where, f"unknown {what} {value!r}" + (f" (did you mean {hint[0]!r}?)" if hint else f" (one of {', '.join(choices)})"))
+            return value
+        return parse
+
+    backend = choice("backend", BACKENDS)
 
     def cpus(node, where):
         value = c.scalar(node, where, int)
@@ -193,12 +197,7 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
             raise c.error(node, where, f"{text} is more than 1 TiB")
         return value
 
-    def image(node, where):
-        value = c.scalar(node, where, str)
-        if value not in IMAGE_PROFILES:
-            hint = difflib.get_close_matches(value, IMAGE_PROFILES, n=1)
-            raise c.error(node, where, f"unknown image {value!r}" + (f" (did you mean {hint[0]!r}?)" if hint else f" (one of {', '.join(IMAGE_PROFILES)})"))
-        return value
+    image = choice("image", IMAGE_PROFILES)
 
     def command(node, where):
         if isinstance(node, yaml.ScalarNode):

@@ -7,14 +7,13 @@ rather than allowed to stall the guest's UART.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import threading
 from pathlib import Path
 from typing import Callable
 
-from ..errors import VmctlError
+from .control import close_unix, listen_unix
 
 
 class ConsoleServer:
@@ -25,17 +24,7 @@ class ConsoleServer:
         self.feed = feed  # set once the machine's UART exists
         self._clients: list[socket.socket] = []
         self._lock = threading.Lock()
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.bind(str(path))
-        except OSError as error:
-            self.sock.close()
-            raise VmctlError(f"{path}: cannot listen: {error.strerror} (the state directory must be on a "
-                             "local file system: set VMCTL_STATE_DIR)") from None
-        os.chmod(path, 0o600)
-        self.sock.listen(4)
+        self.sock = listen_unix(path, backlog=4)
         threading.Thread(target=self._accept_loop, name="console-server", daemon=True).start()
 
     # --- sink side (called by the machine's console output) --------------------------------
@@ -90,12 +79,4 @@ class ConsoleServer:
         with self._lock:
             for client in list(self._clients):
                 self._drop(client)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        close_unix(self.sock, self.path)

@@ -19,36 +19,47 @@ from ..errors import VmctlError
 MAX_REQUEST = 64 * 1024
 
 
+def listen_unix(path: Path, backlog: int) -> socket.socket:
+    """A listening Unix socket at `path` (a stale one replaced), for the owner only."""
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    except OSError as error:
+        sock.close()
+        raise VmctlError(f"{path}: cannot listen: {error.strerror} (the state directory must be on a "
+                         "local file system: set VMCTL_STATE_DIR)") from None
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    return sock
+
+
+def close_unix(sock: socket.socket, path: Path) -> None:
+    """Stop listening (waking the accept loop) and remove the socket file."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 class ControlServer:
     def __init__(self, path: Path, handlers: dict[str, Callable[[dict], dict]]) -> None:
         self.path = path
         self.handlers = handlers
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.bind(str(path))
-        except OSError as error:
-            self.sock.close()
-            raise VmctlError(f"{path}: cannot listen: {error.strerror} (the state directory must be on a "
-                             "local file system: set VMCTL_STATE_DIR)") from None
-        os.chmod(path, 0o600)
-        self.sock.listen(8)
+        self.sock = listen_unix(path, backlog=8)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        close_unix(self.sock, self.path)
 
     def _serve(self) -> None:
         while True:
