@@ -15,4 +15,8 @@ def get_backend(name: str) -> Backend:
         from .libvirt import LibvirtBackend
 
         return LibvirtBackend()
-    raise VmctlError(f"backend {name!r} is not available yet (available: kvm, libvirt)")
+    if name == "container":
+        from .container import ContainerBackend
+
+        return ContainerBackend()
+    raise VmctlError(f"backend {name!r} is not available (available: kvm, libvirt, container)")

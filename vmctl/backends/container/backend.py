@@ -1,0 +1,236 @@
+"""`backend: container`: the lifecycle verbs for a machine run as an OCI container.
+
+`start` checks what can be checked on the user's terminal (runtime installed, base tree
+built, spec fields that mean nothing to a container), writes the bundle and hands over to a
+monitor process (monitor.py), then waits for its one-line report: the container is running,
+or it failed and the monitor already undid everything. `remove` releases whatever is left
+in any state, including after kill -9 of the monitor or of the container's init.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from ...errors import VmctlError
+from ...spec.model import LibvirtSpec, MachineSpec
+from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore, pid_alive
+from ...vmm.agent import ExecResult
+from ..base import MachineStatus
+from .bundle import build_config
+from .monitor import PLAN, Plan, paths, release
+from .rootfs import base_tree
+from .runtime import CGROUP_PARENT, Runtime, check_controllers, choose
+
+READY_MARKER = b"VMCTL-READY"
+MONITOR_LOG = "monitor.log"
+START_TIMEOUT = 60.0
+POLL = 0.05
+
+
+def check_spec(spec: MachineSpec) -> None:
+    """Spec fields a container cannot honour are errors, not silently ignored."""
+    unused = [
+        ("kernel", spec.kernel is not None), ("initrd", spec.initrd is not None), ("cmdline", spec.cmdline is not None),
+        ("disks", bool(spec.disks)), ("network.forwards", bool(spec.network.forwards)),
+        ("libvirt", spec.libvirt != LibvirtSpec()),
+    ]
+    for field, given in unused:
+        if given:
+            raise VmctlError(f"{spec.source or spec.name}: {field}: not supported with backend: container "
+                             f"(see docs/containers.md)")
+
+
+class ContainerBackend:
+    name = "container"
+
+    def start(self, store: StateStore, spec: MachineSpec, spec_file: str | None) -> MachineRecord:
+        check_spec(spec)
+        runtime = choose()
+        check_controllers()
+        lower = base_tree(spec.image)
+        container_id = f"vmctl-{spec.name}-{uuid.uuid4().hex[:8]}"
+        record = MachineRecord(
+            name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral,
+            spec={"cpus": spec.cpus, "memory": spec.memory, "image": spec.image, "command": list(spec.command),
+                  "environment": dict(spec.environment), "network": {"mode": spec.network.mode},
+                  "runtime": runtime.name, "container_id": container_id},
+            resources={"container": [container_id], "cgroup": [f"/{CGROUP_PARENT}/{container_id}"]},
+        )
+        folder = store.create(record)
+        plan = Plan(spec.name, container_id, runtime.name, runtime.binary, str(lower), spec.network.mode)
+        where = paths(folder)
+        monitor: subprocess.Popen | None = None
+        try:
+            (folder / PLAN).write_text(json.dumps(asdict(plan), indent=2))
+            where["bundle"].mkdir()
+            config = build_config(spec, str(where["rootfs"] / "merged"), f"/{CGROUP_PARENT}/{container_id}")
+            (where["bundle"] / "config.json").write_text(json.dumps(config, indent=2))
+            read_end, write_end = os.pipe()
+            try:
+                with open(folder / MONITOR_LOG, "ab") as log:
+                    monitor = subprocess.Popen(
+                        [sys.executable, "-m", "vmctl.backends.container.monitor", str(folder), str(write_end)],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
+                        start_new_session=True,  # a Ctrl-C on `vmctl up` must not kill it later
+                    )
+                os.close(write_end)
+                report = _read_report(read_end, START_TIMEOUT)
+            finally:
+                os.close(read_end)
+            if not report.startswith("ok "):
+                detail = report[len("error "):] if report.startswith("error ") else _tail(folder / MONITOR_LOG)
+                raise VmctlError(detail or f"{spec.name}: the container monitor ended without a report")
+            record.pid = int(report.split()[1])
+            record.resources["monitor"] = [str(monitor.pid)]
+            store.save(record)
+        except BaseException:
+            if monitor is not None and monitor.poll() is None:
+                monitor.kill()
+                monitor.wait()
+            release(folder, plan)
+            store.delete(spec.name)  # nothing half-made stays behind
+            raise
+        return record
+
+    def wait_ready(self, store: StateStore, record: MachineRecord, timeout: float) -> float:
+        """A started container is ready (its command runs); this only confirms it, and
+        fails like a VM would if it already ended unsuccessfully."""
+        start = time.monotonic()
+        console = store.folder(record.name) / CONSOLE
+        while time.monotonic() - start < timeout:
+            outcome = store.outcome(record.name)
+            if outcome is not None and outcome["exit_code"] != 0:
+                raise VmctlError(f"{record.name}: container ended: {outcome['reason']} (vmctl logs {record.name})")
+            if console.exists() and READY_MARKER in console.read_bytes()[:4096]:
+                return time.monotonic() - start
+            time.sleep(POLL)
+        raise VmctlError(f"{record.name}: not ready after {timeout:g} s (vmctl logs {record.name})")
+
+    def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
+        _reap_monitor(record)
+        outcome = store.outcome(record.name)
+        if outcome is not None:
+            state = "crashed" if outcome["crashed"] else "exited"
+            return MachineStatus(record.name, self.name, state, None, outcome["reason"], outcome["exit_code"])
+        if pid_alive(record.pid):
+            network = store.network(record.name)
+            where = f", {network['guest_ip']} ({network['veth']})" if network else ""
+            return MachineStatus(record.name, self.name, "running", record.pid, f"{record.spec['runtime']}{where}")
+        return MachineStatus(record.name, self.name, "dead", record.pid,
+                             "the container's init is gone without an outcome (its monitor was killed?)")
+
+    def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
+        """SIGTERM to the container's init, SIGKILL after `timeout` s."""
+        folder = store.folder(record.name)
+        plan = Plan.load(folder)
+        runtime = Runtime(plan.runtime, plan.binary)
+        oci = paths(folder)["oci"]
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            if not pid_alive(record.pid):
+                break
+            try:
+                runtime.kill(record.name, oci, plan.container_id, sig)
+            except VmctlError:
+                _signal(record.pid, sig)  # the runtime lost its state: signal the init directly
+            deadline = time.monotonic() + wait
+            while pid_alive(record.pid) and time.monotonic() < deadline:
+                time.sleep(POLL)
+        _wait_monitor(record, 10.0)
+        if store.outcome(record.name) is None and not pid_alive(record.pid) and not _monitor_alive(record):
+            # The monitor was gone (killed): nobody recorded the end or released the rest.
+            (folder / OUTCOME).write_text(json.dumps({"exit_code": None, "crashed": False,
+                                                      "reason": "stopped by vmctl (its monitor was gone)"}))
+            release(folder, plan)
+
+    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
+        """`<runtime> exec`: same namespaces, cgroup, capabilities and seccomp as the init."""
+        if not pid_alive(record.pid) or store.outcome(record.name) is not None:
+            raise VmctlError(f"{record.name}: not running")
+        folder = store.folder(record.name)
+        plan = Plan.load(folder)
+        exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec.get("environment", {}).items())
+        return Runtime(plan.runtime, plan.binary).exec(record.name, paths(folder)["oci"], plan.container_id,
+                                                        ["/bin/sh", "-c", exports + shlex.join(command)], timeout)
+
+    def remove(self, store: StateStore, record: MachineRecord) -> None:
+        folder = store.folder(record.name)
+        if (folder / PLAN).exists():
+            self.stop(store, record, timeout=5)
+            for pid in record.resources.get("monitor", []):
+                _signal(int(pid), signal.SIGKILL)
+            problems = release(folder, Plan.load(folder))
+            if problems:  # never delete the folder through a mount that is still there
+                raise VmctlError(f"{record.name}: not removed: {'; '.join(problems)}")
+        from ...net.host import sweep_stale_rules
+
+        sweep_stale_rules()  # the NAT rule of a container whose monitor was killed
+        store.delete(record.name)
+
+
+def _read_report(fd: int, timeout: float) -> str:
+    """The monitor's one line, or "" if it closed the pipe (died) or said nothing in time."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise VmctlError(f"the container monitor did not report within {timeout:g} s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def _monitor_pid(record: MachineRecord) -> int | None:
+    pids = record.resources.get("monitor") or []
+    return int(pids[0]) if pids else None
+
+
+def _monitor_alive(record: MachineRecord) -> bool:
+    _reap_monitor(record)
+    return pid_alive(_monitor_pid(record))
+
+
+def _wait_monitor(record: MachineRecord, timeout: float) -> None:
+    """The monitor writes the outcome and releases the mount etc. once the init is gone."""
+    deadline = time.monotonic() + timeout
+    while _monitor_alive(record) and time.monotonic() < deadline:
+        time.sleep(POLL)
+
+
+def _reap_monitor(record: MachineRecord) -> None:
+    """Collect the monitor's exit status if it is our child (in a long-lived process such
+    as pytest), so it does not linger as a zombie."""
+    pid = _monitor_pid(record)
+    if pid:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def _signal(pid: int | None, sig: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
