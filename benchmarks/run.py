@@ -58,7 +58,7 @@ def _wait_for(predicate, timeout: float, poll: float = 0.005) -> None:
 def vmctl_phases(spec_path: Path, state: Path, timeout: float) -> dict[str, float]:
     from vmctl.backends import get_backend
     from vmctl.spec import load_spec
-    from vmctl.state import CONSOLE, StateStore
+    from vmctl.state import CONSOLE, VMM_LOG, StateStore
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -84,8 +84,14 @@ def vmctl_phases(spec_path: Path, state: Path, timeout: float) -> dict[str, floa
             record = backend.start(store, spec, str(spec_path))
     finally:
         kvm_module.prepare = original
-    console = store.folder(record.name) / CONSOLE
-    _wait_for(lambda: console.exists() and READY in console.read_bytes(), timeout)
+    folder = store.folder(record.name)
+    console = folder / CONSOLE
+    try:
+        _wait_for(lambda: console.exists() and READY in console.read_bytes(), timeout)
+    except TimeoutError:
+        tails = {name: (folder / name).read_bytes()[-3000:].decode(errors="replace")
+                 for name in (CONSOLE, VMM_LOG) if (folder / name).exists()}
+        raise TimeoutError(f"no {READY.decode()} after {timeout:.0f} s; state folder tails: {tails}") from None
     t3 = time.perf_counter()
     _wait_for(lambda: store.outcome(record.name) is not None, timeout)
     t4 = time.perf_counter()
