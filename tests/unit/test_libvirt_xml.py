@@ -13,7 +13,9 @@ from vmctl.backends.libvirt.domain_xml import machine_of, render
 from vmctl.backends.libvirt.plan import default_mac, domain_plan
 from vmctl.disk.qcow2.create import create, create_overlay
 from vmctl.errors import VmctlError
+from vmctl.images.initargs import decode
 from vmctl.spec import parse_spec
+from vmctl.vmm.agent import GUEST_AGENT
 
 GOLDEN = Path(__file__).parent / "golden" / "libvirt"
 UUID = "6b1c2f4e-0d2a-4c55-9a51-2f0e8d3c7a10"
@@ -72,7 +74,10 @@ def test_direct_kernel_boot(files):
     assert root.findtext("os/kernel") == str(files / "bzImage")
     assert root.findtext("os/initrd") == str(files / "initrd.cpio")
     cmdline = root.findtext("os/cmdline")
-    assert cmdline.startswith("console=ttyS0 quiet vmctl.cmd=")
+    words = cmdline.split()
+    assert words[:5] == ["console=ttyS0", "quiet", "8250.nr_uarts=2", "vmctl.hostname=web", words[4]]
+    script = decode(words[4].removeprefix("vmctl.cmd="))  # the exec agent on COM2, then the command
+    assert script.startswith(GUEST_AGENT) and script.endswith("export GREETING=hello\nuname -a")
     assert root.find("os/boot") is None
     assert [root.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
     consoles = root.findall("devices/serial")

@@ -24,15 +24,6 @@ POLL = 0.05
 SSH_PORT = 22
 
 
-def command_cmdline(command: list[str], environment: dict[str, str]) -> str:
-    """`vmctl.cmd=<base64 of a shell command>`, which the reference /init runs (docs/images.md)."""
-    if not command:
-        return ""
-    exports = "".join(f"export {name}={shlex.quote(value)}; " for name, value in environment.items())
-    script = exports + shlex.join(command)
-    return "vmctl.cmd=" + base64.b64encode(script.encode()).decode()
-
-
 def default_images() -> tuple[Path, Path]:
     """The reference kernel and busybox initramfs (used by the libvirt backend too)."""
     kernel, initrd, _ = reference_images("busybox")

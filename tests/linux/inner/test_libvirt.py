@@ -3,8 +3,9 @@
 - `vmctl run SPEC --show-boot`: a transient domain boots the reference kernel and busybox
   initramfs under QEMU/KVM; the console shows VMCTL-READY, the command's output and
   `VMCTL-EXIT 0`; nothing is left in libvirt or the state folder.
-- `vmctl up` (a persistent domain): ready at VMCTL-READY, `ps` shows the command's status
-  once the guest ends, `logs` its output, `rm` undefines the domain.
+- `vmctl up` (a persistent domain): ready at VMCTL-READY, `exec` runs a command through the
+  guest agent on COM2 (a unix socket of QEMU's), `ps` shows the command's status once the
+  guest ends, `logs` its output, `rm` undefines the domain.
 
 No disk: the reference kernel is a microVM build (virtio-mmio, no PCI) and QEMU under libvirt
 puts virtio devices on PCI, so the guest could not see one (docs/libvirt.md). The overlay
@@ -82,14 +83,19 @@ def test_run_boots_linux_to_userspace_through_libvirt(state_dir, tmp_path):
     assert "\n6.1." in console[ready:]  # `uname -r`: the reference kernel, booted by QEMU under libvirt
 
 
-def test_persistent_domain_up_ps_logs_rm(state_dir, tmp_path, libvirtd):
+def test_persistent_domain_up_exec_ps_logs_rm(state_dir, tmp_path, libvirtd):
+    # The command waits for a file that only `vmctl exec` creates, so the guest ends after it.
+    waits = COMMAND + "; while [ ! -e /tmp/go ]; do sleep 0.2; done"
     spec = tmp_path / "vm.yaml"
     spec.write_text(f"machines:\n  lvl-up:\n    backend: libvirt\n    memory: 256M\n"
-                    f"    command: [sh, -c, {json.dumps(COMMAND)}]\n")
+                    f"    environment: {{WHO: agent}}\n    command: [sh, -c, {json.dumps(waits)}]\n")
     up = vmctl("up", str(spec))  # returns once the console shows VMCTL-READY
     assert up.returncode == 0, up.stderr
     assert "lvl-up: ready in" in up.stderr
     try:
+        run = vmctl("exec", "lvl-up", "--", "sh", "-c", "echo $WHO on $(hostname); echo oops >&2; touch /tmp/go; exit 5")
+        assert (run.returncode, run.stdout) == (5, "agent on lvl-up\n"), run.stderr
+        assert "oops" in run.stderr
         deadline = time.monotonic() + 300
         while (row := json.loads(vmctl("ps", "--json").stdout)[0])["state"] == "running":
             assert time.monotonic() < deadline, "the guest did not end"

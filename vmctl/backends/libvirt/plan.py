@@ -6,7 +6,9 @@ import hashlib
 
 from ...errors import VmctlError
 from ...spec.model import MachineSpec
-from ..kvm import command_cmdline, default_images
+from ...images.initargs import InitArgs
+from ..kvm import default_images
+from ..kvm_prepare import AGENT_CMDLINE, guest_script
 from ...vmm.machine import DEFAULT_CMDLINE
 from .domain_xml import DiskPlan, DomainPlan, NicPlan
 
@@ -57,8 +59,11 @@ def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE) -> tuple
         except VmctlError as error:
             raise VmctlError(f"{spec.name}: {error}") from None
         kernel, initrd = reference_kernel, initrd or reference_initrd
-    cmdline = " ".join(filter(None, [spec.cmdline or default_cmdline,
-                                     command_cmdline(list(spec.command), dict(spec.environment))]))
+    # The native backend's contract with vmctl's /init: the exec agent on COM2 (a unix socket
+    # in the domain XML), then the command with its environment, or a login shell.
+    script = guest_script(spec.command, spec.environment, "root")
+    words = InitArgs(hostname=spec.name, cmd=script).words()
+    cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *words])
     return str(kernel), str(initrd) if initrd else None, cmdline
 
 
