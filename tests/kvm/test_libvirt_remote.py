@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from libvirt_guest import TICK, boot_sector, wait_for
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (scripts/libvirt-setup)")
 
-TICK = b"vmctl tiny guest tick"
 POOL = "/var/lib/libvirt/vmctl"
 
 # Runs inside `unshare --mount --propagation private`: $1 the test's folder (visible on both
@@ -52,28 +52,10 @@ exec /usr/sbin/sshd -D -e -f "$F/sshd_config"
 """
 
 
-def boot_sector(path: Path) -> Path:
-    """A 1 MiB raw disk whose MBR prints TICK to COM1 (0x3f8), waits a little, and repeats."""
-    message = TICK + b"\r\n\0"
-    code = (bytes.fromhex("31c0 8ed8 baf803 be") + (0x7C00 + 25).to_bytes(2, "little")
-            + bytes.fromhex("ac 84c0 7403 ee ebf8" "b9ffff e2fe ebee"))
-    path.write_bytes(((code + message).ljust(510, b"\0") + b"\x55\xaa").ljust(1 << 20, b"\0"))
-    return path
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def wait_for(condition, what: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout} s for {what}")
-        time.sleep(0.2)
-    return value
 
 
 def _alive(pid: int) -> bool:

@@ -18,22 +18,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from libvirt_guest import TICK, boot_sector, wait_for
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (scripts/libvirt-setup)")
 
-TICK = b"vmctl tiny guest tick"
 DAEMONS = {"virtlogd": "/run/virtlogd.pid", "libvirtd": "/run/libvirtd.pid"}
-
-
-def boot_sector(path: Path) -> Path:
-    """A 1 MiB raw disk whose MBR prints TICK to COM1 (0x3f8), waits a little, and repeats."""
-    message = TICK + b"\r\n\0"
-    code = (bytes.fromhex("31c0 8ed8 baf803 be") + (0x7C00 + 25).to_bytes(2, "little")  # xor ax,ax; mov ds,ax; mov dx,0x3f8; mov si,msg
-            + bytes.fromhex("ac 84c0 7403 ee ebf8"  # next: lodsb; test al,al; jz pause; out dx,al; jmp next
-                            "b9ffff e2fe ebee"))  # pause: mov cx,0xffff; loop $; jmp back to mov si
-    assert len(code) == 25
-    path.write_bytes(((code + message).ljust(510, b"\0") + b"\x55\xaa").ljust(1 << 20, b"\0"))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -84,15 +73,6 @@ def ps(vmctl_cli) -> dict:
     result = vmctl_cli("ps", "--json")
     assert result.returncode == 0, result.stderr
     return {row["name"]: row for row in json.loads(result.stdout)}
-
-
-def wait_for(condition, what: str, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout} s for {what}")
-        time.sleep(0.2)
-    return value
 
 
 def logs(vmctl_cli, name: str) -> bytes:

@@ -20,6 +20,15 @@ class MachineStatus:
     exit_code: int | None = None
 
 
+def ended_status(backend: str, store: StateStore, record: MachineRecord) -> MachineStatus | None:
+    """The machine's status from its outcome file (every backend writes one when it ends)."""
+    outcome = store.outcome(record.name)
+    if outcome is None:
+        return None
+    state = "crashed" if outcome.get("crashed") else "exited"
+    return MachineStatus(record.name, backend, state, None, outcome["reason"], outcome["exit_code"])
+
+
 class Backend(Protocol):
     name: str
 

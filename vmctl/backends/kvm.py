@@ -16,7 +16,7 @@ from ..spec.model import MachineSpec
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
 from ..vmm.agent import ExecResult
 from ..vmm.control import request
-from .base import MachineStatus
+from .base import MachineStatus, ended_status
 from .kvm_prepare import prepare, reference_images
 
 READY_MARKER = b"VMCTL-READY"
@@ -79,10 +79,9 @@ class KvmBackend:
         raise VmctlError(f"{record.name}: not ready after {timeout:g} s (vmctl logs {record.name})")
 
     def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
-        outcome = store.outcome(record.name)
-        if outcome is not None:
-            state = "crashed" if outcome["crashed"] else "exited"
-            return MachineStatus(record.name, self.name, state, None, outcome["reason"], outcome["exit_code"])
+        ended = ended_status(self.name, store, record)
+        if ended is not None:
+            return ended
         if pid_alive(record.pid):
             network = store.network(record.name)
             detail = f"{network['guest_ip']} ({network['tap']})" if network else ""

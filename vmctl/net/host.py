@@ -55,13 +55,42 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     return used
 
 
-def _free_tap_name() -> str:
+def free_link_name(prefix: str) -> str:
+    """The first `<prefix><n>` no network interface has (TAPs: vmctl0, veths: vmctlv0, ...)."""
     existing = set(os.listdir("/sys/class/net"))
     for index in range(1000):
-        name = f"{TAP_PREFIX}{index}"
+        name = f"{prefix}{index}"
         if name not in existing:
             return name
-    raise VmctlError("no free TAP name")
+    raise VmctlError(f"no free interface name {prefix}0..{prefix}999")
+
+
+def free_subnet() -> ipaddress.IPv4Network:
+    """A /30 of the pool that overlaps no address on this host (VMs and containers alike)."""
+    used = _used_networks()
+    for candidate in SUBNET_POOL.subnets(new_prefix=30):
+        if not any(candidate.overlaps(net) for net in used):
+            return candidate
+    raise VmctlError(f"no free /30 left in {SUBNET_POOL}")
+
+
+def enable_nat(subnet: ipaddress.IPv4Network, ifname: str) -> list[str]:
+    """Forwarding on, and a MASQUERADE rule for `subnet` tagged with `ifname`; returns the rule."""
+    if shutil.which("iptables") is None:
+        raise VmctlError("network mode nat needs iptables (Debian: apt-get install iptables); isolated does not")
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as file:
+        file.write("1")
+    rule = ["POSTROUTING", "-t", "nat", "-s", str(subnet), "!", "-o", ifname, "-j", "MASQUERADE",
+            "-m", "comment", "--comment", f"{RULE_TAG}{ifname}"]
+    _iptables("-A", *rule)
+    return rule
+
+
+def disable_nat(rule: list[str]) -> None:
+    try:
+        _iptables("-D", *rule)
+    except VmctlError as error:
+        log.warning("network: %s", error)
 
 
 @dataclass
@@ -90,42 +119,23 @@ class HostNetwork:
         if self.mode not in ("isolated", "nat"):
             raise VmctlError(f"network mode {self.mode!r}: use isolated or nat")
         sweep_stale_rules()
-        self.tap = Tap(_free_tap_name())
+        self.tap = Tap(free_link_name(TAP_PREFIX))
         try:
-            used = _used_networks()
-            for candidate in SUBNET_POOL.subnets(new_prefix=30):
-                if not any(candidate.overlaps(net) for net in used):
-                    self.subnet = candidate
-                    break
-            else:
-                raise VmctlError(f"no free /30 left in {SUBNET_POOL}")
+            self.subnet = free_subnet()
             _quiet_ipv6(self.tap.name)
             _ip("addr", "add", f"{self.host_ip}/30", "dev", self.tap.name)
             _ip("link", "set", "dev", self.tap.name, "up")
             if self.mode == "nat":
-                self._enable_nat()
+                self._nat_rule = enable_nat(self.subnet, self.tap.name)
         except BaseException:
             self.close()
             raise
         log.info("network: %s %s, host %s, guest %s (%s)", self.mode, self.tap.name, self.host_ip, self.guest_ip, self.mac)
         return self
 
-    def _enable_nat(self) -> None:
-        if shutil.which("iptables") is None:
-            raise VmctlError("--net nat needs iptables (Debian: apt-get install iptables); --net isolated does not")
-        with open("/proc/sys/net/ipv4/ip_forward", "w") as file:
-            file.write("1")
-        rule = ["POSTROUTING", "-t", "nat", "-s", str(self.subnet), "!", "-o", self.tap.name, "-j", "MASQUERADE",
-                "-m", "comment", "--comment", f"{RULE_TAG}{self.tap.name}"]
-        _iptables("-A", *rule)
-        self._nat_rule = rule
-
     def close(self) -> None:
         if self._nat_rule:
-            try:
-                _iptables("-D", *self._nat_rule)
-            except VmctlError as error:
-                log.warning("network: %s", error)
+            disable_nat(self._nat_rule)
             self._nat_rule = None
         if self.tap:
             self.tap.close()  # the TAP, its address and route go with the fd

@@ -25,7 +25,7 @@ from ...errors import VmctlError
 from ...spec.model import LibvirtSpec, MachineSpec
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore, pid_alive
 from ...vmm.agent import ExecResult
-from ..base import MachineStatus
+from ..base import MachineStatus, ended_status
 from .bundle import build_config
 from .monitor import PLAN, Plan, paths, release
 from .rootfs import base_tree
@@ -118,10 +118,9 @@ class ContainerBackend:
 
     def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
         _reap_monitor(record)
-        outcome = store.outcome(record.name)
-        if outcome is not None:
-            state = "crashed" if outcome["crashed"] else "exited"
-            return MachineStatus(record.name, self.name, state, None, outcome["reason"], outcome["exit_code"])
+        ended = ended_status(self.name, store, record)
+        if ended is not None:
+            return ended
         if pid_alive(record.pid):
             network = store.network(record.name)
             where = f", {network['guest_ip']} ({network['veth']})" if network else ""

@@ -25,21 +25,12 @@ from dataclasses import dataclass
 from ...errors import VmctlError
 
 # The VM network's helpers: one address pool, one rule format, one sweeper for both.
-from ...net.host import RULE_TAG, SUBNET_POOL, _ip, _iptables, _quiet_ipv6, _used_networks, sweep_stale_rules
+from ...net.host import _ip, _quiet_ipv6, disable_nat, enable_nat, free_link_name, free_subnet, sweep_stale_rules
 
 log = logging.getLogger(__name__)
 
 VETH_PREFIX = "vmctlv"
 GUEST_IFNAME = "eth0"
-
-
-def _free_veth_name() -> str:
-    existing = set(os.listdir("/sys/class/net"))
-    for index in range(1000):
-        name = f"{VETH_PREFIX}{index}"
-        if name not in existing:
-            return name
-    raise VmctlError("no free veth name")
 
 
 def _in_netns(pid: int, *args: str) -> None:
@@ -72,11 +63,8 @@ class ContainerNetwork:
             raise VmctlError(f"network mode {self.mode!r}: use isolated or nat")
         sweep_stale_rules()
         try:
-            used = _used_networks()
-            self.subnet = next((c for c in SUBNET_POOL.subnets(new_prefix=30) if not any(c.overlaps(n) for n in used)), None)
-            if self.subnet is None:
-                raise VmctlError(f"no free /30 left in {SUBNET_POOL}")
-            name = _free_veth_name()
+            self.subnet = free_subnet()
+            name = free_link_name(VETH_PREFIX)
             _ip("link", "add", name, "type", "veth", "peer", "name", GUEST_IFNAME, "netns", str(pid))
             self.host_ifname = name
             _quiet_ipv6(name)
@@ -86,22 +74,12 @@ class ContainerNetwork:
             _in_netns(pid, "link", "set", "dev", GUEST_IFNAME, "up")
             _in_netns(pid, "route", "add", "default", "via", self.host_ip)
             if self.mode == "nat":
-                self._enable_nat()
+                self._nat_rule = enable_nat(self.subnet, name)
         except BaseException:
             self.close()
             raise
         log.info("network: %s %s, host %s, container %s", self.mode, self.host_ifname, self.host_ip, self.guest_ip)
         return self
-
-    def _enable_nat(self) -> None:
-        if shutil.which("iptables") is None:
-            raise VmctlError("network: nat needs iptables (Debian: apt-get install iptables); isolated does not")
-        with open("/proc/sys/net/ipv4/ip_forward", "w") as file:
-            file.write("1")
-        rule = ["POSTROUTING", "-t", "nat", "-s", str(self.subnet), "!", "-o", self.host_ifname, "-j", "MASQUERADE",
-                "-m", "comment", "--comment", f"{RULE_TAG}{self.host_ifname}"]
-        _iptables("-A", *rule)
-        self._nat_rule = rule
 
     def describe(self) -> dict:
         """network.json: the fields `vmctl ps --json`/`status` show for VMs too."""
@@ -110,10 +88,7 @@ class ContainerNetwork:
 
     def close(self) -> None:
         if self._nat_rule:
-            try:
-                _iptables("-D", *self._nat_rule)
-            except VmctlError as error:
-                log.warning("network: %s", error)
+            disable_nat(self._nat_rule)
             self._nat_rule = None
         if self.host_ifname and os.path.exists(f"/sys/class/net/{self.host_ifname}"):
             try:

@@ -25,7 +25,7 @@ from ...spec.model import MachineSpec
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
 from ...vmm.agent import AgentChannel, ExecResult
 from ...vmm.machine import EXIT_MARKER
-from ..base import MachineStatus
+from ..base import MachineStatus, ended_status
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
@@ -230,7 +230,6 @@ class LibvirtBackend:
             domain = self._domain(record)
         except VmctlError as error:
             return MachineStatus(record.name, self.name, "dead", None, str(error).split(": ", 1)[1])
-        outcome = store.outcome(record.name)
         self._sync_console(store, record)  # so `vmctl logs` after `ps` shows a remote console
         if domain is not None:
             try:
@@ -241,9 +240,9 @@ class LibvirtBackend:
                                             libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_SHUTDOWN):
             detail = "paused" if state == libvirt.VIR_DOMAIN_PAUSED else ""
             return MachineStatus(record.name, self.name, "running", record.pid, detail)
-        if outcome is not None:
-            state_name = "crashed" if outcome.get("crashed") else "exited"
-            return MachineStatus(record.name, self.name, state_name, None, outcome["reason"], outcome["exit_code"])
+        ended = ended_status(self.name, store, record)
+        if ended is not None:
+            return ended
         code = exit_code_in(self._console(store, record))
         if domain is None:
             if record.spec.get("persistent"):
