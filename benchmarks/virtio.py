@@ -1,11 +1,13 @@
 """virtio end to end: vmctl's native VMM vs QEMU microvm, same kernel, initramfs and disk.
 
     python benchmarks/virtio.py --nested        # here (kvm_pvm): inside the nested host
+    python benchmarks/virtio.py --nested --vhost  # virtio-net through vhost-net in both VMMs
     python benchmarks/virtio.py --runs 3        # on a host whose /dev/kvm is hardware-backed
 
 Both VMMs boot the reference kernel (`vmctl image paths` → bzImage) with the same initramfs
 (static busybox + benchmarks/guest/vbench.c) and the same raw disk file, one vCPU, 256 MiB,
-virtio-mmio devices without vhost, each on its own TAP with a point-to-point /30. In the
+virtio-mmio devices (virtio-net in userspace in both, or with --vhost through vhost-net in
+both), each on its own TAP with a point-to-point /30. In the
 guest: sequential 1 MiB O_DIRECT write and read MB/s on /dev/vda, 4 KiB O_DIRECT random-read
 IOPS at queue depth 1, one TCP stream guest → host and one host → guest. Runs alternate
 vmctl, QEMU, vmctl, QEMU… so a change in the machine's load hits both alike.
@@ -176,7 +178,7 @@ def vmctl_command(kernel: Path, initrd: Path, disk: Path) -> list[str]:
             "--timeout", "600", "--cmdline", "console=ttyS0 reboot=k panic=1 rdinit=/init"]
 
 
-def qemu_command(kernel: Path, initrd: Path, disk: Path) -> list[str]:
+def qemu_command(kernel: Path, initrd: Path, disk: Path, vhost: bool) -> list[str]:
     host, guest = QEMU_NET
     return ["qemu-system-x86_64", "-M", "microvm,accel=kvm,acpi=off", "-cpu", "host", "-m", "256M", "-smp", "1",
             "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
@@ -184,7 +186,7 @@ def qemu_command(kernel: Path, initrd: Path, disk: Path) -> list[str]:
             "-append", f"console=ttyS0 reboot=k panic=1 rdinit=/init ip={guest}::{host}:255.255.255.252::eth0:off",
             "-drive", f"id=d0,file={disk},format=raw,if=none,cache=writeback,aio=threads",
             "-device", "virtio-blk-device,drive=d0",
-            "-netdev", f"tap,id=n0,ifname={QEMU_TAP},script=no,downscript=no,vhost=off",
+            "-netdev", f"tap,id=n0,ifname={QEMU_TAP},script=no,downscript=no,vhost={'on' if vhost else 'off'}",
             "-device", "virtio-net-device,netdev=n0"]
 
 
@@ -205,7 +207,7 @@ def qemu_version() -> str:
     return result.stdout.splitlines()[0] if result.returncode == 0 else "unknown"
 
 
-def measure(kernel: Path, runs: int, logs: Path | None) -> dict:
+def measure(kernel: Path, runs: int, logs: Path | None, vhost: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="vmctl-virtio-bench-") as temp:
         work = Path(temp)
         logs = logs or work
@@ -217,7 +219,8 @@ def measure(kernel: Path, runs: int, logs: Path | None) -> dict:
             "config": {"disk_mib": DISK_MIB, "seq_mib": SEQ_MIB, "randread_seconds": RANDREAD_SECONDS,
                        "tcp_mib": TCP_MIB, "runs": runs, "kernel": str(kernel), "guest": "1 vCPU, 256 MiB",
                        "host_kernel": platform.release(), "nested": os.environ.get("VMCTL_NESTED") == "1",
-                       "qemu": qemu_version(), "date": time.strftime("%Y-%m-%d")},
+                       "qemu": qemu_version(), "date": time.strftime("%Y-%m-%d"),
+                       "net_data_path": "vhost-net (both VMMs)" if vhost else "userspace (both VMMs)"},
             "vmctl": [], "qemu": [],
         }
         for index in range(runs):  # alternate, so load changes hit both VMMs alike
@@ -225,7 +228,7 @@ def measure(kernel: Path, runs: int, logs: Path | None) -> dict:
             result["vmctl"].append(run_guest(vmctl_command(kernel, initrd, disk), 900, logs / f"vmctl-{index}.log"))
             progress(f"run {index + 1}/{runs}: qemu")
             result["qemu"].append(with_qemu_tap(
-                lambda: run_guest(qemu_command(kernel, initrd, disk), 900, logs / f"qemu-{index}.log")))
+                lambda: run_guest(qemu_command(kernel, initrd, disk, vhost), 900, logs / f"qemu-{index}.log")))
         result["medians"] = {vmm: {key: statistics.median(row[key] for row in result[vmm]) for key in result[vmm][0]}
                              for vmm in ("vmctl", "qemu")}
         return result
@@ -252,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nested", action="store_true", help="run inside the nested host (paravirtual-KVM hosts)")
     parser.add_argument("--memory", type=int, default=2048, help="nested host memory in MiB (default 2048)")
     parser.add_argument("--logs", type=Path, help="keep each guest's console log in this directory")
+    parser.add_argument("--vhost", action="store_true",
+                        help="virtio-net through vhost-net in both VMMs (vmctl's default where /dev/vhost-net "
+                             "exists; QEMU vhost=on); without it both serve the queues in userspace")
     args = parser.parse_args(argv)
     kernel = (args.kernel or locate().bzimage).resolve()
     if not kernel.exists():
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.nested:
         inner = [sys.executable, str(Path(__file__).resolve()), "--kernel", str(kernel), "--runs", str(args.runs),
-                 "--output", str(output)]
+                 "--output", str(output), *(["--vhost"] if args.vhost else [])]
         shares = ["--share", str(output.parent)]
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
@@ -272,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("/dev/net/tun is missing (load the tun module)")
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
-    result = measure(kernel, args.runs, args.logs)
+    if args.vhost and not os.access("/dev/vhost-net", os.R_OK | os.W_OK):
+        raise SystemExit("--vhost: /dev/vhost-net is missing (load the vhost_net module)")
+    os.environ["VMCTL_VHOST"] = "1" if args.vhost else "0"  # the vmctl guests inherit it
+    result = measure(kernel, args.runs, args.logs, args.vhost)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))
     progress(f"wrote {output}")

@@ -224,3 +224,58 @@ def test_fuzz_register_traffic_never_escapes(rig, memory, accesses, garbage):
         transport.process_queue(0)
     driver.write(mmio.STATUS, 0)
     assert driver.read(mmio.STATUS) == 0
+
+
+class KernelServedRng(RngDevice):
+    """An rng whose queues a (pretend) host kernel takes at DRIVER_OK, as vhost-net does.
+    What the kernel would do is vhost's business; here: what the transport does around it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handoffs: list = []
+        self.resets = 0
+
+    def offload(self, features, memory, queues) -> bool:
+        self.handoffs = queues
+        return True
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def test_queues_handed_to_the_kernel_are_left_alone_until_reset(memory):
+    irq = Irq()
+    device = KernelServedRng()
+    transport = mmio.VirtioMmioTransport(device, memory, irq, irq_fd=irq.fd)
+    worker = DeviceWorker(transport, "test-worker")
+    driver = MmioDriver(transport)
+    try:
+        queue = bring_up(driver, memory)
+        [handoff] = device.handoffs
+        assert (handoff.queue, handoff.kick_fd, handoff.call_fd) == (transport.queues[0], transport.notify_fds[0], irq.fd)
+        assert transport.kernel_queues and transport.notify_fds[0] not in worker._handlers  # the kernel waits on it
+        # The kernel interrupts through the irqfd without touching InterruptStatus: it reads as used-buffer.
+        assert driver.read(mmio.INTERRUPT_STATUS) == mmio.INT_USED_BUFFER
+        queue.post([], [32])
+        transport.process_queue(0)  # a stray wake-up: the transport must not serve the kernel's queue
+        assert queue.take_used() == [] and irq.count == 0
+
+        resets = device.resets
+        driver.write(mmio.STATUS, 0)  # reset: the device takes its queues back
+        assert device.resets == resets + 1 and not transport.kernel_queues
+        assert worker._handlers[transport.notify_fds[0]] == ("queue", 0)
+        assert driver.read(mmio.INTERRUPT_STATUS) == 0
+    finally:
+        worker.stop()
+        transport.close()
+        os.close(irq.fd)
+
+
+def test_no_irqfd_no_handoff(memory):
+    device = KernelServedRng()
+    transport = mmio.VirtioMmioTransport(device, memory, Irq())
+    try:
+        bring_up(MmioDriver(transport), memory)
+        assert device.handoffs == [] and not transport.kernel_queues
+    finally:
+        transport.close()

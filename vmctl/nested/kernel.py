@@ -27,8 +27,9 @@ from . import modinfo
 META_PACKAGE = "linux-image-amd64"
 # virtio_pci: the 9p devices; 9pnet_virtio + 9p: host files; overlay: a writable view of
 # the read-only host root; kvm_amd: /dev/kvm on the emulated AMD-V; tun: TAP devices for
-# the guests' virtio-net (`vmctl boot --net`, tests/linux/inner/test_guest_virtio.py).
-NEEDED_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun"]
+# the guests' virtio-net (`vmctl boot --net`, tests/linux/inner/test_guest_virtio.py);
+# vhost_net: /dev/vhost-net, the in-kernel virtio-net data path (vmctl/virtio/vhost.py).
+NEEDED_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "vhost_net"]
 DEB_ENV = "VMCTL_NESTED_KERNEL_DEB"
 
 Progress = Callable[[str], None]
@@ -66,14 +67,19 @@ def kernels_folder() -> Path:
     return cache_dir() / "nested" / "kernel"
 
 
+def _complete(folder: Path) -> bool:
+    """Every file in place, and every module of NEEDED_MODULES (a cache from before a module
+    joined the list lacks it: it is fetched again)."""
+    order = folder / "load-order"
+    return order.is_file() and set(NEEDED_MODULES) <= set(order.read_text().split())
+
+
 def cached_kernel() -> L1Kernel | None:
     """The newest complete kernel in the cache, if any."""
     folder = kernels_folder()
     if not folder.is_dir():
         return None
-    complete = sorted(
-        p for p in folder.iterdir() if not p.name.startswith(".") and (p / "load-order").is_file()
-    )
+    complete = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _complete(p))
     return L1Kernel(complete[-1]) if complete else None
 
 
@@ -148,13 +154,15 @@ def _install(tree: Path, folder: Path) -> L1Kernel:
         shutil.copyfile(index[name], staging / "modules" / f"{name}.ko")
     (staging / "load-order").write_text("\n".join(order) + "\n")
     final = folder / release
+    if final.exists() and not _complete(final):
+        shutil.rmtree(final)  # cached before a module joined NEEDED_MODULES
     # Complete or absent: a cached kernel only appears once every file is in place. A
     # concurrent fetch may have won the race: then keep its copy.
     try:
         staging.rename(final)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (final / "load-order").is_file():
+        if not _complete(final):
             raise VmctlError(f"cannot install the L1 kernel into {final}") from None
     return L1Kernel(final)
 

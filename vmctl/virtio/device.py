@@ -45,6 +45,15 @@ class QueueContext:
     complete_many: Callable[[Virtqueue, list[tuple[int, int]]], None] | None = None
 
 
+@dataclass(frozen=True)
+class QueueHandoff:
+    """One ready virtqueue and the eventfds that let the host kernel serve it without us."""
+
+    queue: Virtqueue
+    kick_fd: int  # the queue's ioeventfd target: the driver's QueueNotify writes
+    call_fd: int  # the slot's irqfd: writing it interrupts the guest
+
+
 class VirtioDevice(abc.ABC):
     device_id: int
     queue_sizes: tuple[int, ...]
@@ -64,6 +73,12 @@ class VirtioDevice(abc.ABC):
 
     def activate(self, features: int, ctx: QueueContext) -> None:
         """DRIVER_OK: the negotiated features are final, queues are set up."""
+
+    def offload(self, features: int, memory: GuestMemory, queues: list[QueueHandoff]) -> bool:
+        """Right after `activate`: hand every queue to the host kernel (vhost)? True means the
+        kernel serves them from now on, and the transport stops processing them until
+        `reset`, which must take them back. The default keeps them in Python."""
+        return False
 
     @abc.abstractmethod
     def process(self, index: int, queue: Virtqueue, ctx: QueueContext) -> None:

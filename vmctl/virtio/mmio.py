@@ -16,7 +16,8 @@ from typing import Callable
 
 from ..errors import GuestMemoryError
 from ..memory import GuestMemory
-from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TRANSPORT_FEATURES, DeviceError, QueueContext, VirtioDevice
+from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TRANSPORT_FEATURES, DeviceError, QueueContext, \
+    QueueHandoff, VirtioDevice
 from .queue import DescriptorChain, QueueError, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,18 @@ INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
 
 
 class VirtioMmioTransport:
-    """One virtio-mmio slot. `irq` raises the slot's interrupt line (an irqfd write)."""
+    """One virtio-mmio slot. `irq` raises the slot's interrupt line (an irqfd write);
+    `irq_fd` is that irqfd itself, for a device whose queues the kernel serves (vhost)."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, irq: Callable[[], None]) -> None:
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, irq: Callable[[], None],
+                 irq_fd: int | None = None) -> None:
         self.device = device
         self.memory = memory
         self.irq = irq
+        self.irq_fd = irq_fd
+        # Set by the worker: stop (False) or resume (True) waiting on the queues' notify fds.
+        self.watch_queues: Callable[[bool], None] | None = None
+        self.kernel_queues = False  # the device handed its queues to the kernel (vhost)
         self.lock = threading.RLock()
         self.queues = [Virtqueue(memory, size) for size in device.queue_sizes]
         # One eventfd per queue: the ioeventfd target, and what a trapped QueueNotify writes.
@@ -74,6 +81,10 @@ class VirtioMmioTransport:
         self.queue_sel = 0
         self.config_generation = 0
         self.broken = False  # set with DEVICE_NEEDS_RESET; queues are not touched until reset
+        if self.kernel_queues:
+            self.kernel_queues = False
+            if self.watch_queues:
+                self.watch_queues(True)
         with self._int_lock:
             self._interrupt_status = 0
         for queue in self.queues:
@@ -114,7 +125,10 @@ class VirtioMmioTransport:
     def _read_register(self, offset: int) -> int:
         if offset == INTERRUPT_STATUS:
             with self._int_lock:
-                return self._interrupt_status
+                # The kernel raises used-buffer interrupts straight through the irqfd and
+                # cannot set this bit: report it always (a vring check with nothing new is
+                # harmless to the driver).
+                return self._interrupt_status | (INT_USED_BUFFER if self.kernel_queues else 0)
         with self.lock:
             queue = self._selected_queue()
             if offset == MAGIC_VALUE:
@@ -223,8 +237,19 @@ class VirtioMmioTransport:
         self.status |= added
         if added & DRIVER_OK and not self.broken:
             self.device.activate(self.driver_features, self.ctx)
+            self._offload()
             for index in range(len(self.queues)):
-                self._wake(index)  # buffers posted before DRIVER_OK are processed now
+                self._wake(index)  # buffers posted before DRIVER_OK are processed now (by us or the kernel)
+
+    def _offload(self) -> None:
+        """Let the device hand all its queues to the kernel, when it can and all are ready."""
+        if self.irq_fd is None or not all(queue.ready for queue in self.queues):
+            return
+        handoffs = [QueueHandoff(queue, fd, self.irq_fd) for queue, fd in zip(self.queues, self.notify_fds)]
+        if self.device.offload(self.driver_features, self.memory, handoffs):
+            self.kernel_queues = True
+            if self.watch_queues:
+                self.watch_queues(False)
 
     def _features_acceptable(self) -> bool:
         if not self.status & DRIVER:
@@ -264,7 +289,7 @@ class VirtioMmioTransport:
     def process_queue(self, index: int) -> None:
         """Handle queue `index`; any rule the guest broke ends in DEVICE_NEEDS_RESET."""
         with self.lock:
-            if not self.active or index >= len(self.queues) or not self.queues[index].ready:
+            if not self.active or self.kernel_queues or index >= len(self.queues) or not self.queues[index].ready:
                 return
             self._pending_irq = False
             try:

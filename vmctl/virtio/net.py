@@ -8,18 +8,26 @@ is zero-copy too: the device holds enough of the guest's buffers for the largest
 `readv`s each frame straight into them, then completes as many as the frame filled. When
 the guest has posted less than that, a frame is read into a host buffer and spread over
 the chains it needs once they are there (also the path without MRG_RXBUF).
+
+Where /dev/vhost-net is usable, none of that runs: at DRIVER_OK both queues and the TAP go to
+the kernel's vhost-net worker (`vhost.py`), and this class only answers the registers.
+`VMCTL_VHOST=0` keeps the Python data path (to compare, or to debug it).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 from typing import Callable
 
 from ..net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE, Tap
-from .device import ID_NET, DeviceError, QueueContext, VirtioDevice
+from ..memory import GuestMemory
+from .device import ID_NET, TRANSPORT_FEATURES, DeviceError, QueueContext, QueueHandoff, VirtioDevice
 from .queue import DescriptorChain, Virtqueue
+
+log = logging.getLogger(__name__)
 
 F_CSUM, F_GUEST_CSUM, F_MAC = 1 << 0, 1 << 1, 1 << 5
 F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6 = 1 << 7, 1 << 8, 1 << 11, 1 << 12
@@ -70,6 +78,8 @@ class NetDevice(VirtioDevice):
         # MRG_RXBUF chains taken from the ring but not filled yet, with their views and sizes.
         self._held: list[tuple[DescriptorChain, list[memoryview], int]] = []
         self._held_bytes = 0
+        self._vhost = None  # a VhostNet while the kernel serves the queues
+        self._vhost_problem_logged = False
 
     @property
     def features(self) -> int:
@@ -91,7 +101,40 @@ class NetDevice(VirtioDevice):
                 offload |= TUN_F_TSO6
         self.tap.set_offload(offload)
 
+    def offload(self, features: int, memory: GuestMemory, queues: list[QueueHandoff]) -> bool:
+        from . import vhost
+
+        if os.environ.get("VMCTL_VHOST") == "0" or not vhost.available():
+            return False
+        # vhost sees the ring and header features only; offloads are the TAP's business.
+        wanted = features & (TRANSPORT_FEATURES | F_MRG_RXBUF)
+        try:
+            kernel = vhost.VhostNet()
+            try:
+                kernel.start(wanted, memory, queues, self.tap.fd)
+            except vhost.VhostError:
+                kernel.close()
+                raise
+        except vhost.VhostError as error:
+            if not self._vhost_problem_logged:
+                log.warning("virtio-net: %s; serving the queues in Python", error)
+                self._vhost_problem_logged = True
+            return False
+        self._vhost = kernel
+        if self.unwatch:
+            self.unwatch(self.tap.fd)  # the kernel reads the TAP now
+        log.info("virtio-net: vhost-net serves the queues (features 0x%x)", wanted)
+        return True
+
+    def _stop_vhost(self) -> None:
+        if self._vhost is not None:
+            self._vhost.close()
+            self._vhost = None
+            if self.watch and self.tap.fd >= 0:
+                self.watch(self.tap.fd, self._tap_readable)
+
     def reset(self) -> None:
+        self._stop_vhost()
         self._pending = 0
         self._held, self._held_bytes = [], 0
         self._ctx = None
@@ -234,6 +277,9 @@ class NetDevice(VirtioDevice):
         return True
 
     def close(self) -> None:
+        if self._vhost is not None:
+            self._vhost.close()
+            self._vhost = None
         self.tap.close()
         if self._on_close:
             self._on_close()

@@ -55,7 +55,8 @@ class VirtioMmioFactory:
     def attach(self, machine: "Machine", base: int, gsi: int) -> VirtioMmioSlot:
         device = self.make()
         try:
-            transport = VirtioMmioTransport(device, machine.memory, machine.irq_line(gsi).trigger)
+            line = machine.irq_line(gsi)
+            transport = VirtioMmioTransport(device, machine.memory, line.trigger, irq_fd=line.eventfd)
         except BaseException:
             device.close()
             raise

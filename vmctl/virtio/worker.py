@@ -19,8 +19,8 @@ class DeviceWorker:
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll = select.epoll()
         self._handlers: dict[int, object] = {}
-        for index, fd in enumerate(transport.notify_fds):
-            self._watch(fd, ("queue", index))
+        self.watch_queues(True)
+        transport.watch_queues = self.watch_queues
         for fd, callback in transport.device.extra_fds().items():
             self.watch_host_fd(fd, callback)
         transport.device.watch = self.watch_host_fd
@@ -31,6 +31,15 @@ class DeviceWorker:
     def _watch(self, fd: int, what: tuple, events: int = select.EPOLLIN) -> None:
         self._epoll.register(fd, events)
         self._handlers[fd] = what
+
+    def watch_queues(self, enabled: bool) -> None:
+        """Wait on the queues' notify fds, or stop (the kernel serves the queues: vhost)."""
+        for index, fd in enumerate(self.transport.notify_fds):
+            if enabled:
+                if fd not in self._handlers:
+                    self._watch(fd, ("queue", index))
+            else:
+                self.unwatch_host_fd(fd)
 
     def watch_host_fd(self, fd: int, callback) -> None:
         # Edge-triggered: a device that stops reading (no guest buffers) is not woken
@@ -65,9 +74,10 @@ class DeviceWorker:
             except InterruptedError:
                 continue
             for fd, _ in events:
-                if fd not in self._handlers:
+                handler = self._handlers.get(fd)  # the vCPU thread may unwatch queues meanwhile
+                if handler is None:
                     continue  # unwatched by an earlier handler of this batch
-                kind, arg = self._handlers[fd]
+                kind, arg = handler
                 if kind == "stop":
                     return
                 if kind == "queue":
