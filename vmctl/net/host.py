@@ -93,15 +93,10 @@ def disable_nat(rule: list[str]) -> None:
         log.warning("network: %s", error)
 
 
-@dataclass
-class HostNetwork:
-    """One VM's TAP and addresses; `close()` undoes everything `open()` did."""
+class PointToPoint:
+    """The two addresses of a /30: the host's end, then the guest's (VM or container)."""
 
-    mode: str = "isolated"
-    mac: str = field(default_factory=random_mac)
-    tap: Tap | None = None
-    subnet: ipaddress.IPv4Network | None = None
-    _nat_rule: list[str] | None = None
+    subnet: ipaddress.IPv4Network | None
 
     @property
     def host_ip(self) -> str:
@@ -110,6 +105,17 @@ class HostNetwork:
     @property
     def guest_ip(self) -> str:
         return str(self.subnet[2])
+
+
+@dataclass
+class HostNetwork(PointToPoint):
+    """One VM's TAP and addresses; `close()` undoes everything `open()` did."""
+
+    mode: str = "isolated"
+    mac: str = field(default_factory=random_mac)
+    tap: Tap | None = None
+    subnet: ipaddress.IPv4Network | None = None
+    _nat_rule: list[str] | None = None
 
     def kernel_ip_parameter(self) -> str:
         """`ip=` for the guest kernel's autoconfiguration (guest eth0, gateway = host)."""

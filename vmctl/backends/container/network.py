@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from ...errors import VmctlError
 
 # The VM network's helpers: one address pool, one rule format, one sweeper for both.
-from ...net.host import _ip, _quiet_ipv6, disable_nat, enable_nat, free_link_name, free_subnet, sweep_stale_rules
+from ...net.host import PointToPoint, _ip, _quiet_ipv6, disable_nat, enable_nat, free_link_name, free_subnet, \
+    sweep_stale_rules
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,11 @@ def _in_netns(pid: int, *args: str) -> None:
 
 
 @dataclass
-class ContainerNetwork:
+class ContainerNetwork(PointToPoint):
     mode: str  # isolated | nat
     host_ifname: str | None = None
     subnet: ipaddress.IPv4Network | None = None
     _nat_rule: list[str] | None = None
-
-    @property
-    def host_ip(self) -> str:
-        return str(self.subnet[1])
-
-    @property
-    def guest_ip(self) -> str:
-        return str(self.subnet[2])
 
     def open(self, pid: int) -> "ContainerNetwork":
         """Wire the network namespace of `pid` (the created, not yet started, container)."""
