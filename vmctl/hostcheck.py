@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import VmctlError
 from .kvm import abi
 from .kvm.system import KVM_DEVICE, Kvm, KvmFlavour
+from .virtio import vhost
 
 # Capabilities the native VMM uses, with why.
 REQUIRED_CAPABILITIES = {
@@ -35,6 +36,7 @@ class HostReport:
     max_vcpus: int | None = None
     recommended_vcpus: int | None = None
     cpuid_leaves: int | None = None
+    vhost_net: bool = False  # virtio-net's data path can run in the kernel
 
     @property
     def boots_linux(self) -> bool:
@@ -46,7 +48,8 @@ class HostReport:
 
 def check_host(device: str = KVM_DEVICE) -> HostReport:
     flavour = KvmFlavour.detect()
-    report = HostReport(device=device, usable=False, kvm_module=flavour.module, hardware_backed=flavour.hardware_backed)
+    report = HostReport(device=device, usable=False, kvm_module=flavour.module, hardware_backed=flavour.hardware_backed,
+                        vhost_net=vhost.available())
     if not os.path.exists(device):
         report.problem = f"{device} does not exist"
         return report
@@ -85,6 +88,8 @@ def describe(report: HostReport) -> list[str]:
     if report.max_vcpus is not None:
         lines.append(f"{'vcpus':18} max {report.max_vcpus}, recommended {report.recommended_vcpus}")
         lines.append(f"{'cpuid leaves':18} {report.cpuid_leaves}")
+    lines.append(f"{'vhost-net':18} " + ("yes (virtio-net packets stay in the kernel)" if report.vhost_net else
+                                         f"no: virtio-net is served in Python (load vhost_net for {vhost.DEVICE})"))
     verdict = (
         "yes" if report.boots_linux
         else "tiny guests only (use the nested host for Linux: docs/nested-host.md)" if report.usable
