@@ -126,3 +126,32 @@ def test_ephemeral_machine_runs_as_a_transient_domain(tmp_path, state, vmctl_cli
     wait_for(lambda: TICK in logs(vmctl_cli, "lv-eph"), "the console")
     down = vmctl_cli("down", "lv-eph", "--timeout", "1")
     assert down.returncode == 0 and "removed (ephemeral)" in down.stderr
+
+
+def _nat_rules() -> str:
+    return subprocess.run(["iptables", "-w", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True).stdout
+
+
+def test_local_network_is_a_vmctl_tap_handed_to_qemu_and_removed_with_the_machine(tmp_path, state, vmctl_cli, libvirtd):
+    base = boot_sector(tmp_path / "boot.raw")
+    spec = tmp_path / "vm.yaml"
+    spec.write_text(f"machines:\n  lv-net:\n    backend: libvirt\n    memory: 64M\n    network: nat\n    disks: [{base}]\n")
+    up = vmctl_cli("up", str(spec), "--no-wait", timeout=300)
+    assert up.returncode == 0, up.stderr
+    network = json.loads((state / "machines/lv-net/network.json").read_text())
+    tap = network["tap"]
+    try:
+        conn = libvirt.open(libvirtd)
+        try:
+            nic = ET.fromstring(conn.lookupByName("vmctl-lv-net").XMLDesc(0)).find("devices/interface")
+        finally:
+            conn.close()
+        assert nic.get("type") == "ethernet" and nic.find("target").get("dev") == tap
+        flags = int(Path(f"/sys/class/net/{tap}/tun_flags").read_text(), 16)
+        assert flags & 0x800  # IFF_PERSIST: it outlives our fd, QEMU opened it by name
+        assert f"vmctl:{tap}" in _nat_rules()  # nat: the same MASQUERADE rule a native VM gets
+        shown = subprocess.run(["ip", "-4", "-o", "addr", "show", tap], capture_output=True, text=True).stdout
+        assert f"{network['host_ip']}/30" in shown
+    finally:
+        assert vmctl_cli("rm", "lv-net").returncode == 0
+    assert not Path(f"/sys/class/net/{tap}").exists() and f"vmctl:{tap}" not in _nat_rules()

@@ -33,13 +33,14 @@ def files(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def plan_xml(files: Path, document: str, *, run_as=(0, 0), domain_type=None) -> tuple[str, str]:
+def plan_xml(files: Path, document: str, *, run_as=(0, 0), domain_type=None, tap=None, extra_words=()) -> tuple[str, str]:
     spec = parse_spec(document, source=str(files / "vm.yaml"), base_dir=files).machines[0]
     folder = files / "state"
     folder.mkdir(exist_ok=True)
     plan = domain_plan(spec, uuid=UUID, domain_type=domain_type or spec.libvirt.domain_type,
                        disks=local_disks(spec, folder), console_log=str(folder / "console.log"),
-                       agent_socket=str(folder / "agent.sock"), run_as=run_as, state_folder=str(folder))
+                       agent_socket=str(folder / "agent.sock"), run_as=run_as, state_folder=str(folder),
+                       tap=tap, extra_words=extra_words)
     xml = render(plan)
     return xml, xml.replace(str(files), "/SPEC")  # stable paths for the golden file
 
@@ -206,3 +207,19 @@ def test_values_are_escaped_not_pasted(files):
 
 def test_target_names_follow_linux():
     assert [target_name(i) for i in (0, 1, 25, 26, 27)] == ["vda", "vdb", "vdz", "vdaa", "vdab"]
+
+
+def test_local_network_is_vmctls_own_tap_with_the_guest_address_on_the_cmdline(files):
+    # What the backend does for a local machine with a network and no libvirt network/bridge:
+    # QEMU opens the TAP vmctl made (its /30 and NAT are vmctl's, as for native VMs).
+    ip = "ip=172.30.0.6::172.30.0.5:255.255.255.252::eth0:off"
+    xml, stable = plan_xml(files, "name: net\nbackend: libvirt\nkernel: bzImage\nnetwork: nat\n",
+                           tap="vmctl7", extra_words=(ip, "vmctl.sshkey=c3NoLWVkMjU1MTkgQUFBQQ=="))
+    check_golden("net-vmctl-tap", stable)
+    root = ET.fromstring(xml)
+    nic = root.find("devices/interface")
+    assert nic.get("type") == "ethernet" and nic.find("source") is None
+    assert nic.find("target").attrib == {"dev": "vmctl7", "managed": "no"}
+    assert nic.find("model").get("type") == "virtio" and nic.find("mac").get("address") == default_mac("net")
+    words = root.findtext("os/cmdline").split()
+    assert ip in words and "vmctl.sshkey=c3NoLWVkMjU1MTkgQUFBQQ==" in words

@@ -17,17 +17,11 @@ from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_al
 from ..vmm.agent import ExecResult
 from ..vmm.control import request
 from .base import MachineStatus, ended_status
-from .kvm_prepare import prepare, reference_images
+from .kvm_prepare import prepare
 
 READY_MARKER = b"VMCTL-READY"
 POLL = 0.05
 SSH_PORT = 22
-
-
-def default_images() -> tuple[Path, Path]:
-    """The reference kernel and busybox initramfs (used by the libvirt backend too)."""
-    kernel, initrd, _ = reference_images("busybox")
-    return kernel, initrd
 
 
 class KvmBackend:

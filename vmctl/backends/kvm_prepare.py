@@ -56,6 +56,21 @@ def guest_script(command: tuple[str, ...] | list[str], environment: dict[str, st
     return "\n".join(lines)
 
 
+def machine_keys(spec: MachineSpec, folder: Path) -> tuple[str | None, list[str]]:
+    """(private key path, authorized_keys lines): a key made for the machine when it has a
+    network (in `folder`/ssh), plus the spec's own `ssh.authorized_key` (a line or a file)."""
+    keys: list[str] = []
+    private_key = None
+    if spec.network.mode != "none":
+        pair = generate_key(folder / "ssh", f"vmctl-{spec.name}")
+        private_key = str(pair.private)
+        keys.append(pair.public)
+    if spec.ssh.authorized_key:
+        text = spec.ssh.authorized_key
+        keys.append(text if text.startswith(("ssh-", "ecdsa-", "sk-")) else Path(text).read_text().strip())
+    return private_key, keys
+
+
 def prepare(spec: MachineSpec, folder: Path) -> dict:
     """Create the machine's disks and key in `folder`; the JSON-safe plan for the VMM."""
     kernel, initrd, root_disk = spec.kernel, spec.initrd, None
@@ -85,15 +100,7 @@ def prepare(spec: MachineSpec, folder: Path) -> dict:
             raise VmctlError(f"{spec.source}: disks[{index}]: {error}") from None
         disks.append({"path": str(own), "read_only": disk.read_only, "created": True})
 
-    keys: list[str] = []
-    private_key = None
-    if spec.network.mode != "none":
-        pair = generate_key(folder / "ssh", f"vmctl-{spec.name}")
-        private_key = str(pair.private)
-        keys.append(pair.public)
-    if spec.ssh.authorized_key:
-        text = spec.ssh.authorized_key
-        keys.append(text if text.startswith(("ssh-", "ecdsa-", "sk-")) else Path(text).read_text().strip())
+    private_key, keys = machine_keys(spec, folder)
 
     from ..images.initargs import InitArgs
 

@@ -139,6 +139,20 @@ class HostNetwork(PointToPoint):
         log.info("network: %s %s, host %s, guest %s (%s)", self.mode, self.tap.name, self.host_ip, self.guest_ip, self.mac)
         return self
 
+    def describe(self) -> dict:
+        """network.json: what `vmctl ps`/`status`/`ssh` know of the machine's network."""
+        return {"tap": self.tap.name, "host_ip": self.host_ip, "guest_ip": self.guest_ip, "mac": self.mac,
+                "mode": self.mode, "subnet": str(self.subnet), "nat_rule": self._nat_rule}
+
+    def detach(self) -> dict:
+        """Hand the TAP to another process that opens it by name (QEMU under libvirt): it
+        becomes persistent, our fd closes; `remove_detached(describe())` undoes it all."""
+        self.tap.persist()
+        info = self.describe()
+        self.tap.close()
+        self.tap, self._nat_rule = None, None
+        return info
+
     def close(self) -> None:
         if self._nat_rule:
             disable_nat(self._nat_rule)
@@ -146,6 +160,17 @@ class HostNetwork(PointToPoint):
         if self.tap:
             self.tap.close()  # the TAP, its address and route go with the fd
             self.tap = None
+
+
+def remove_detached(info: dict) -> None:
+    """Delete a detached network: its NAT rule and its persistent TAP (addresses go with it)."""
+    if info.get("nat_rule"):
+        disable_nat(info["nat_rule"])
+    if os.path.exists(f"/sys/class/net/{info['tap']}"):
+        try:
+            _ip("link", "del", info["tap"])
+        except VmctlError as error:
+            log.warning("network: %s", error)
 
 
 def _quiet_ipv6(name: str) -> None:

@@ -13,6 +13,7 @@ import struct
 from ..errors import VmctlError
 
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
@@ -43,6 +44,11 @@ class Tap:
     def set_offload(self, flags: int) -> None:
         """Which offloaded packets the host may hand us (what the guest said it can take)."""
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+
+    def persist(self) -> None:
+        """Keep the TAP after our fd closes, for a VMM that opens it by name (QEMU under
+        libvirt); it is then removed with `ip link del`."""
+        fcntl.ioctl(self.fd, TUNSETPERSIST, 1)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -64,8 +64,7 @@ class MachineProcess:
             devices.append(self.net)
             cmdline = " ".join([cmdline, *self.net.cmdline_words()])
             host = self.net.network
-            info = {"tap": host.tap.name, "host_ip": host.host_ip, "guest_ip": host.guest_ip, "mac": host.mac,
-                    "mode": network["mode"], "forwards": network.get("forwards", [])}
+            info = host.describe() | {"forwards": network.get("forwards", [])}
             _write_json(self.folder / NETWORK, info)
             for host_port, guest_port, protocol in network.get("forwards", []):
                 self.forwarders.append(Forwarder(host_port, host.guest_ip, guest_port, protocol))

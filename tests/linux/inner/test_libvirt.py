@@ -119,3 +119,27 @@ def test_persistent_domain_up_exec_ps_logs_rm(state_dir, tmp_path, libvirtd):
         assert logs.index("VMCTL-READY") < logs.index("libvirt-says-42") < logs.index("VMCTL-EXIT 0"), logs[-2000:]
     finally:
         assert vmctl("rm", "lvl-up").returncode == 0
+
+
+def test_debian_guest_on_vmctls_network_answers_exec_over_ssh(state_dir, tmp_path):
+    """`image: debian` through libvirt: root on a virtio-pci overlay disk, vmctl's own TAP and
+    /30 (as native VMs get), sshd with the key vmctl made: `exec` goes over SSH (paramiko)."""
+    if not locate("debian").rootfs_qcow2.exists():
+        pytest.skip("the debian image is not built (vmctl image build --profile debian)")
+    spec = tmp_path / "vm.yaml"
+    spec.write_text("machines:\n  lvl-ssh:\n    backend: libvirt\n    image: debian\n    memory: 512M\n"
+                    "    network: isolated\n    environment: {WHO: ssh}\n")
+    up = vmctl("up", str(spec))
+    assert up.returncode == 0, up.stderr
+    try:
+        network = json.loads((state_dir / "machines/lvl-ssh/network.json").read_text())
+        assert Path(f"/sys/class/net/{network['tap']}").exists()
+        run = vmctl("exec", "lvl-ssh", "--", "sh", "-c", "echo $WHO; echo ${SSH_CONNECTION%% *}; findmnt -no SOURCE /")
+        assert run.returncode == 0, run.stderr
+        who, client, root = run.stdout.split()
+        assert (who, client, root) == ("ssh", network["host_ip"], "/dev/vda")  # over SSH, from the TAP's host end
+        row = json.loads(vmctl("ps", "--json").stdout)[0]
+        assert (row["backend"], row["state"]) == ("libvirt", "running")
+    finally:
+        assert vmctl("rm", "lvl-ssh").returncode == 0
+    assert not Path(f"/sys/class/net/{network['tap']}").exists()  # the TAP went with the machine

@@ -22,14 +22,14 @@ from urllib.parse import urlsplit
 
 from ...errors import VmctlError
 from ...spec.model import MachineSpec
-from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
+from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
 from ...vmm.agent import AgentChannel, ExecResult
 from ...vmm.machine import EXIT_MARKER
 from ..base import MachineStatus, ended_status
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
-from .plan import boot_for, domain_name, domain_plan, nic_for
+from .plan import boot_for, default_mac, domain_name, domain_plan, nic_for, root_image, uses_vmctl_tap
 
 READY_MARKER = b"VMCTL-READY"
 DOMAIN_XML = "domain.xml"
@@ -97,20 +97,32 @@ class LibvirtBackend:
         try:
             conn = self._conn(uri, spec.name)
             self._check_name_free(conn, spec.name, name, uri)
-            nic = nic_for(spec)
-            boot_for(spec)  # a spec mistake is reported before anything is made
+            vmctl_tap = uses_vmctl_tap(spec, remote)
+            # Spec mistakes are reported before anything is made (the TAP's name comes later).
+            nic = nic_for(spec, "(vmctl tap)" if vmctl_tap else None)
+            boot_for(spec)
+            root = root_image(spec)
+            if remote and root:
+                raise VmctlError(f"{spec.name}: image {spec.image} boots from a root disk, which only a local "
+                                 f"libvirt gets (give kernel and disks for {uri})")
+            extra_words: tuple[str, ...] = ()
+            tap = None
+            if vmctl_tap:
+                extra_words = self._vmctl_network(spec, folder, record)
+                tap = record.spec["network_host"]["tap"]
+                nic = nic_for(spec, tap)
             with translated(spec.name, f"preparing disks on {uri}"):
                 if remote:
                     remote_disks = RemoteDisks(conn, spec.name, settings.upload)
                     remote_disks.pool()  # the console log lives in the pool's folder too
                     disks = remote_disks.disks(spec, name)
                 else:
-                    disks = local_disks(spec, folder)
+                    disks = local_disks(spec, folder, root)
             console = f"{POOL_PATH}/{name}.console.log" if remote else str(folder / CONSOLE)
             agent = None if remote else self._agent_path(folder, record.spec["uuid"])
             plan = domain_plan(spec, uuid=record.spec["uuid"], domain_type=domain_type_for(uri, settings.domain_type),
                                disks=disks, console_log=console, agent_socket=agent, run_as=self._run_as(uri),
-                               state_folder=str(folder))
+                               state_folder=str(folder), tap=tap, extra_words=extra_words)
             if remote and remote_disks is not None:
                 for path in (plan.kernel, plan.initrd):
                     if path and remote_disks.find(path) is None:
@@ -134,6 +146,23 @@ class LibvirtBackend:
             store.delete(spec.name)  # nothing half-made stays behind
             raise
         return record
+
+    @staticmethod
+    def _vmctl_network(spec: MachineSpec, folder: Path, record: MachineRecord) -> tuple[str, ...]:
+        """vmctl's own TAP and /30 (NAT for `nat`), handed to QEMU by name, and an SSH key:
+        the guest's `ip=` and `vmctl.sshkey=` words. Saved in the record before anything else
+        can fail, so a failed start removes them."""
+        from ...images.initargs import InitArgs
+        from ...net.host import HostNetwork
+        from ..kvm_prepare import machine_keys
+
+        host = HostNetwork(spec.network.mode, spec.network.mac or default_mac(spec.name)).open()
+        ip_word = host.kernel_ip_parameter()
+        record.spec["network_host"] = host.detach()
+        (folder / NETWORK).write_text(json.dumps(record.spec["network_host"]))
+        private_key, keys = machine_keys(spec, folder)
+        record.spec["ssh"] = {"user": spec.ssh.user, "key": private_key}
+        return (ip_word, *InitArgs(sshkey="\n".join(keys)).words())
 
     def _check_name_free(self, conn: Any, machine: str, name: str, uri: str) -> None:
         libvirt = libvirt_module()
@@ -346,6 +375,10 @@ class LibvirtBackend:
             except libvirt.libvirtError as error:
                 problems.append(f"storage pool: {message(error)}")
             problems += remote_disks.delete(volumes)
+        if record.spec.get("network_host"):
+            from ...net.host import remove_detached
+
+            remove_detached(record.spec["network_host"])  # the TAP QEMU had, and its NAT rule
         agent = record.spec.get("agent_socket")
         if agent and os.path.basename(agent).startswith("vmctl-agent-"):  # outside the state folder
             try:
@@ -357,14 +390,33 @@ class LibvirtBackend:
     # exec -----------------------------------------------------------------------------------
 
     def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
+        """Through SSH (paramiko) when the guest is on vmctl's network and its sshd answers,
+        as for native guests; otherwise through the guest agent on COM2 (local URIs)."""
         if self.status(store, record).state != "running":
             raise VmctlError(f"{record.name}: not running")
+        script = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec["environment"].items()) + shlex.join(command)
+        target = self.ssh_target(store, record)
+        if target is not None:
+            from ...ssh import exec_ssh
+
+            host, user, key = target
+            return exec_ssh(host, user, key, script, timeout)
         path = record.spec.get("agent_socket")
         if not path:
             raise VmctlError(f"{record.name}: exec needs the agent socket, which only a local libvirt has "
                              f"({record.spec['uri']} is remote)")
-        script = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec["environment"].items()) + shlex.join(command)
         return agent_exec(record.name, path, script, timeout)
+
+    def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
+        """(guest IP, user, private key) of a guest on vmctl's network whose sshd accepts
+        connections (unless `probe` is False)."""
+        from ...ssh import port_open
+
+        network = store.network(record.name)
+        if network is None or (probe and not port_open(network["guest_ip"], 22)):
+            return None
+        ssh = record.spec.get("ssh") or {}
+        return network["guest_ip"], ssh.get("user", "root"), Path(ssh["key"]) if ssh.get("key") else None
 
 
 def agent_exec(machine: str, path: str, script: str, timeout: float) -> ExecResult:

@@ -60,12 +60,21 @@ def local_chain(path: str, machine: str) -> tuple[DiskLayer, ...]:
     return tuple(layers)
 
 
-def local_disks(spec: MachineSpec, folder: Path) -> tuple[DiskPlan, ...]:
+def local_disks(spec: MachineSpec, folder: Path, root: str | None = None) -> tuple[DiskPlan, ...]:
+    """The machine's disks as overlays in `folder`/disks; `root` (a reference root filesystem)
+    comes first, as vda, through its own overlay."""
     plans = []
     disks_dir = folder / "disks"
+    first = 0
+    if root is not None:
+        disks_dir.mkdir(parents=True, exist_ok=True)
+        own = disks_dir / "vda.qcow2"
+        create_overlay(root, str(own), absolute=True)
+        plans.append(DiskPlan("vda", (DiskLayer(str(own), "qcow2"),) + local_chain(root, spec.name)))
+        first = 1
     for index, disk in enumerate(spec.disks):
         _check(spec, index, disk)
-        target = target_name(index)
+        target = target_name(first + index)
         own = disks_dir / f"{target}.qcow2"
         if disk.image is None:
             disks_dir.mkdir(parents=True, exist_ok=True)

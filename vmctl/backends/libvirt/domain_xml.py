@@ -29,8 +29,8 @@ class DiskPlan:
 
 @dataclass(frozen=True)
 class NicPlan:
-    kind: str  # network | bridge
-    source: str  # libvirt network name or host bridge name
+    kind: str  # network | bridge | ethernet
+    source: str  # libvirt network name, host bridge name, or (ethernet) the TAP vmctl made
     mac: str
 
 
@@ -147,6 +147,8 @@ def _render_nic(devices: ET.Element, nic: NicPlan) -> None:
     _sub(element, "mac", address=nic.mac)
     if nic.kind == "bridge":
         _sub(element, "source", bridge=nic.source)
+    elif nic.kind == "ethernet":
+        _sub(element, "target", dev=nic.source, managed="no")  # QEMU opens vmctl's TAP as it is
     else:
         _sub(element, "source", network=nic.source)
     _sub(element, "model", type="virtio")

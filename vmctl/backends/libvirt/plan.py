@@ -7,8 +7,7 @@ import hashlib
 from ...errors import VmctlError
 from ...spec.model import MachineSpec
 from ...images.initargs import InitArgs
-from ..kvm import default_images
-from ..kvm_prepare import AGENT_CMDLINE, guest_script
+from ..kvm_prepare import AGENT_CMDLINE, ROOT_CMDLINE, guest_script, reference_images
 from ...vmm.machine import DEFAULT_CMDLINE
 from .domain_xml import DiskPlan, DomainPlan, NicPlan
 
@@ -26,7 +25,13 @@ def default_mac(machine: str) -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
-def nic_for(spec: MachineSpec) -> NicPlan | None:
+def uses_vmctl_tap(spec: MachineSpec, remote: bool) -> bool:
+    """A local machine with a network and no libvirt network or bridge of its own gets vmctl's
+    TAP with a /30, as native VMs and containers do (so vmctl knows its address for SSH)."""
+    return not remote and spec.network.mode != "none" and not spec.libvirt.bridge and not spec.libvirt.network
+
+
+def nic_for(spec: MachineSpec, tap: str | None = None) -> NicPlan | None:
     network, settings = spec.network, spec.libvirt
     if network.mode == "none":
         return None
@@ -38,43 +43,61 @@ def nic_for(spec: MachineSpec) -> NicPlan | None:
         return NicPlan("bridge", settings.bridge, mac)
     if settings.network:
         return NicPlan("network", settings.network, mac)
+    if tap is not None:
+        return NicPlan("ethernet", tap, mac)
     if network.mode == "isolated":
         raise VmctlError(f"{spec.name}: network mode isolated needs libvirt.network (an isolated "
                          f"libvirt network) or libvirt.bridge with backend libvirt")
     return NicPlan("network", DEFAULT_NETWORK, mac)
 
 
-def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE) -> tuple[str | None, str | None, str | None]:
-    """(kernel, initrd, cmdline); no kernel and some disk: the firmware boots the first disk."""
+def root_image(spec: MachineSpec) -> str | None:
+    """The base of the root disk: the reference root filesystem of an image profile that
+    boots from a disk (debian) when no kernel is given; None otherwise."""
+    if spec.kernel is not None:
+        return None
+    try:
+        _, _, root = reference_images(spec.image)
+    except VmctlError as error:
+        raise VmctlError(f"{spec.name}: {error}") from None
+    return str(root) if root else None
+
+
+def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
+             extra_words: tuple[str, ...] = ()) -> tuple[str | None, str | None, str | None]:
+    """(kernel, initrd, cmdline); no kernel and some disk (busybox profile): the firmware
+    boots the first disk. `extra_words`: the network's `ip=` and `vmctl.sshkey=`."""
     kernel, initrd = spec.kernel, spec.initrd
-    if kernel is None and spec.disks:
+    if kernel is None and spec.disks and spec.image == "busybox":
         if initrd is not None or spec.cmdline is not None:
             raise VmctlError(f"{spec.name}: initrd/cmdline need a kernel (the machine boots from its first disk)")
         if spec.command:
             raise VmctlError(f"{spec.name}: `command` needs direct kernel boot (give `kernel`)")
         return None, None, None
+    root = None
     if kernel is None:
         try:
-            reference_kernel, reference_initrd = default_images()
+            kernel, reference_initrd, root = reference_images(spec.image)
         except VmctlError as error:
             raise VmctlError(f"{spec.name}: {error}") from None
-        kernel, initrd = reference_kernel, initrd or reference_initrd
+        initrd = initrd or reference_initrd
     # The native backend's contract with vmctl's /init: the exec agent on COM2 (a unix socket
     # in the domain XML), then the command with its environment, or a login shell.
-    script = guest_script(spec.command, spec.environment, "root")
+    script = guest_script(spec.command, spec.environment, spec.ssh.user)
     words = InitArgs(hostname=spec.name, cmd=script).words()
-    cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *words])
+    cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *([ROOT_CMDLINE] if root else []),
+                        *extra_words, *words])
     return str(kernel), str(initrd) if initrd else None, cmdline
 
 
 def domain_plan(spec: MachineSpec, *, uuid: str, domain_type: str, disks: tuple[DiskPlan, ...],
                 console_log: str, agent_socket: str | None, run_as: tuple[int, int] | None,
-                state_folder: str) -> DomainPlan:
-    """Everything the domain XML says, decided; only the disks and paths come from outside."""
-    kernel, initrd, cmdline = boot_for(spec, DEFAULT_CMDLINE)
+                state_folder: str, tap: str | None = None, extra_words: tuple[str, ...] = ()) -> DomainPlan:
+    """Everything the domain XML says, decided; only the disks, TAP and paths come from outside."""
+    kernel, initrd, cmdline = boot_for(spec, DEFAULT_CMDLINE, extra_words)
     return DomainPlan(
         machine=spec.name, name=domain_name(spec.name), uuid=uuid, domain_type=domain_type,
         cpus=spec.cpus, memory=spec.memory, console_log=console_log, kernel=kernel, initrd=initrd,
-        cmdline=cmdline, disks=disks, nic=nic_for(spec), agent_socket=agent_socket,
+        cmdline=cmdline, disks=disks, nic=nic_for(spec, tap), agent_socket=agent_socket,
         vsock_cid=spec.libvirt.vsock, run_as=run_as, state_folder=state_folder,
     )
