@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from ..spec.model import MachineSpec
@@ -27,6 +28,19 @@ def ended_status(backend: str, store: StateStore, record: MachineRecord) -> Mach
         return None
     state = "crashed" if outcome.get("crashed") else "exited"
     return MachineStatus(record.name, backend, state, None, outcome["reason"], outcome["exit_code"])
+
+
+def ssh_target(store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
+    """(guest IP, user, private key) of a machine on vmctl's network (its network.json) whose
+    sshd accepts connections (unless `probe` is False); None otherwise."""
+    from ..ssh import port_open
+
+    network = store.network(record.name)
+    if network is None or (probe and not port_open(network["guest_ip"], 22)):
+        return None
+    ssh = record.spec.get("ssh") or {}
+    key = ssh.get("key")
+    return network["guest_ip"], ssh.get("user", "root"), Path(key) if key else None
 
 
 class Backend(Protocol):

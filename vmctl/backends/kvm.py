@@ -16,12 +16,11 @@ from ..spec.model import MachineSpec
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
 from ..vmm.agent import ExecResult
 from ..vmm.control import request
-from .base import MachineStatus, ended_status
+from .base import MachineStatus, ended_status, ssh_target
 from .kvm_prepare import prepare
 
 READY_MARKER = b"VMCTL-READY"
 POLL = 0.05
-SSH_PORT = 22
 
 
 class KvmBackend:
@@ -120,18 +119,7 @@ class KvmBackend:
         return ExecResult(answer["exit_code"], base64.b64decode(answer["stdout"]), base64.b64decode(answer["stderr"]))
 
     def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
-        """(guest IP, user, private key) when the guest has a network and, if `probe`, its
-        sshd accepts connections."""
-        from ..ssh import port_open
-
-        network = store.network(record.name)
-        if network is None:
-            return None
-        if probe and not port_open(network["guest_ip"], SSH_PORT):
-            return None
-        ssh = record.spec.get("ssh") or {}
-        key = ssh.get("key")
-        return network["guest_ip"], ssh.get("user", "root"), Path(key) if key else None
+        return ssh_target(store, record, probe)
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)

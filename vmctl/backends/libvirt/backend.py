@@ -25,7 +25,7 @@ from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
 from ...vmm.agent import AgentChannel, ExecResult
 from ...vmm.machine import EXIT_MARKER
-from ..base import MachineStatus, ended_status
+from ..base import MachineStatus, ended_status, ssh_target
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
@@ -408,15 +408,7 @@ class LibvirtBackend:
         return agent_exec(record.name, path, script, timeout)
 
     def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
-        """(guest IP, user, private key) of a guest on vmctl's network whose sshd accepts
-        connections (unless `probe` is False)."""
-        from ...ssh import port_open
-
-        network = store.network(record.name)
-        if network is None or (probe and not port_open(network["guest_ip"], 22)):
-            return None
-        ssh = record.spec.get("ssh") or {}
-        return network["guest_ip"], ssh.get("user", "root"), Path(ssh["key"]) if ssh.get("key") else None
+        return ssh_target(store, record, probe)
 
 
 def agent_exec(machine: str, path: str, script: str, timeout: float) -> ExecResult:
