@@ -73,6 +73,8 @@ for tag in $SHARE_TAGS; do
     mkdir -p "$R$path" && mount -t 9p -o "$NINEP" "$tag" "$R$path" || fail "cannot mount share $path"
 done
 hostname vmctl-l1
+# Guests' RAM is MADV_HUGEPAGE: never stall a fault on synchronous compaction under emulation.
+echo defer+madvise >/sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null || true
 
 echo "@READY@ $(cut -d' ' -f1 /proc/uptime)"
 chroot $R /bin/sh "$IO_DIR/command.sh" </dev/null >"$R$IO_DIR/stdout" 2>"$R$IO_DIR/stderr"
