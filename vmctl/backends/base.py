@@ -30,6 +30,34 @@ def ended_status(backend: str, store: StateStore, record: MachineRecord) -> Mach
     return MachineStatus(record.name, backend, state, None, outcome["reason"], outcome["exit_code"])
 
 
+class MarkerScan:
+    """Looks for `marker` in a growing log file, reading each byte about once per call.
+
+    Keeps the last len(marker)-1 bytes between calls, so a marker split across two reads
+    is still found.
+    """
+
+    def __init__(self, path: Path, marker: bytes) -> None:
+        self.path = path
+        self.marker = marker
+        self._offset = 0
+        self._tail = b""
+
+    def found(self) -> bool:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return False
+        self._offset += len(data)
+        window = self._tail + data
+        if self.marker in window:
+            return True
+        self._tail = window[-(len(self.marker) - 1):] if len(self.marker) > 1 else b""
+        return False
+
+
 def ssh_target(store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
     """(guest IP, user, private key) of a machine on vmctl's network (its network.json) whose
     sshd accepts connections (unless `probe` is False); None otherwise."""

@@ -16,7 +16,7 @@ from ..spec.model import MachineSpec
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
 from ..vmm.agent import ExecResult
 from ..vmm.control import request
-from .base import MachineStatus, ended_status, ssh_target
+from .base import MachineStatus, MarkerScan, ended_status, ssh_target
 from .kvm_prepare import prepare
 
 READY_MARKER = b"VMCTL-READY"
@@ -51,16 +51,10 @@ class KvmBackend:
         exits successfully (it ran to completion)."""
         folder = store.folder(record.name)
         start = time.monotonic()
-        offset = 0
+        console = MarkerScan(folder / CONSOLE, READY_MARKER)
         while time.monotonic() - start < timeout:
-            console = folder / CONSOLE
-            if console.exists():
-                with open(console, "rb") as handle:
-                    handle.seek(max(0, offset - len(READY_MARKER)))
-                    data = handle.read()
-                if READY_MARKER in data:
-                    return time.monotonic() - start
-                offset += len(data)
+            if console.found():
+                return time.monotonic() - start
             outcome = store.outcome(record.name)
             if outcome is not None:
                 if outcome["exit_code"] == 0 and not outcome["crashed"]:

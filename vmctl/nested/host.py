@@ -10,6 +10,7 @@ paths inside; only the shared directories write through to the host.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from ..errors import VmctlError
 from . import initramfs, scratch
 from .initramfs import EXIT_MARKER, FAILED_MARKER, READY_MARKER, Share
 from .kernel import L1Kernel, ensure_kernel
-from .qemu import L1Machine, die_with_parent
+from .qemu import L1Machine, die_with_parent, monitor_command
 
 # Host variables a command inside L1 inherits (besides VMCTL_*): enough to find the same
 # tools and caches, nothing tied to this particular process.
@@ -37,13 +38,17 @@ MIN_MEMORY_MIB = 256  # the kernel, the initramfs and a tmpfs overlay must fit
 class NestedHostError(VmctlError):
     """The nested host failed (not the command inside it); `console_tail` says why."""
 
-    def __init__(self, message: str, console_tail: str = "") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, console_tail: str = "", cpu_state: str = "") -> None:
+        super().__init__(f"{message} [L1 {cpu_state}]" if cpu_state else message)
         self.console_tail = console_tail
 
 
 class NestedTimeout(NestedHostError):
     """The run did not finish in time; QEMU was killed."""
+
+
+class NestedStall(NestedTimeout):
+    """The command's progress file stopped changing for too long; QEMU was killed."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,21 @@ def _stderr_progress(message: str) -> None:
     print(f"[nested] {message}", file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Stall:
+    """`path` (written by the command, on a share) must change at least every `seconds`."""
+
+    path: Path
+    seconds: float
+
+    def stamp(self) -> tuple[int, int] | None:
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return info.st_size, info.st_mtime_ns
+
+
 @dataclass
 class NestedHost:
     """Settings of the L1 machine; each run() boots a fresh one and powers it off."""
@@ -88,11 +108,13 @@ class NestedHost:
         cwd: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float = 600.0,
+        stall: Stall | None = None,
     ) -> NestedResult:
         """Boot L1, run `command` (argv) in `cwd` (default: ours) and return its outcome.
 
         The command's environment is command_environment(env): a few of our variables plus
-        `env`. `timeout` covers everything from QEMU start to power-off.
+        `env`. `timeout` covers everything from QEMU start to power-off; `stall` ends the
+        run early when a file the command keeps writing stops changing.
         """
         if not command:
             raise VmctlError("no command to run in the nested host")
@@ -101,7 +123,7 @@ class NestedHost:
         kernel = ensure_kernel(self.progress)
         work = scratch.make("vmctl-nested-")
         try:
-            return self._run_in(work, kernel, list(command), Path(cwd or os.getcwd()).resolve(), env, timeout)
+            return self._run_in(work, kernel, list(command), Path(cwd or os.getcwd()).resolve(), env, timeout, stall)
         finally:
             if self.keep_dir:
                 self.progress(f"kept {work}")
@@ -110,7 +132,7 @@ class NestedHost:
 
     def _run_in(
         self, work: Path, kernel: L1Kernel, command: list[str], cwd: Path,
-        env: Mapping[str, str] | None, timeout: float,
+        env: Mapping[str, str] | None, timeout: float, stall: Stall | None,
     ) -> NestedResult:
         io_dir = work / "io"
         io_dir.mkdir()
@@ -126,13 +148,14 @@ class NestedHost:
             kernel=kernel.boot_image,
             initramfs=initramfs.build(work / "initramfs.cpio", kernel, plan),
             console_log=work / "console.log",
+            monitor=work / "monitor.sock",
             memory_mib=self.memory_mib,
             cpus=self.cpus,
             shares=shares,
             extra_cmdline=self.extra_cmdline,
         )
         self.progress(f"booting L1 (TCG, emulated AMD-V, {self.cpus} vCPUs, {self.memory_mib} MiB)…")
-        watch = _Watch(machine, work / "qemu.stderr", self.progress)
+        watch = _Watch(machine, work / "qemu.stderr", self.progress, stall)
         watch.supervise(timeout, _one_line(shlex.join(command)))
         return NestedResult(
             exit_code=_exit_code(io_dir, watch),
@@ -169,10 +192,15 @@ def command_script(command: list[str], cwd: Path, env: Mapping[str, str]) -> str
 class _Watch:
     """QEMU as a child process, its console followed until the command's exit marker."""
 
-    def __init__(self, machine: L1Machine, stderr_path: Path, progress: Callable[[str], None]) -> None:
+    def __init__(
+        self, machine: L1Machine, stderr_path: Path, progress: Callable[[str], None], stall: Stall | None = None,
+    ) -> None:
         self.machine = machine
         self.stderr_path = stderr_path
         self.progress = progress
+        self.stall = stall
+        self._stamp: tuple[int, int] | None = None
+        self._changed_at = 0.0
         self.console = ""
         self.started = self.ready_at = self.done_at = self.ended = 0.0
 
@@ -213,7 +241,14 @@ class _Watch:
                 if self.done_at:
                     break  # the command finished; only the power-off hangs
                 stage = "running the command" if self.ready_at else "booting L1"
-                raise NestedTimeout(f"nested host timed out after {timeout:g} s ({stage}); QEMU killed", self.tail())
+                raise NestedTimeout(
+                    f"nested host timed out after {timeout:g} s ({stage}); QEMU killed", self.tail(), self.cpu_state()
+                )
+            if self._stalled(now):
+                raise NestedStall(
+                    f"nested host made no progress for {self.stall.seconds:g} s ({self.stall.path.name} unchanged); "
+                    "QEMU killed", self.tail(), self.cpu_state(),
+                )
             time.sleep(POLL)
         if not self.done_at:
             # QEMU's own stderr says why when it failed; TCG's feature warnings never do.
@@ -224,6 +259,22 @@ class _Watch:
                 f"QEMU exited (code {process.returncode}) before the command finished: {why}", self.tail()
             )
         self.progress(f"command exited after {self.done_at - self.ready_at:.1f} s")
+
+    def _stalled(self, now: float) -> bool:
+        if self.stall is None or not self.ready_at or self.done_at:
+            return False
+        stamp = self.stall.stamp()
+        if stamp != self._stamp or not self._changed_at:
+            self._stamp, self._changed_at = stamp, now
+        return now - self._changed_at > self.stall.seconds
+
+    def cpu_state(self) -> str:
+        """Each L1 vCPU's RIP/CPL/HLT from QEMU's monitor: where a hung L1 is spinning."""
+        if self.machine.monitor is None:
+            return ""
+        registers = monitor_command(self.machine.monitor, "info registers -a")
+        cpus = re.findall(r"^CPU#(\d+).*?^RIP=(\S+) .*?CPL=(\d) .*?HLT=(\d)", registers, re.M | re.S)
+        return "; ".join(f"vCPU{n} RIP={rip} CPL={cpl} HLT={hlt}" for n, rip, cpl, hlt in cpus)
 
     def _read_console(self) -> None:
         self.console = _read(self.machine.console_log)

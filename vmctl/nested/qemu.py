@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import shutil
 import signal
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +25,7 @@ class L1Machine:
     kernel: Path  # vmlinux (PVH entry) or bzImage
     initramfs: Path
     console_log: Path
+    monitor: Path | None = None  # HMP socket: vCPU registers when L1 stops making progress
     memory_mib: int = 4096
     cpus: int = 2
     shares: list[Share] = field(default_factory=list)
@@ -39,6 +42,8 @@ class L1Machine:
             "-chardev", f"file,id=console,path={_option(self.console_log)}", "-serial", "chardev:console",
             "-kernel", str(self.kernel), "-initrd", str(self.initramfs), "-append", cmdline,
         ]
+        if self.monitor:
+            argv += ["-monitor", f"unix:{_option(self.monitor)},server=on,wait=off"]
         # The host root, read-only; multidevs=remap keeps inode numbers unique across the
         # host's mounts (/proc, /sys, /dev… all appear in the export).
         argv += _nine_p(ROOT_TAG, Path("/"), readonly=True)
@@ -80,3 +85,28 @@ def die_with_parent() -> Callable[[], None]:
         prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
     return in_child
+
+
+def monitor_command(socket_path: Path, command: str, timeout: float = 10.0) -> str:
+    """One HMP command's output over the monitor socket ("" when QEMU does not answer)."""
+    prompt = b"(qemu) "
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(socket_path))
+            received = b""
+            deadline = time.monotonic() + timeout
+            while not received.endswith(prompt) and time.monotonic() < deadline:
+                received += sock.recv(65536)
+            sock.sendall(command.encode() + b"\n")
+            received = b""
+            while received.count(prompt) < 1 and time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+    except OSError:
+        return ""
+    text = received.decode(errors="replace").replace("\r", "")
+    # The monitor echoes the command line first (with terminal escapes); drop it and the prompt.
+    return "\n".join(text.split("\n")[1:]).removesuffix("(qemu) ").strip()

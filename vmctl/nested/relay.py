@@ -7,6 +7,12 @@ JSON line to that file, which lives in a directory shared writable with the host
 Outside, run_relayed() boots the nested host once for the whole selection; the outer
 session turns the lines back into reports (`pytest_report_from_serializable`) so each
 test shows up with its real outcome, output and traceback.
+
+Two clocks keep one hang from costing the whole selection: inside, a test that runs longer
+than $VMCTL_RELAY_TEST_TIMEOUT fails with the traceback of where it was (SIGALRM); outside,
+an L1 whose report file stops growing for longer than that is declared stalled and killed,
+and the tests it had not finished run again, once, in a fresh L1 (an emulated L1 can wedge
+on its own; that retry is reported in the outcome of every test it covers).
 """
 
 from __future__ import annotations
@@ -14,15 +20,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+
+import pytest
 
 from . import scratch
-from .host import NestedHost, NestedHostError
+from .host import NestedHost, NestedHostError, Stall
 
 REPORTS_ENV = "VMCTL_RELAY_REPORTS"
+TEST_TIMEOUT_ENV = "VMCTL_RELAY_TEST_TIMEOUT"
+DEFAULT_TEST_TIMEOUT = 600.0  # the slowest inner test takes about a minute in the nested host
+STALL_GRACE = 120.0  # beyond the per-test timeout: time to report the timeout itself
+ATTEMPTS = 2
 
 
 # --- inside L1 -------------------------------------------------------------------------
@@ -46,10 +60,37 @@ class _Recorder:
             self._write(report)
 
 
+class TestTimeout(Exception):
+    """Raised in the main thread when one test runs too long inside the nested host."""
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def _expired(self, signum: int, frame: Any) -> None:
+        raise TestTimeout(f"test still running after {self.seconds:g} s (${TEST_TIMEOUT_ENV})")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item: Any, nextitem: Any) -> Iterator[None]:
+        previous = signal.signal(signal.SIGALRM, self._expired)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def test_timeout() -> float:
+    return float(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
+
+
 def pytest_configure(config: Any) -> None:
     path = os.environ.get(REPORTS_ENV)
     if path:
         config.pluginmanager.register(_Recorder(config, Path(path)), "vmctl-relay-recorder")
+        config.pluginmanager.register(_Deadline(test_timeout()), "vmctl-relay-deadline")
 
 
 # --- on the host -----------------------------------------------------------------------
@@ -79,7 +120,41 @@ def to_report(config: Any, data: dict) -> Any:
 
 
 def run_relayed(nodeids: Sequence[str], rootdir: Path, nested: NestedHost, timeout: float) -> RelayRun:
-    """Run `nodeids` (relative to `rootdir`) with pytest inside one nested host."""
+    """Run `nodeids` (relative to `rootdir`) with pytest inside a nested host; when that
+    host fails (stalls, crashes, times out), the unfinished tests get one fresh host more."""
+    deadline = time.monotonic() + timeout
+    reports: list[dict] = []
+    remaining = list(nodeids)
+    errors: list[str] = []
+    run = RelayRun([], None, "", None)
+    for attempt in range(1, ATTEMPTS + 1):
+        left = deadline - time.monotonic()
+        if not remaining or left <= 0:
+            break
+        if attempt > 1:
+            nested.progress(f"nested host failed; running the {len(remaining)} unfinished test(s) in a fresh one")
+        run = _run_once(remaining, rootdir, nested, left)
+        finished = {r["nodeid"] for r in run.reports if r.get("when") == "teardown"}
+        # A test cut short by the host's failure is run again; its partial reports are not kept.
+        kept = [r for r in run.reports if r.get("nodeid") in finished or "when" not in r]
+        if attempt > 1:
+            kept = [{**r, "sections": [*r.get("sections", []), ["nested host", _retry_note(errors)]]} for r in kept]
+        reports += kept
+        remaining = [n for n in remaining if n not in finished]
+        if run.error is None:
+            break
+        errors.append(run.error)
+    error = "\n\n".join(f"attempt {i}: {e}" for i, e in enumerate(errors, 1)) if remaining and errors else None
+    return RelayRun(reports, run.exit_code, run.output, error)
+
+
+def _retry_note(errors: list[str]) -> str:
+    first = errors[0].splitlines()[0] if errors else ""
+    return f"ran in a second nested host after the first failed: {first}"
+
+
+def _run_once(nodeids: Sequence[str], rootdir: Path, nested: NestedHost, timeout: float) -> RelayRun:
+    """One nested host for `nodeids`: every report it wrote, even when it failed."""
     exchange = scratch.make("vmctl-relay-")
     try:
         reports_file = exchange / "reports.jsonl"
@@ -88,12 +163,23 @@ def run_relayed(nodeids: Sequence[str], rootdir: Path, nested: NestedHost, timeo
             "-q", "--rootdir", str(rootdir), *nodeids,
         ]
         host = replace(nested, shares=[*nested.shares, exchange])
+        stall = Stall(reports_file, test_timeout() + STALL_GRACE)
+        env = {REPORTS_ENV: str(reports_file), TEST_TIMEOUT_ENV: str(test_timeout())}
+        error = None
+        result = None
         try:
-            result = host.run(command, cwd=rootdir, env={REPORTS_ENV: str(reports_file)}, timeout=timeout)
-        except NestedHostError as error:
-            return RelayRun([], None, "", f"{error}\n{error.console_tail}")
+            result = host.run(command, cwd=rootdir, env=env, timeout=timeout, stall=stall)
+        except NestedHostError as failure:
+            error = f"{failure}\n{failure.console_tail}"
         lines = reports_file.read_text().splitlines() if reports_file.exists() else []
-        reports = [json.loads(line) for line in lines]
+        reports = [json.loads(line) for line in lines[:-1]]
+        if lines:
+            try:  # the last line may be cut short when the host was killed mid-write
+                reports.append(json.loads(lines[-1]))
+            except json.JSONDecodeError:
+                pass
+        if result is None:
+            return RelayRun(reports, None, "", error)
         return RelayRun(reports, result.exit_code, result.stdout + result.stderr, None)
     finally:
         shutil.rmtree(exchange, ignore_errors=True)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,10 @@ def test_up_exec_console_down_rm_through_the_agent(state_dir, tmp_path):
         console.stdin.write(b"echo console-$((6*7))\n")
         console.stdin.flush()
         seen = b""
+        deadline = time.monotonic() + 60
         while b"console-42" not in seen:
+            ready, _, _ = select.select([console.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no console-42 on the console within 60 s: {seen!r}"
             chunk = console.stdout.read1(4096)
             assert chunk, f"console ended early: {seen!r}"
             seen += chunk
