@@ -23,6 +23,7 @@ import pytest
 
 from vmctl.errors import VmctlError
 from vmctl.nested import NestedHost, NestedHostError, NestedResult, NestedTimeout
+from vmctl.nested.host import NestedStall, Stall
 from vmctl.nested.detect import FORCE_ENV, nested_problem
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,6 +169,18 @@ def test_timeout_kills_qemu_and_leaves_nothing(private_temp: Path) -> None:
     with pytest.raises(NestedTimeout, match="timed out after 20 s"):
         NestedHost().run(["sleep", "3600"], timeout=20)
     assert _leftovers(private_temp) == []
+
+
+def test_stalled_command_is_killed_and_the_error_says_where_each_vcpu_was(private_temp: Path) -> None:
+    heartbeat = private_temp / "heartbeat"
+    stall = Stall(heartbeat, 15)
+    with pytest.raises(NestedStall, match=r"no progress for 15 s \(heartbeat unchanged\).*vCPU0 RIP=\w+ CPL=\d HLT=\d"):
+        NestedHost(shares=[private_temp]).run(
+            ["sh", "-c", f"for i in 1 2 3; do echo $i >> {heartbeat}; sleep 2; done; sleep 3600"],
+            timeout=300, stall=stall,
+        )
+    assert heartbeat.read_text().split() == ["1", "2", "3"]  # progress until it stopped
+    assert _leftovers(private_temp) == ["heartbeat"]
 
 
 def test_bad_share_fails_before_booting(private_temp: Path) -> None:
