@@ -2,6 +2,10 @@
 
 At the end of a run a table says, per tier, how many tests ran, passed, failed and were
 skipped, and why they were skipped, so CI output shows which tiers really ran.
+
+Every test has $VMCTL_TEST_TIMEOUT seconds (default 900): one that hangs fails with the
+traceback of where it was and the run goes on, so CI always ends with a full report.
+Relayed linux-tier tests keep the relay's own clocks (docs/nested-host.md).
 """
 
 from __future__ import annotations
@@ -15,6 +19,19 @@ import pytest
 
 TIERS = ("unit", "kvm", "linux")
 _HERE = Path(__file__).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from vmctl.nested.relay import REPORTS_ENV, TestDeadline
+
+    if os.environ.get(REPORTS_ENV):
+        return  # inside the nested host: the relay plugin sets the deadline
+    seconds = float(os.environ.get("VMCTL_TEST_TIMEOUT", "900"))
+    config.pluginmanager.register(TestDeadline(seconds, "VMCTL_TEST_TIMEOUT", exempt=_relayed), "vmctl-test-deadline")
+
+
+def _relayed(item: pytest.Item) -> bool:
+    return item.get_closest_marker("relayed") is not None  # set by tests/linux/conftest.py
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -74,6 +74,12 @@ def _relayed(item: pytest.Item) -> bool:
     return INNER in Path(item.path).parents and tier_plan(item.config).mode == "nested"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _relayed(item):
+            item.add_marker(pytest.mark.relayed)  # keeps the relay's clocks (tests/conftest.py)
+
+
 def _relay(session: pytest.Session) -> RelayRun:
     """The one nested run of every selected inner test (started by the first of them)."""
     if _RELAY not in session.stash:
