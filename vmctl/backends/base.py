@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -69,6 +70,24 @@ def ssh_target(store: StateStore, record: MachineRecord, probe: bool = True) -> 
     ssh = record.spec.get("ssh") or {}
     key = ssh.get("key")
     return network["guest_ip"], ssh.get("user", "root"), Path(key) if key else None
+
+
+def guest_script(record: MachineRecord, command: list[str]) -> str:
+    """The shell line `exec` runs in the guest: the machine's environment, then the command."""
+    exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec.get("environment", {}).items())
+    return exports + shlex.join(command)
+
+
+def exec_over_ssh(store: StateStore, record: MachineRecord, script: str, timeout: float) -> ExecResult | None:
+    """Run `script` through SSH when the machine is on vmctl's network and its sshd answers;
+    None when it is not (the caller falls back to its guest agent)."""
+    target = ssh_target(store, record)
+    if target is None:
+        return None
+    from ..ssh import exec_ssh
+
+    host, user, key = target
+    return exec_ssh(host, user, key, script, timeout)
 
 
 class Backend(Protocol):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from ..spec.model import MachineSpec
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
 from ..vmm.agent import ExecResult
 from ..vmm.control import request
-from .base import MachineStatus, MarkerScan, ended_status, ssh_target
+from .base import MachineStatus, MarkerScan, ended_status, exec_over_ssh, guest_script, ssh_target
 from .kvm_prepare import prepare
 
 READY_MARKER = b"VMCTL-READY"
@@ -101,14 +100,10 @@ class KvmBackend:
         otherwise through the guest agent on COM2."""
         if not pid_alive(record.pid) or store.outcome(record.name) is not None:
             raise VmctlError(f"{record.name}: not running")
-        exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec.get("environment", {}).items())
-        script = exports + shlex.join(command)
-        target = self.ssh_target(store, record)
-        if target is not None:
-            from ..ssh import exec_ssh
-
-            host, user, key = target
-            return exec_ssh(host, user, key, script, timeout)
+        script = guest_script(record, command)
+        over_ssh = exec_over_ssh(store, record, script, timeout)
+        if over_ssh is not None:
+            return over_ssh
         answer = request(store.folder(record.name) / CONTROL, "exec", timeout=timeout + 5, script=script, timeout_seconds=timeout)
         return ExecResult(answer["exit_code"], base64.b64decode(answer["stdout"]), base64.b64decode(answer["stderr"]))
 

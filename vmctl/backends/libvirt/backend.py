@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import socket
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
 from ...vmm.agent import AgentChannel, ExecResult
 from ...vmm.machine import EXIT_MARKER
-from ..base import MachineStatus, ended_status, ssh_target
+from ..base import MachineStatus, ended_status, exec_over_ssh, guest_script, ssh_target
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
@@ -108,8 +107,7 @@ class LibvirtBackend:
             extra_words: tuple[str, ...] = ()
             tap = None
             if vmctl_tap:
-                extra_words = self._vmctl_network(spec, folder, record)
-                tap = record.spec["network_host"]["tap"]
+                tap, extra_words = self._vmctl_network(spec, folder, record)
                 nic = nic_for(spec, tap)
             with translated(spec.name, f"preparing disks on {uri}"):
                 if remote:
@@ -142,27 +140,27 @@ class LibvirtBackend:
             record.pid = self._qemu_pid(uri, name)
             store.save(record)
         except BaseException:
-            self._discard(conn, record, remote_disks)
+            self._discard(conn, record, remote_disks, store.network(spec.name))
             store.delete(spec.name)  # nothing half-made stays behind
             raise
         return record
 
     @staticmethod
-    def _vmctl_network(spec: MachineSpec, folder: Path, record: MachineRecord) -> tuple[str, ...]:
+    def _vmctl_network(spec: MachineSpec, folder: Path, record: MachineRecord) -> tuple[str, tuple[str, ...]]:
         """vmctl's own TAP and /30 (NAT for `nat`), handed to QEMU by name, and an SSH key:
-        the guest's `ip=` and `vmctl.sshkey=` words. Saved in the record before anything else
-        can fail, so a failed start removes them."""
+        (the TAP's name, the guest's `ip=` and `vmctl.sshkey=` words). The network is saved
+        in the state folder before anything else can fail, so a failed start removes it."""
         from ...images.initargs import InitArgs
         from ...net.host import HostNetwork
         from ..kvm_prepare import machine_keys
 
         host = HostNetwork(spec.network.mode, spec.network.mac or default_mac(spec.name)).open()
         ip_word = host.kernel_ip_parameter()
-        record.spec["network_host"] = host.detach()
-        (folder / NETWORK).write_text(json.dumps(record.spec["network_host"]))
+        network = host.detach()
+        (folder / NETWORK).write_text(json.dumps(network))
         private_key, keys = machine_keys(spec, folder)
         record.spec["ssh"] = {"user": spec.ssh.user, "key": private_key}
-        return (ip_word, *InitArgs(sshkey="\n".join(keys)).words())
+        return network["tap"], (ip_word, *InitArgs(sshkey="\n".join(keys)).words())
 
     def _check_name_free(self, conn: Any, machine: str, name: str, uri: str) -> None:
         libvirt = libvirt_module()
@@ -345,13 +343,17 @@ class LibvirtBackend:
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)
         conn = self._conn(record.spec["uri"], record.name)
-        problems = self._discard(conn, record, RemoteDisks(conn, record.name, False) if record.spec.get("remote") else None)
+        remote_disks = RemoteDisks(conn, record.name, False) if record.spec.get("remote") else None
+        problems = self._discard(conn, record, remote_disks, store.network(record.name))
         if problems:
             raise VmctlError(f"{record.name}: could not remove everything: {'; '.join(problems)}")
         store.delete(record.name)
 
-    def _discard(self, conn: Any, record: MachineRecord, remote_disks: RemoteDisks | None) -> list[str]:
-        """Undefine the domain and delete the remote volumes; the messages of what failed."""
+    def _discard(
+        self, conn: Any, record: MachineRecord, remote_disks: RemoteDisks | None, network: dict | None,
+    ) -> list[str]:
+        """Undefine the domain, delete the remote volumes and vmctl's TAP (`network`, from
+        network.json); the messages of what failed."""
         problems: list[str] = []
         if conn is None:
             return problems
@@ -375,10 +377,10 @@ class LibvirtBackend:
             except libvirt.libvirtError as error:
                 problems.append(f"storage pool: {message(error)}")
             problems += remote_disks.delete(volumes)
-        if record.spec.get("network_host"):
+        if network:
             from ...net.host import remove_detached
 
-            remove_detached(record.spec["network_host"])  # the TAP QEMU had, and its NAT rule
+            remove_detached(network)  # the TAP QEMU had, and its NAT rule
         agent = record.spec.get("agent_socket")
         if agent and os.path.basename(agent).startswith("vmctl-agent-"):  # outside the state folder
             try:
@@ -394,13 +396,10 @@ class LibvirtBackend:
         as for native guests; otherwise through the guest agent on COM2 (local URIs)."""
         if self.status(store, record).state != "running":
             raise VmctlError(f"{record.name}: not running")
-        script = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec["environment"].items()) + shlex.join(command)
-        target = self.ssh_target(store, record)
-        if target is not None:
-            from ...ssh import exec_ssh
-
-            host, user, key = target
-            return exec_ssh(host, user, key, script, timeout)
+        script = guest_script(record, command)
+        over_ssh = exec_over_ssh(store, record, script, timeout)
+        if over_ssh is not None:
+            return over_ssh
         path = record.spec.get("agent_socket")
         if not path:
             raise VmctlError(f"{record.name}: exec needs the agent socket, which only a local libvirt has "
