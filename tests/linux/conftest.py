@@ -46,8 +46,7 @@ def nested_host(config: pytest.Config) -> NestedHost:
             terminal.write_line(f"[nested] {message}")
 
     return NestedHost(
-        # 6 GiB: the tier's guests, their tmpfs files and libvirtd all live in L1's RAM; at 4 GiB
-        # late guests sometimes stalled (their THP-backed RAM faulting under memory pressure).
+        # 6 GiB: the tier's guests, their tmpfs files and libvirtd all live in L1's RAM.
         memory_mib=int(os.environ.get("VMCTL_NESTED_MEMORY_MIB", "6144")),
         cpus=int(os.environ.get("VMCTL_NESTED_CPUS", "2")),
         progress=progress,

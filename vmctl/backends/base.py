@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..spec.model import MachineSpec
-from ..state import MachineRecord, StateStore
+from ..state import MachineRecord, StateStore, pid_alive
 from ..vmm.agent import ExecResult
 
 
@@ -29,6 +29,23 @@ def ended_status(backend: str, store: StateStore, record: MachineRecord) -> Mach
         return None
     state = "crashed" if outcome.get("crashed") else "exited"
     return MachineStatus(record.name, backend, state, None, outcome["reason"], outcome["exit_code"])
+
+
+def process_status(
+    backend: str, store: StateStore, record: MachineRecord, link: str, running: str, gone: str,
+) -> MachineStatus:
+    """Status of a machine run by a local process (`record.pid`): its outcome once it ended;
+    else running while the process lives (detail: `running`, then the guest address on the
+    network's `link` device when it has one); else dead, because `gone`."""
+    ended = ended_status(backend, store, record)
+    if ended is not None:
+        return ended
+    if pid_alive(record.pid):
+        network = store.network(record.name)
+        where = f"{network['guest_ip']} ({network[link]})" if network else ""
+        detail = ", ".join(part for part in (running, where) if part)
+        return MachineStatus(record.name, backend, "running", record.pid, detail)
+    return MachineStatus(record.name, backend, "dead", record.pid, gone)
 
 
 class MarkerScan:

@@ -15,7 +15,7 @@ from ..spec.model import MachineSpec
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
 from ..vmm.agent import ExecResult
 from ..vmm.control import request
-from .base import MachineStatus, MarkerScan, ended_status, exec_over_ssh, guest_script, ssh_target
+from .base import MachineStatus, MarkerScan, exec_over_ssh, guest_script, process_status, ssh_target
 from .kvm_prepare import prepare
 
 READY_MARKER = b"VMCTL-READY"
@@ -65,14 +65,8 @@ class KvmBackend:
         raise VmctlError(f"{record.name}: not ready after {timeout:g} s (vmctl logs {record.name})")
 
     def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
-        ended = ended_status(self.name, store, record)
-        if ended is not None:
-            return ended
-        if pid_alive(record.pid):
-            network = store.network(record.name)
-            detail = f"{network['guest_ip']} ({network['tap']})" if network else ""
-            return MachineStatus(record.name, self.name, "running", record.pid, detail)
-        return MachineStatus(record.name, self.name, "dead", record.pid, "the VMM process is gone without an outcome (killed?)")
+        return process_status(self.name, store, record, link="tap", running="",
+                              gone="the VMM process is gone without an outcome (killed?)")
 
     def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
         """The guest shuts down through its agent; after `timeout` the VM is stopped, then

@@ -25,7 +25,7 @@ from ...errors import VmctlError
 from ...spec.model import LibvirtSpec, MachineSpec
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore, pid_alive
 from ...vmm.agent import ExecResult
-from ..base import MachineStatus, ended_status
+from ..base import MachineStatus, MarkerScan, process_status
 from .bundle import build_config
 from .monitor import PLAN, Plan, paths, release
 from .rootfs import base_tree
@@ -106,27 +106,20 @@ class ContainerBackend:
         """A started container is ready (its command runs); this only confirms it, and
         fails like a VM would if it already ended unsuccessfully."""
         start = time.monotonic()
-        console = store.folder(record.name) / CONSOLE
+        console = MarkerScan(store.folder(record.name) / CONSOLE, READY_MARKER)
         while time.monotonic() - start < timeout:
             outcome = store.outcome(record.name)
             if outcome is not None and outcome["exit_code"] != 0:
                 raise VmctlError(f"{record.name}: container ended: {outcome['reason']} (vmctl logs {record.name})")
-            if console.exists() and READY_MARKER in console.read_bytes()[:4096]:
+            if console.found():
                 return time.monotonic() - start
             time.sleep(POLL)
         raise VmctlError(f"{record.name}: not ready after {timeout:g} s (vmctl logs {record.name})")
 
     def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
         _reap_monitor(record)
-        ended = ended_status(self.name, store, record)
-        if ended is not None:
-            return ended
-        if pid_alive(record.pid):
-            network = store.network(record.name)
-            where = f", {network['guest_ip']} ({network['veth']})" if network else ""
-            return MachineStatus(record.name, self.name, "running", record.pid, f"{record.spec['runtime']}{where}")
-        return MachineStatus(record.name, self.name, "dead", record.pid,
-                             "the container's init is gone without an outcome (its monitor was killed?)")
+        return process_status(self.name, store, record, link="veth", running=record.spec["runtime"],
+                              gone="the container's init is gone without an outcome (its monitor was killed?)")
 
     def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
         """SIGTERM to the container's init, SIGKILL after `timeout` s."""
