@@ -28,7 +28,9 @@ from ..base import MachineStatus, ended_status, exec_over_ssh, guest_script, ssh
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
-from .plan import boot_for, default_mac, domain_name, domain_plan, nic_for, root_image, uses_vmctl_tap
+from .plan import (
+    boot_for, check_network, default_mac, domain_name, domain_plan, nic_for, root_image, uses_vmctl_tap,
+)
 
 READY_MARKER = b"VMCTL-READY"
 DOMAIN_XML = "domain.xml"
@@ -97,8 +99,7 @@ class LibvirtBackend:
             conn = self._conn(uri, spec.name)
             self._check_name_free(conn, spec.name, name, uri)
             vmctl_tap = uses_vmctl_tap(spec, remote)
-            # Spec mistakes are reported before anything is made (the TAP's name comes later).
-            nic = nic_for(spec, "(vmctl tap)" if vmctl_tap else None)
+            check_network(spec, vmctl_tap)  # spec mistakes before anything is made
             boot_for(spec)
             root = root_image(spec)
             if remote and root:
@@ -108,7 +109,7 @@ class LibvirtBackend:
             tap = None
             if vmctl_tap:
                 tap, extra_words = self._vmctl_network(spec, folder, record)
-                nic = nic_for(spec, tap)
+            nic = nic_for(spec, tap)
             with translated(spec.name, f"preparing disks on {uri}"):
                 if remote:
                     remote_disks = RemoteDisks(conn, spec.name, settings.upload)

@@ -31,13 +31,25 @@ def uses_vmctl_tap(spec: MachineSpec, remote: bool) -> bool:
     return not remote and spec.network.mode != "none" and not spec.libvirt.bridge and not spec.libvirt.network
 
 
+def check_network(spec: MachineSpec, vmctl_tap: bool) -> None:
+    """The network section's mistakes, reported before anything is made."""
+    if spec.network.mode == "none":
+        return
+    if spec.network.forwards:
+        raise VmctlError(f"{spec.name}: port forwards are not supported by the libvirt backend "
+                         f"(use a libvirt network with routes, or backend kvm)")
+    if spec.network.mode == "isolated" and not (vmctl_tap or spec.libvirt.bridge or spec.libvirt.network):
+        raise VmctlError(f"{spec.name}: network mode isolated needs libvirt.network (an isolated "
+                         f"libvirt network) or libvirt.bridge with backend libvirt")
+
+
 def nic_for(spec: MachineSpec, tap: str | None = None) -> NicPlan | None:
+    """The guest's NIC: on the spec's libvirt bridge or network, else on vmctl's `tap`, else
+    on libvirt's default network (mode nat)."""
+    check_network(spec, vmctl_tap=tap is not None)
     network, settings = spec.network, spec.libvirt
     if network.mode == "none":
         return None
-    if network.forwards:
-        raise VmctlError(f"{spec.name}: port forwards are not supported by the libvirt backend "
-                         f"(use a libvirt network with routes, or backend kvm)")
     mac = network.mac or default_mac(spec.name)
     if settings.bridge:
         return NicPlan("bridge", settings.bridge, mac)
@@ -45,9 +57,6 @@ def nic_for(spec: MachineSpec, tap: str | None = None) -> NicPlan | None:
         return NicPlan("network", settings.network, mac)
     if tap is not None:
         return NicPlan("ethernet", tap, mac)
-    if network.mode == "isolated":
-        raise VmctlError(f"{spec.name}: network mode isolated needs libvirt.network (an isolated "
-                         f"libvirt network) or libvirt.bridge with backend libvirt")
     return NicPlan("network", DEFAULT_NETWORK, mac)
 
 
