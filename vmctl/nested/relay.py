@@ -91,7 +91,7 @@ class TestDeadline:
             signal.signal(signal.SIGALRM, previous)
 
 
-def test_timeout() -> float:
+def per_test_timeout() -> float:
     return float(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
 
 
@@ -99,7 +99,7 @@ def pytest_configure(config: Any) -> None:
     path = os.environ.get(REPORTS_ENV)
     if path:
         config.pluginmanager.register(_Recorder(config, Path(path)), "vmctl-relay-recorder")
-        config.pluginmanager.register(TestDeadline(test_timeout(), TEST_TIMEOUT_ENV), "vmctl-relay-deadline")
+        config.pluginmanager.register(TestDeadline(per_test_timeout(), TEST_TIMEOUT_ENV), "vmctl-relay-deadline")
 
 
 # --- on the host -----------------------------------------------------------------------
@@ -172,8 +172,8 @@ def _run_once(nodeids: Sequence[str], rootdir: Path, nested: NestedHost, timeout
             "-q", "--rootdir", str(rootdir), *nodeids,
         ]
         host = replace(nested, shares=[*nested.shares, exchange])
-        stall = Stall(reports_file, test_timeout() + STALL_GRACE)
-        env = {REPORTS_ENV: str(reports_file), TEST_TIMEOUT_ENV: str(test_timeout())}
+        stall = Stall(reports_file, per_test_timeout() + STALL_GRACE)
+        env = {REPORTS_ENV: str(reports_file), TEST_TIMEOUT_ENV: str(per_test_timeout())}
         error = None
         result = None
         try:
