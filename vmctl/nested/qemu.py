@@ -94,17 +94,20 @@ def monitor_command(socket_path: Path, command: str, timeout: float = 10.0) -> s
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(socket_path))
-            received = b""
             deadline = time.monotonic() + timeout
-            while not received.endswith(prompt) and time.monotonic() < deadline:
-                received += sock.recv(65536)
+
+            def until_prompt() -> bytes:
+                received = b""
+                while not received.endswith(prompt) and time.monotonic() < deadline:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+                return received
+
+            until_prompt()  # the greeting
             sock.sendall(command.encode() + b"\n")
-            received = b""
-            while received.count(prompt) < 1 and time.monotonic() < deadline:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
+            received = until_prompt()
     except OSError:
         return ""
     text = received.decode(errors="replace").replace("\r", "")
