@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -132,6 +133,9 @@ def test_debian_guest_on_vmctls_network_answers_exec_over_ssh(state_dir, tmp_pat
         assert (who, client, root) == ("ssh", network["host_ip"], "/dev/vda")  # over SSH, from the TAP's host end
         row = json.loads(vmctl("ps", "--json").stdout)[0]
         assert (row["backend"], row["state"]) == ("libvirt", "running")
+        if shutil.which("ssh"):  # `vmctl ssh` execs the OpenSSH client with the machine's key
+            ssh = vmctl("ssh", "lvl-ssh", "--", "hostname")
+            assert (ssh.returncode, ssh.stdout.strip()) == (0, "lvl-ssh"), ssh.stderr
     finally:
         assert vmctl("rm", "lvl-ssh").returncode == 0
     assert not Path(f"/sys/class/net/{network['tap']}").exists()  # the TAP went with the machine
