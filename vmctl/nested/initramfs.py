@@ -16,6 +16,7 @@ import shlex
 import shutil
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,11 @@ done
 hostname vmctl-l1
 # Guests' RAM is MADV_HUGEPAGE: never stall a fault on synchronous compaction under emulation.
 echo defer+madvise >/sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null || true
+# KVM's static keys stay on for L1's life: flipping them (text_poke_bp) can livelock TCG
+# (vmctl/nested/pin.py says how). Wait until its VMs exist, so no command races the flip.
+chroot $R "$PIN_PYTHON" -m vmctl.nested.pin /run/vmctl-pin </dev/null >/dev/console 2>&1 &
+for i in $(seq 300); do [ -f $R/run/vmctl-pin ] && break; sleep 0.1; done
+[ -f $R/run/vmctl-pin ] || echo "vmctl: KVM static keys not pinned (see above); L1 may wedge"
 
 echo "@READY@ $(cut -d' ' -f1 /proc/uptime)"
 chroot $R /bin/sh "$IO_DIR/command.sh" </dev/null >"$R$IO_DIR/stdout" 2>"$R$IO_DIR/stderr"
@@ -104,7 +110,8 @@ def init_script() -> str:
 
 
 def plan_script(io_dir: Path, shares: list[Share], msize: int) -> str:
-    lines = [f"IO_DIR={shlex.quote(str(io_dir))}", f"MSIZE={msize}"]
+    # The pin runs with our interpreter (same path inside L1), which has vmctl importable.
+    lines = [f"IO_DIR={shlex.quote(str(io_dir))}", f"MSIZE={msize}", f"PIN_PYTHON={shlex.quote(sys.executable)}"]
     lines.append("SHARE_TAGS=" + shlex.quote(" ".join(share.tag for share in shares)))
     lines += [f"SHARE_PATH_{share.tag}={shlex.quote(str(share.path))}" for share in shares]
     return "\n".join(lines) + "\n"
