@@ -29,7 +29,7 @@ from .connection import connect, is_remote, libvirt_module, message, not_found, 
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
 from .plan import (
-    boot_for, check_network, default_mac, domain_name, domain_plan, nic_for, root_image, uses_vmctl_tap,
+    boot_for, check_network, default_mac, domain_name, domain_plan, root_image, uses_vmctl_tap,
 )
 
 READY_MARKER = b"VMCTL-READY"
@@ -109,7 +109,6 @@ class LibvirtBackend:
             tap = None
             if vmctl_tap:
                 tap, extra_words = self._vmctl_network(spec, folder, record)
-            nic = nic_for(spec, tap)
             with translated(spec.name, f"preparing disks on {uri}"):
                 if remote:
                     remote_disks = RemoteDisks(conn, spec.name, settings.upload)
@@ -131,8 +130,8 @@ class LibvirtBackend:
             record.spec.update(console=console, agent_socket=agent)
             record.resources = {"volumes": list(remote_disks.created) if remote_disks else []}
             store.save(record)
-            if nic is not None and nic.kind == "network":
-                self._network_up(conn, spec.name, nic.source, uri)
+            if plan.nic is not None and plan.nic.kind == "network":
+                self._network_up(conn, spec.name, plan.nic.source, uri)
             with translated(spec.name, f"starting domain {name} on {uri}"):
                 if spec.ephemeral:
                     conn.createXML(xml, 0)  # transient: libvirt forgets it when it stops
