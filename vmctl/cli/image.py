@@ -23,7 +23,7 @@ def _action_modules() -> list:
     import importlib
 
     modules = []
-    for name in ("image_build", "image_disk"):
+    for name in ("image_build", "image_disk", "image_oci"):
         try:
             modules.append(importlib.import_module(f"{__package__}.{name}"))
         except ModuleNotFoundError as error:
