@@ -34,8 +34,10 @@ class MemoryRegion:
         return self.guest_address + self.size
 
 
-def _map_host(size: int, memfd: int | None, offset: int = 0) -> int:
-    """mmap `size` bytes: anonymous and lazily backed, or shared from a memfd at `offset`.
+def _map_host(size: int, memfd: int | None, offset: int = 0, private_file: bool = False) -> int:
+    """mmap `size` bytes: anonymous and lazily backed, shared from a memfd at `offset`, or
+    (`private_file`) copy-on-write from a snapshot's memory file: pages the guest never writes
+    stay the file's page-cache pages, shared by every machine restored from it.
 
     Anonymous RAM is placed on a 2 MiB boundary and marked MADV_HUGEPAGE, as QEMU does:
     with transparent huge pages each guest fault maps 2 MiB instead of 4 KiB, which matters
@@ -49,7 +51,7 @@ def _map_host(size: int, memfd: int | None, offset: int = 0) -> int:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
         address = _aligned(mm(None, size + _HUGE_PAGE, prot, flags, -1, 0), size)
     else:
-        address = mm(None, size, prot, mmap.MAP_SHARED, memfd, offset)
+        address = mm(None, size, prot, mmap.MAP_PRIVATE if private_file else mmap.MAP_SHARED, memfd, offset)
     if address in (None, _MAP_FAILED):
         errno = ctypes.get_errno()
         raise OSError(errno, f"cannot map {size} bytes of guest memory: {os.strerror(errno)}")
@@ -80,14 +82,19 @@ def _aligned(address: int | None, size: int) -> int | None:
 class GuestMemory:
     """RAM regions at fixed guest-physical addresses, backed by host mappings."""
 
-    def __init__(self, layout: list[tuple[int, int]], backing: str = "anonymous") -> None:
-        """`layout` is a list of (guest_address, size); `backing` is "anonymous" or "memfd"."""
-        if backing not in ("anonymous", "memfd"):
+    def __init__(self, layout: list[tuple[int, int]], backing: str = "anonymous", file: str | None = None) -> None:
+        """`layout` is a list of (guest_address, size); `backing` is "anonymous", "memfd" or
+        "file": the regions mapped private (copy-on-write) from `file`, one after the other."""
+        if backing not in ("anonymous", "memfd", "file"):
             raise ValueError(f"unknown memory backing {backing!r}")
         self.backing = backing
         self.memfd: int | None = None
         total = sum(size for _, size in layout)
-        if backing == "memfd":
+        if backing == "file":
+            if file is None:
+                raise ValueError("file backing needs a file")
+            self.memfd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+        elif backing == "memfd":
             # One memfd for all regions, so the whole RAM can be shared with another process.
             self.memfd = os.memfd_create("vmctl-guest-ram", os.MFD_CLOEXEC)
             os.ftruncate(self.memfd, total)
@@ -96,7 +103,7 @@ class GuestMemory:
         for guest_address, size in sorted(layout):
             if self.regions and guest_address < self.regions[-1].end:
                 raise ValueError(f"memory regions overlap at 0x{guest_address:x}")
-            host = _map_host(size, self.memfd, offset)
+            host = _map_host(size, self.memfd, offset, private_file=backing == "file")
             view = memoryview((ctypes.c_ubyte * size).from_address(host)).cast("B")
             self.regions.append(MemoryRegion(guest_address, size, host, view))
             offset += size

@@ -30,6 +30,16 @@ KVM_RUN_FIELDS = {
     "exit.fail_entry.hardware_entry_failure_reason": "fail_entry.hardware_entry_failure_reason",
     "kvm_valid_regs": "kvm_valid_regs",
 }
+# Fields inside the nested structs of the state structs snapshots save: (struct, dotted, C type).
+NESTED_FIELDS = {
+    "KvmVcpuEvents.exception.error_code": (abi.KvmVcpuEvents, "exception.error_code", "struct kvm_vcpu_events"),
+    "KvmVcpuEvents.interrupt.shadow": (abi.KvmVcpuEvents, "interrupt.shadow", "struct kvm_vcpu_events"),
+    "KvmVcpuEvents.nmi.masked": (abi.KvmVcpuEvents, "nmi.masked", "struct kvm_vcpu_events"),
+    "KvmVcpuEvents.smi.latched_init": (abi.KvmVcpuEvents, "smi.latched_init", "struct kvm_vcpu_events"),
+    "KvmIrqchip.chip.ioapic.redirtbl": (abi.KvmIrqchip, "chip.ioapic.redirtbl", "struct kvm_irqchip"),
+    "KvmIrqchip.chip.pic.elcr_mask": (abi.KvmIrqchip, "chip.pic.elcr_mask", "struct kvm_irqchip"),
+    "KvmXcrs.xcrs": (abi.KvmXcrs, "xcrs", "struct kvm_xcrs"),
+}
 # Every ioctl number abi defines: values whose type byte (bits 8..15) is KVMIO.
 IOCTLS = [
     name for name, value in vars(abi).items()
@@ -59,6 +69,9 @@ def c_layout(tmp_path_factory) -> dict[str, int]:
             lines.append(f'printf("offset {name}.{field} %zu\\n", offsetof({c_name}, {field}));')
     for dotted, c_field in KVM_RUN_FIELDS.items():
         lines.append(f'printf("run {dotted} %zu\\n", offsetof(struct kvm_run, {c_field}));')
+    for key, (_, dotted, c_name) in NESTED_FIELDS.items():
+        lines.append(f'printf("nested {key} %zu\\n", offsetof({c_name}, {dotted}));')
+    lines.append('printf("sizeof ioapic_redirtbl %zu\\n", sizeof(((struct kvm_ioapic_state *)0)->redirtbl[0]));')
     for name in IOCTLS:
         lines.append(f'printf("ioctl {name} %lu\\n", (unsigned long){name});')
     lines.append("return 0; }")
@@ -87,6 +100,16 @@ def test_kvm_run_exit_union_offsets(c_layout, dotted):
     assert _python_offset(abi.KvmRun, dotted) == c_layout[f"run {dotted}"]
 
 
+@pytest.mark.parametrize("key", sorted(NESTED_FIELDS))
+def test_nested_state_fields_match_kernel(c_layout, key):
+    struct, dotted, _ = NESTED_FIELDS[key]
+    assert _python_offset(struct, dotted) == c_layout[f"nested {key}"], key
+
+
+def test_ioapic_redirection_entries_are_64_bit(c_layout):
+    assert c_layout["sizeof ioapic_redirtbl"] == 8
+
+
 @pytest.mark.parametrize("name", sorted(IOCTLS))
 def test_ioctl_numbers_match_kernel(c_layout, name):
     assert getattr(abi, name) == c_layout[f"ioctl {name}"], name
@@ -96,3 +119,5 @@ def test_flexible_arrays_have_header_layout():
     assert ctypes.sizeof(abi.kvm_cpuid2(3)) == 8 + 3 * ctypes.sizeof(abi.KvmCpuidEntry2)
     assert ctypes.sizeof(abi.kvm_msrs(2)) == 8 + 2 * 16
     assert ctypes.sizeof(abi.kvm_irq_routing(4)) == 8 + 4 * ctypes.sizeof(abi.KvmIrqRoutingEntry)
+    assert ctypes.sizeof(abi.kvm_msr_list(5)) == 4 + 5 * 4
+    assert ctypes.sizeof(abi.kvm_xsave2(8192)) == 8192 and ctypes.sizeof(abi.kvm_xsave2(100)) == 4096

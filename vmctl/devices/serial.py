@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 COM1_PORT = 0x3F8
@@ -34,6 +35,20 @@ MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 RX_FIFO_LIMIT = 64 * 1024  # input beyond this is dropped rather than held without bound
 
 
+@dataclass
+class SerialState:
+    """The registers a driver programmed and the bytes it has not read yet (snapshots)."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    fcr: int
+    divisor: int
+    thr_empty_pending: bool
+    rx: bytes
+
+
 class Serial:
     def __init__(self, output: Callable[[bytes], None], interrupt: Callable[[], None]) -> None:
         self.output = output
@@ -57,6 +72,19 @@ class Serial:
             raise_irq = bool(self.ier & IER_RX_AVAILABLE) and bool(self._rx)
         if raise_irq:
             self.interrupt()
+
+    # --- snapshots -------------------------------------------------------------------------
+    def save_state(self) -> SerialState:
+        with self._lock:
+            return SerialState(self.ier, self.lcr, self.mcr, self.scr, self.fcr, self.divisor,
+                               self._thr_empty_pending, bytes(self._rx))
+
+    def restore_state(self, state: SerialState) -> None:
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr = state.ier & 0x0F, state.lcr & 0xFF, state.mcr & 0x1F, state.scr & 0xFF
+            self.fcr, self.divisor = state.fcr & 0xFF, state.divisor & 0xFFFF
+            self._thr_empty_pending = state.thr_empty_pending
+            self._rx = collections.deque(state.rx[:RX_FIFO_LIMIT])
 
     # --- guest side ------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:

@@ -269,6 +269,160 @@ class KvmMsi(ctypes.Structure):
     ]
 
 
+# --- state save/restore (snapshots) --------------------------------------------------------
+class KvmMsrListHeader(ctypes.Structure):
+    """struct kvm_msr_list without its flexible indices[] array."""
+
+    _fields_ = [("nmsrs", c_uint32)]
+
+
+def kvm_msr_list(count: int) -> type[ctypes.Structure]:
+    class KvmMsrList(ctypes.Structure):
+        _fields_ = [("nmsrs", c_uint32), ("indices", c_uint32 * count)]
+
+    return KvmMsrList
+
+
+class KvmPicState(ctypes.Structure):
+    _fields_ = [
+        (name, c_uint8)
+        for name in (
+            "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll",
+            "special_mask", "init_state", "auto_eoi", "rotate_on_auto_eoi", "special_fully_nested_mode",
+            "init4", "elcr", "elcr_mask",
+        )
+    ]
+
+
+KVM_IOAPIC_NUM_PINS = 24
+
+
+class KvmIoapicState(ctypes.Structure):
+    # redirtbl entries are a union of a u64 and bit fields: the u64 view is enough to save them.
+    _fields_ = [
+        ("base_address", c_uint64),
+        ("ioregsel", c_uint32),
+        ("id", c_uint32),
+        ("irr", c_uint32),
+        ("pad", c_uint32),
+        ("redirtbl", c_uint64 * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
+class _KvmIrqchipUnion(ctypes.Union):
+    _fields_ = [("dummy", c_uint8 * 512), ("pic", KvmPicState), ("ioapic", KvmIoapicState)]
+
+
+class KvmIrqchip(ctypes.Structure):
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", _KvmIrqchipUnion)]
+
+
+class KvmPitChannelState(ctypes.Structure):
+    _fields_ = [
+        ("count", c_uint32),
+        ("latched_count", c_uint16),
+        ("count_latched", c_uint8),
+        ("status_latched", c_uint8),
+        ("status", c_uint8),
+        ("read_state", c_uint8),
+        ("write_state", c_uint8),
+        ("write_latch", c_uint8),
+        ("rw_mode", c_uint8),
+        ("mode", c_uint8),
+        ("bcd", c_uint8),
+        ("gate", c_uint8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class KvmPitState2(ctypes.Structure):
+    _fields_ = [("channels", KvmPitChannelState * 3), ("flags", c_uint32), ("reserved", c_uint32 * 9)]
+
+
+class KvmClockData(ctypes.Structure):
+    _fields_ = [
+        ("clock", c_uint64),
+        ("flags", c_uint32),
+        ("pad0", c_uint32),
+        ("realtime", c_uint64),
+        ("host_tsc", c_uint64),
+        ("pad", c_uint32 * 4),
+    ]
+
+
+KVM_CLOCK_TSC_STABLE = 2
+
+
+class _KvmVcpuEventsException(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("has_error_code", c_uint8), ("pending", c_uint8),
+                ("error_code", c_uint32)]
+
+
+class _KvmVcpuEventsInterrupt(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("nr", c_uint8), ("soft", c_uint8), ("shadow", c_uint8)]
+
+
+class _KvmVcpuEventsNmi(ctypes.Structure):
+    _fields_ = [("injected", c_uint8), ("pending", c_uint8), ("masked", c_uint8), ("pad", c_uint8)]
+
+
+class _KvmVcpuEventsSmi(ctypes.Structure):
+    _fields_ = [("smm", c_uint8), ("pending", c_uint8), ("smm_inside_nmi", c_uint8), ("latched_init", c_uint8)]
+
+
+class KvmVcpuEvents(ctypes.Structure):
+    _fields_ = [
+        ("exception", _KvmVcpuEventsException),
+        ("interrupt", _KvmVcpuEventsInterrupt),
+        ("nmi", _KvmVcpuEventsNmi),
+        ("sipi_vector", c_uint32),
+        ("flags", c_uint32),
+        ("smi", _KvmVcpuEventsSmi),
+        ("triple_fault", c_uint8),
+        ("reserved", c_uint8 * 26),
+        ("exception_has_payload", c_uint8),
+        ("exception_payload", c_uint64),
+    ]
+
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x2
+KVM_VCPUEVENT_VALID_SHADOW = 0x4
+KVM_VCPUEVENT_VALID_SMM = 0x8
+
+
+class KvmDebugregs(ctypes.Structure):
+    _fields_ = [("db", c_uint64 * 4), ("dr6", c_uint64), ("dr7", c_uint64), ("flags", c_uint64),
+                ("reserved", c_uint64 * 9)]
+
+
+class KvmXsave(ctypes.Structure):
+    """struct kvm_xsave: the 4 KiB legacy region (KVM_GET_XSAVE2 may need more: see kvm_xsave2)."""
+
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
+def kvm_xsave2(size: int) -> type[ctypes.Structure]:
+    """A kvm_xsave of `size` bytes (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM fd)."""
+
+    class KvmXsave2(ctypes.Structure):
+        _fields_ = [("region", c_uint32 * (max(size, 4096) // 4))]
+
+    return KvmXsave2
+
+
+KVM_MAX_XCRS = 16
+
+
+class KvmXcr(ctypes.Structure):
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+class KvmXcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", c_uint32), ("flags", c_uint32), ("xcrs", KvmXcr * KVM_MAX_XCRS),
+                ("padding", c_uint64 * 16)]
+
+
 # --- struct kvm_run: the page shared with the kernel for each vCPU -------------------------
 class KvmRunExitIo(ctypes.Structure):
     _fields_ = [
@@ -383,6 +537,15 @@ KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_SIGNAL_MSI = 77
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_PIT_STATE2 = 35
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_XSAVE2 = 208
 
 KVM_API_VERSION = 12
 
@@ -392,6 +555,7 @@ KVM_GET_API_VERSION = _io(0x00)
 KVM_CREATE_VM = _io(0x01)
 KVM_CHECK_EXTENSION = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
+KVM_GET_MSR_INDEX_LIST = _iowr(0x02, KvmMsrListHeader)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, KvmCpuid2Header)
 # VM
 KVM_CREATE_VCPU = _io(0x41)
@@ -400,10 +564,16 @@ KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, ctypes.sizeof(c_uint64))
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, KvmIrqLevel)
+KVM_GET_IRQCHIP = _iowr(0x62, KvmIrqchip)
+KVM_SET_IRQCHIP = _ior(0x63, KvmIrqchip)
 KVM_SET_GSI_ROUTING = _iow(0x6A, KvmIrqRoutingHeader)
 KVM_IRQFD = _iow(0x76, KvmIrqfd)
 KVM_CREATE_PIT2 = _iow(0x77, KvmPitConfig)
 KVM_IOEVENTFD = _iow(0x79, KvmIoeventfd)
+KVM_SET_CLOCK = _iow(0x7B, KvmClockData)
+KVM_GET_CLOCK = _ior(0x7C, KvmClockData)
+KVM_GET_PIT2 = _ior(0x9F, KvmPitState2)
+KVM_SET_PIT2 = _iow(0xA0, KvmPitState2)
 KVM_SIGNAL_MSI = _iow(0xA5, KvmMsi)
 # vCPU
 KVM_RUN = _io(0x80)
@@ -421,6 +591,18 @@ KVM_SET_CPUID2 = _iow(0x90, KvmCpuid2Header)
 KVM_GET_CPUID2 = _iowr(0x91, KvmCpuid2Header)
 KVM_GET_MP_STATE = _ior(0x98, KvmMpState)
 KVM_SET_MP_STATE = _iow(0x99, KvmMpState)
+KVM_GET_VCPU_EVENTS = _ior(0x9F, KvmVcpuEvents)
+KVM_SET_VCPU_EVENTS = _iow(0xA0, KvmVcpuEvents)
+KVM_GET_DEBUGREGS = _ior(0xA1, KvmDebugregs)
+KVM_SET_DEBUGREGS = _iow(0xA2, KvmDebugregs)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XSAVE = _ior(0xA4, KvmXsave)
+KVM_SET_XSAVE = _iow(0xA5, KvmXsave)
+KVM_GET_XCRS = _ior(0xA6, KvmXcrs)
+KVM_SET_XCRS = _iow(0xA7, KvmXcrs)
+KVM_KVMCLOCK_CTRL = _io(0xAD)
+KVM_GET_XSAVE2 = _ior(0xCF, KvmXsave)
 
 KVM_MEM_READONLY = 1 << 1
 
@@ -447,4 +629,16 @@ CHECKED_STRUCTS: dict[str, tuple[type[ctypes.Structure], str]] = {
     "KvmMpState": (KvmMpState, "struct kvm_mp_state"),
     "KvmMsi": (KvmMsi, "struct kvm_msi"),
     "KvmRun": (KvmRun, "struct kvm_run"),
+    "KvmMsrListHeader": (KvmMsrListHeader, "struct kvm_msr_list"),
+    "KvmPicState": (KvmPicState, "struct kvm_pic_state"),
+    "KvmIoapicState": (KvmIoapicState, "struct kvm_ioapic_state"),
+    "KvmIrqchip": (KvmIrqchip, "struct kvm_irqchip"),
+    "KvmPitChannelState": (KvmPitChannelState, "struct kvm_pit_channel_state"),
+    "KvmPitState2": (KvmPitState2, "struct kvm_pit_state2"),
+    "KvmClockData": (KvmClockData, "struct kvm_clock_data"),
+    "KvmVcpuEvents": (KvmVcpuEvents, "struct kvm_vcpu_events"),
+    "KvmDebugregs": (KvmDebugregs, "struct kvm_debugregs"),
+    "KvmXsave": (KvmXsave, "struct kvm_xsave"),
+    "KvmXcr": (KvmXcr, "struct kvm_xcr"),
+    "KvmXcrs": (KvmXcrs, "struct kvm_xcrs"),
 }

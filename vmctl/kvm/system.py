@@ -65,6 +65,20 @@ class Kvm:
                 raise
             return [copy_entry(table.entries[i]) for i in range(table.nent)]
 
+    def msr_index_list(self) -> list[int]:
+        """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
+        count = 256
+        while True:
+            table = abi.kvm_msr_list(count)(nmsrs=count)
+            try:
+                ioctl(self.fd, abi.KVM_GET_MSR_INDEX_LIST, table)
+            except OSError as error:
+                if error.errno == errno.E2BIG and count < 65536:
+                    count = max(table.nmsrs, count * 2)
+                    continue
+                raise
+            return [table.indices[i] for i in range(table.nmsrs)]
+
     def create_vm_fd(self) -> int:
         return ioctl(self.fd, abi.KVM_CREATE_VM, 0)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 
 from . import abi
 from .ioctl import ioctl
+from .system import copy_entry
 from .vm import VmFd
 
 
@@ -97,3 +99,65 @@ class VcpuFd:
 
     def set_mp_state(self, value: int) -> None:
         ioctl(self.fd, abi.KVM_SET_MP_STATE, abi.KvmMpState(mp_state=value))
+
+    # --- state save/restore (snapshots) ----------------------------------------------------
+    def get_cpuid(self) -> list[abi.KvmCpuidEntry2]:
+        count = 64
+        while True:
+            table = abi.kvm_cpuid2(count)(nent=count)
+            try:
+                ioctl(self.fd, abi.KVM_GET_CPUID2, table)
+            except OSError as error:
+                if error.errno == errno.E2BIG and count < 4096:
+                    count *= 2
+                    continue
+                raise
+            return [copy_entry(table.entries[i]) for i in range(table.nent)]
+
+    def get_xsave(self, size: int = 4096) -> ctypes.Structure:
+        """The XSAVE area; `size` from KVM_CAP_XSAVE2 (above 4 KiB only with AMX-like state)."""
+        if size > 4096:
+            area = abi.kvm_xsave2(size)()
+            ioctl(self.fd, abi.KVM_GET_XSAVE2, area)
+        else:
+            area = abi.KvmXsave()
+            ioctl(self.fd, abi.KVM_GET_XSAVE, area)
+        return area
+
+    def set_xsave(self, area: ctypes.Structure) -> None:
+        ioctl(self.fd, abi.KVM_SET_XSAVE, area)
+
+    def get_xcrs(self) -> abi.KvmXcrs:
+        xcrs = abi.KvmXcrs()
+        ioctl(self.fd, abi.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: abi.KvmXcrs) -> None:
+        ioctl(self.fd, abi.KVM_SET_XCRS, xcrs)
+
+    def get_vcpu_events(self) -> abi.KvmVcpuEvents:
+        events = abi.KvmVcpuEvents()
+        ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, events)
+        return events
+
+    def set_vcpu_events(self, events: abi.KvmVcpuEvents) -> None:
+        ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events)
+
+    def get_debugregs(self) -> abi.KvmDebugregs:
+        regs = abi.KvmDebugregs()
+        ioctl(self.fd, abi.KVM_GET_DEBUGREGS, regs)
+        return regs
+
+    def set_debugregs(self, regs: abi.KvmDebugregs) -> None:
+        ioctl(self.fd, abi.KVM_SET_DEBUGREGS, regs)
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, abi.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, abi.KVM_SET_TSC_KHZ, khz)
+
+    def kvmclock_paused(self) -> None:
+        """Tell the guest's kvmclock it was paused (no soft-lockup warning); ENOTSUP/EINVAL
+        when the guest has not enabled kvmclock, which is fine."""
+        ioctl(self.fd, abi.KVM_KVMCLOCK_CTRL)

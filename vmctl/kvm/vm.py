@@ -79,5 +79,35 @@ class VmFd:
             abi.KvmMsi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data),
         )
 
+    # --- state save/restore (snapshots) ----------------------------------------------------
+    def check_extension(self, capability: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (some answers, like KVM_CAP_XSAVE2, are per VM)."""
+        return ioctl(self.fd, abi.KVM_CHECK_EXTENSION, capability)
+
+    def get_irqchip(self, chip_id: int) -> abi.KvmIrqchip:
+        chip = abi.KvmIrqchip(chip_id=chip_id)
+        ioctl(self.fd, abi.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: abi.KvmIrqchip) -> None:
+        ioctl(self.fd, abi.KVM_SET_IRQCHIP, chip)
+
+    def get_pit(self) -> abi.KvmPitState2:
+        state = abi.KvmPitState2()
+        ioctl(self.fd, abi.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit(self, state: abi.KvmPitState2) -> None:
+        ioctl(self.fd, abi.KVM_SET_PIT2, state)
+
+    def get_clock(self) -> abi.KvmClockData:
+        clock = abi.KvmClockData()
+        ioctl(self.fd, abi.KVM_GET_CLOCK, clock)
+        return clock
+
+    def set_clock(self, clock_ns: int) -> None:
+        """kvmclock continues from `clock_ns` (the guest does not see the time it was saved)."""
+        ioctl(self.fd, abi.KVM_SET_CLOCK, abi.KvmClockData(clock=clock_ns))
+
     def create_vcpu_fd(self, index: int) -> int:
         return ioctl(self.fd, abi.KVM_CREATE_VCPU, index)

@@ -92,6 +92,22 @@ class VirtioDevice(abc.ABC):
     watch: Callable[[int, Callable[[], None]], None] | None = None
     unwatch: Callable[[int], None] | None = None
 
+    # --- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """Device-specific state beyond the transport's (JSON values); the default has none."""
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        """Take `save_state`'s output, after the transport restored the queues."""
+
+    def unconsumed(self, index: int) -> int:
+        """Chains of queue `index` the device took from the ring and still holds, uncompleted."""
+        return 0
+
+    def reclaim(self, queues: list[Virtqueue]) -> None:
+        """Take queues back from the host kernel (see `offload`), their indices synced, so the
+        VMM can save them; the transport offloads them again if the machine goes on."""
+
     def reset(self) -> None:
         """Forget per-driver state (the driver wrote 0 to Status)."""
 

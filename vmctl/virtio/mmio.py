@@ -12,13 +12,14 @@ import logging
 import os
 import struct
 import threading
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import GuestMemoryError
 from ..memory import GuestMemory
 from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TRANSPORT_FEATURES, DeviceError, QueueContext, \
     QueueHandoff, VirtioDevice
-from .queue import DescriptorChain, QueueError, Virtqueue
+from .queue import DescriptorChain, QueueError, QueueState, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,29 @@ DEVICE_NEEDS_RESET, FAILED = 0x40, 0x80
 INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
 
 
+@dataclass
+class TransportState:
+    """A virtio-mmio slot as its driver left it: registers, negotiated features, every queue's
+    layout and indices, and the device model's own state (snapshots)."""
+
+    device_id: int
+    device_name: str
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+    config_generation: int
+    broken: bool
+    interrupt_status: int
+    queues: list[QueueState]
+    device: dict = field(default_factory=dict)
+
+
+class TransportStateError(Exception):
+    """A saved transport that does not fit this device (other kind, other queues, bad rings)."""
+
+
 class VirtioMmioTransport:
     """One virtio-mmio slot. `irq` raises the slot's interrupt line (an irqfd write);
     `irq_fd` is that irqfd itself, for a device whose queues the kernel serves (vhost)."""
@@ -71,6 +95,7 @@ class VirtioMmioTransport:
         self._interrupt_status = 0
         self._int_lock = threading.Lock()
         self._pending_irq = False
+        self._reoffload = False  # queues taken back from the kernel for a snapshot
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -262,6 +287,64 @@ class VirtioMmioTransport:
         with self.lock:
             self.device.reset()
             self._reset_state()
+
+    # --- snapshots -------------------------------------------------------------------------
+    def quiesce(self) -> None:
+        """With `lock` held: take the queues back from the kernel (vhost) so their indices are
+        ours to save; `resume()` hands them over again."""
+        if self.kernel_queues:
+            self.device.reclaim(self.queues)
+            self.kernel_queues = False
+            self._reoffload = True
+
+    def resume(self) -> None:
+        if self._reoffload:
+            self._reoffload = False
+            self._offload()
+
+    def save_state(self) -> TransportState:
+        """With `lock` held and the transport quiesced (no queue work in flight)."""
+        with self._int_lock:
+            interrupt_status = self._interrupt_status
+        return TransportState(
+            self.device.device_id, self.device.name, self.status, self.device_features_sel, self.driver_features_sel,
+            self.driver_features, self.queue_sel, self.config_generation, self.broken, interrupt_status,
+            [queue.save_state(self.device.unconsumed(index)) for index, queue in enumerate(self.queues)],
+            self.device.save_state(),
+        )
+
+    def restore_state(self, state: TransportState) -> None:
+        """Put a freshly attached slot where the saved driver left it; the device resumes
+        serving (its worker is woken for every queue) as if it had never stopped."""
+        if state.device_id != self.device.device_id:
+            raise TransportStateError(f"saved device is virtio-{state.device_name} (id {state.device_id}), "
+                                      f"this slot has virtio-{self.device.name} (id {self.device.device_id})")
+        if len(state.queues) != len(self.queues):
+            raise TransportStateError(f"{len(state.queues)} saved queues, virtio-{self.device.name} has {len(self.queues)}")
+        with self.lock:
+            self._reset_state()
+            self.status = state.status & 0xFF
+            self.device_features_sel, self.driver_features_sel = state.device_features_sel, state.driver_features_sel
+            self.driver_features, self.queue_sel = state.driver_features, state.queue_sel
+            self.config_generation, self.broken = state.config_generation, state.broken
+            if state.driver_features & ~self.offered_features:
+                raise TransportStateError(f"saved driver features 0x{state.driver_features:x} are not all offered "
+                                          f"by virtio-{self.device.name} (0x{self.offered_features:x})")
+            for index, (queue, saved) in enumerate(zip(self.queues, state.queues)):
+                if saved.size > queue.max_size:
+                    raise TransportStateError(f"queue {index}: saved size {saved.size} exceeds {queue.max_size}")
+                try:
+                    queue.restore_state(saved)
+                except QueueError as error:
+                    raise TransportStateError(f"queue {index}: {error}") from None
+            with self._int_lock:
+                self._interrupt_status = state.interrupt_status & (INT_USED_BUFFER | INT_CONFIG_CHANGE)
+            if self.active:
+                self.device.activate(self.driver_features, self.ctx)
+                self.device.restore_state(state.device)
+                self._offload()
+                for index in range(len(self.queues)):
+                    self._wake(index)
 
     # --- config space --------------------------------------------------------------------
     def _read_config(self, offset: int, size: int) -> bytes:

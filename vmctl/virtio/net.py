@@ -133,6 +133,15 @@ class NetDevice(VirtioDevice):
             if self.watch and self.tap.fd >= 0:
                 self.watch(self.tap.fd, self._tap_readable)
 
+    def unconsumed(self, index: int) -> int:
+        return len(self._held) if index == RX else 0
+
+    def reclaim(self, queues: list[Virtqueue]) -> None:
+        if self._vhost is not None:
+            for queue, last_avail in zip(queues, self._vhost.stop_rings(len(queues))):
+                queue.sync_from_ring(last_avail)
+            self._stop_vhost()
+
     def reset(self) -> None:
         self._stop_vhost()
         self._pending = 0

@@ -203,6 +203,22 @@ def _table_layout(count: int) -> tuple[struct.Struct, tuple[int, ...]]:
     return layout, _NEXT_SEQUENCES[count]
 
 
+@dataclass
+class QueueState:
+    """A virtqueue as the driver set it up, and how far the device got (snapshots)."""
+
+    size: int
+    ready: bool
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    event_idx: bool
+    indirect: bool
+    last_avail: int  # the next available-ring slot the device takes
+    next_used: int  # the used index the device publishes next (== used->idx in guest RAM)
+    signalled_used: int | None
+
+
 class Virtqueue:
     """Device side of one split virtqueue. Configured by the transport, used by one worker."""
 
@@ -258,6 +274,35 @@ class Virtqueue:
         self.next_used = 0
         self.signalled_used = None
         self.ready = True
+
+    # --- snapshots -------------------------------------------------------------------------
+    def save_state(self, unconsumed: int = 0) -> QueueState:
+        """`unconsumed`: chains the device took but has not completed (a held RX buffer); the
+        saved state gives them back to the ring, so a restored device takes them again."""
+        return QueueState(self.size, self.ready, self.desc_table, self.avail_ring, self.used_ring, self.event_idx,
+                          self.indirect, (self.last_avail - unconsumed) & 0xFFFF, self.next_used, self.signalled_used)
+
+    def restore_state(self, state: QueueState) -> None:
+        """Set the queue up as saved, checking the rings against guest RAM (QueueError)."""
+        self.reset()
+        self.size, self.desc_table, self.avail_ring, self.used_ring = state.size, state.desc_table, \
+            state.avail_ring, state.used_ring
+        if not state.ready:
+            return
+        self.activate(state.event_idx, state.indirect)
+        for name in ("last_avail", "next_used"):
+            if not 0 <= getattr(state, name) <= 0xFFFF:
+                raise QueueError(f"{name} {getattr(state, name)} is not a 16-bit index")
+        self.last_avail, self.next_used = state.last_avail, state.next_used
+        self.signalled_used = state.signalled_used
+        self.pending()  # raises when the saved index is more than a ring ahead of the driver's
+
+    def sync_from_ring(self, last_avail: int) -> None:
+        """Take the queue back from a device that served it elsewhere (vhost): the kernel
+        reports where it stopped reading; where it stopped writing is in used->idx."""
+        self.last_avail = last_avail & 0xFFFF
+        self.next_used = self._used16[1]
+        self.signalled_used = None
 
     # --- available ring --------------------------------------------------------------------
     def avail_idx(self) -> int:

@@ -38,6 +38,7 @@ VHOST_SET_MEM_TABLE = _ioc(_IOW, 0x03, 8)  # struct vhost_memory: its header; re
 VHOST_SET_VRING_NUM = _ioc(_IOW, 0x10, 8)
 VHOST_SET_VRING_ADDR = _ioc(_IOW, 0x11, 40)
 VHOST_SET_VRING_BASE = _ioc(_IOW, 0x12, 8)
+VHOST_GET_VRING_BASE = _ioc(_IOR | _IOW, 0x12, 8)
 VHOST_SET_VRING_KICK = _ioc(_IOW, 0x20, 8)
 VHOST_SET_VRING_CALL = _ioc(_IOW, 0x21, 8)
 VHOST_NET_SET_BACKEND = _ioc(_IOW, 0x30, 8)
@@ -95,6 +96,17 @@ class VhostNet:
                 fcntl.ioctl(self.fd, VHOST_NET_SET_BACKEND, _VRING_FILE.pack(index, tap_fd))
         except OSError as error:
             raise VhostError(f"vhost-net setup: {error.strerror}") from None
+
+    def stop_rings(self, count: int) -> list[int]:
+        """Detach the TAP from every ring (the kernel stops touching guest memory), then read
+        where the kernel stopped taking buffers: each ring's last_avail_idx."""
+        try:
+            for index in range(count):
+                fcntl.ioctl(self.fd, VHOST_NET_SET_BACKEND, _VRING_FILE.pack(index, -1))
+            return [_VRING_STATE.unpack(fcntl.ioctl(self.fd, VHOST_GET_VRING_BASE, _VRING_STATE.pack(index, 0)))[1]
+                    for index in range(count)]
+        except OSError as error:
+            raise VhostError(f"vhost-net stop: {error.strerror}") from None
 
     def close(self) -> None:
         """Stops the kernel's worker for this device (it lets go of the TAP and the rings)."""

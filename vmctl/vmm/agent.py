@@ -12,7 +12,6 @@ vmctl's /init has it, with no image change). One line per message, base64 so any
 from __future__ import annotations
 
 import base64
-import itertools
 import threading
 from dataclasses import dataclass
 
@@ -47,12 +46,18 @@ class ExecResult:
     stderr: bytes
 
 
+@dataclass
+class AgentState:
+    ready: bool
+    next_id: int
+
+
 class AgentChannel:
     """Host side: `exec()` sends a script and waits for its reply; `receive()` takes guest bytes."""
 
     def __init__(self) -> None:
         self.send = lambda data: None  # set to the UART's feed() by the machine
-        self._ids = itertools.count(1)
+        self._next_id = 1
         self._line = bytearray()
         self._lock = threading.Lock()
         self._replies: dict[int, ExecResult] = {}
@@ -83,18 +88,36 @@ class AgentChannel:
             self._replies[request_id] = result
             self._arrived.notify_all()
 
+    def _take_id(self) -> int:
+        with self._lock:
+            request_id, self._next_id = self._next_id, self._next_id + 1
+        return request_id
+
+    def save_state(self) -> "AgentState":
+        with self._lock:
+            return AgentState(self.ready.is_set(), self._next_id)
+
+    def restore_state(self, state: "AgentState") -> None:
+        """A restored guest's agent is already up, mid-loop: no new 'A ready' will come. Ids
+        go on from the saved one, so a reply to a request made before the snapshot cannot be
+        taken for the answer to a new one."""
+        with self._lock:
+            self._next_id = max(state.next_id, 1)
+        if state.ready:
+            self.ready.set()
+
     def post(self, script: str) -> bool:
         """Send a script without waiting for its reply (e.g. a shutdown that never answers);
         False when the agent has not announced itself."""
         if not self.ready.is_set():
             return False
-        self.send(f"X {next(self._ids)} {base64.b64encode(script.encode()).decode()}\n".encode())
+        self.send(f"X {self._take_id()} {base64.b64encode(script.encode()).decode()}\n".encode())
         return True
 
     def exec(self, script: str, timeout: float) -> ExecResult:
         if not self.ready.wait(timeout):
             raise VmctlError(f"the guest agent did not start within {timeout:g} s (does the image run it on ttyS1?)")
-        request_id = next(self._ids)
+        request_id = self._take_id()
         self.send(f"X {request_id} {base64.b64encode(script.encode()).decode()}\n".encode())
         with self._arrived:
             if not self._arrived.wait_for(lambda: request_id in self._replies, timeout):

@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from ..arch import vcpu_setup
 from ..arch.cpuid import cpuid_for_vcpu
@@ -33,6 +33,9 @@ from .agent import COM2_IRQ, COM2_PORT, AgentChannel
 from .console import ConsoleInput, ConsoleOutput
 from .outcome import EXIT_TIMEOUT, Outcome
 from .vcpu_thread import VcpuThread, install_kick_handler
+
+if TYPE_CHECKING:
+    from ..snapshot.format import SnapshotFile
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +99,14 @@ class MachineConfig:
 
 
 class Machine:
-    def __init__(self, config: MachineConfig) -> None:
-        config.validate()
+    def __init__(self, config: MachineConfig, restore_from: "SnapshotFile | None" = None) -> None:
+        """`restore_from`: a checked snapshot (`vmctl.snapshot.format.read_snapshot`): the machine
+        continues that guest instead of booting `config.kernel` (devices still come from
+        `config`, slot by slot as saved: a clone gets its own disks and network)."""
+        if restore_from is None:
+            config.validate()
         self.config = config
+        self.restore_from = restore_from
         self._outcome: Outcome | None = None
         self._outcome_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -115,6 +123,7 @@ class Machine:
         self.mmio = Bus("MMIO")
         self.serial: Serial | None = None
         self.agent: AgentChannel | None = None
+        self.agent_serial: Serial | None = None
         self.boot: BootInfo | None = None
         self.mmio_devices: list[MmioDevice] = []
 
@@ -174,12 +183,43 @@ class Machine:
         if self.kvm:
             self.kvm.close()
 
+    # --- pause, snapshot (vmm/snapshot.py does the saving) -------------------------------------
+    def pause(self, timeout: float = 10.0) -> None:
+        """Park every vCPU outside KVM_RUN with its state complete; raises when one does not
+        park (the machine is then resumed)."""
+        if self._stopping.is_set():
+            raise VmctlError("the machine is stopping")
+        for thread in self.threads:
+            thread.request_pause()
+        if not all(thread.wait_parked(timeout) for thread in self.threads):
+            self.resume()
+            raise VmctlError(f"the vCPUs did not pause within {timeout:g} s")
+        if self._stopping.is_set():
+            self.resume()
+            raise VmctlError("the machine stopped while pausing")
+
+    def resume(self) -> None:
+        for thread in self.threads:
+            thread.resume()
+
+    def snapshot(self, path: Path, extra: dict | None = None, then: str = "resume") -> dict:
+        """Save the whole running machine into the snapshot directory `path` (see
+        vmctl/snapshot/format.py); `then` is "resume" or "stop". Returns a summary."""
+        from .snapshot import save_machine
+
+        return save_machine(self, Path(path), extra or {}, then)
+
     @property
     def exits(self) -> int:
         return sum(thread.exits for thread in self.threads)
 
     # --- construction ----------------------------------------------------------------------
     def _build(self) -> None:
+        if self.restore_from is not None:
+            from .snapshot import build_restored
+
+            build_restored(self, self.restore_from)
+            return
         config = self.config
         self.kvm = Kvm()
         self.vm = VmFd(self.kvm)
@@ -238,9 +278,9 @@ class Machine:
         self.pio.register(COM1_PORT, 8, self.serial)
         if self.config.agent:
             self.agent = AgentChannel()
-            agent_uart = Serial(self.agent.receive, self.irq_line(COM2_IRQ).trigger)
-            self.agent.send = agent_uart.feed
-            self.pio.register(COM2_PORT, 8, agent_uart)
+            self.agent_serial = Serial(self.agent.receive, self.irq_line(COM2_IRQ).trigger)
+            self.agent.send = self.agent_serial.feed
+            self.pio.register(COM2_PORT, 8, self.agent_serial)
         self.pio.register(simple.I8042_DATA_PORT, 5, simple.I8042(self._on_reset))
         self.pio.register(simple.EXIT_PORT, 4, simple.ExitPort(self._on_exit_port))
         self.pio.register(simple.IO_DELAY_PORT, 1, simple.Sink())

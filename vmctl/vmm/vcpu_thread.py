@@ -35,6 +35,10 @@ class VcpuThread(threading.Thread):
         self.stop = stop
         self.stopping = stopping
         self.exits = 0
+        # Pausing (for a snapshot): the thread parks outside KVM_RUN until resumed.
+        self._pause_requested = threading.Event()
+        self._parked = threading.Event()
+        self._resume = threading.Event()
 
     def kick(self) -> None:
         self.vcpu.run_state.immediate_exit = 1
@@ -43,6 +47,34 @@ class VcpuThread(threading.Thread):
                 signal.pthread_kill(self.ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass
+
+    def request_pause(self) -> None:
+        """Ask the thread to park; `wait_parked` tells when it has. The kick's immediate_exit
+        makes the next KVM_RUN finish the pending port/MMIO read (if any) and return at once,
+        so the registers are final when the thread parks."""
+        self._resume.clear()
+        self._pause_requested.set()
+        self.kick()
+
+    def wait_parked(self, timeout: float) -> bool:
+        return self._parked.wait(timeout) or not self.is_alive()
+
+    def resume(self) -> None:
+        self._pause_requested.clear()
+        self._resume.set()
+
+    def _park(self) -> None:
+        self._parked.set()
+        while not self._resume.wait(0.5):
+            if self.stopping.is_set():
+                break
+        self._parked.clear()
+        if not self.stopping.is_set():
+            # Cleared first, then re-armed if another pause came meanwhile (its kick may
+            # have landed before the clear).
+            self.vcpu.run_state.immediate_exit = 0
+            if self._pause_requested.is_set() or self.stopping.is_set():
+                self.vcpu.run_state.immediate_exit = 1
 
     def run(self) -> None:
         try:
@@ -58,6 +90,10 @@ class VcpuThread(threading.Thread):
                 reason = self.vcpu.run()
             except OSError as error:
                 if error.errno in (errno.EINTR, errno.EAGAIN):
+                    # Only here, after a KVM_RUN that returned EINTR, is a parked vCPU's
+                    # state complete (not right after an I/O exit: see request_pause).
+                    if self._pause_requested.is_set() and not self.stopping.is_set():
+                        self._park()
                     continue
                 raise
             self.exits += 1

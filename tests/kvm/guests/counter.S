@@ -1,0 +1,56 @@
+/*
+ * Counts forever, for snapshot tests: the count lives in memory at COUNTER (a u64) and each
+ * new value is printed on COM1 in decimal, one per line, with a busy delay in between. Once
+ * the count reaches LIMIT the guest exits through port 0xf4 with the count's low byte.
+ */
+#ifndef LIMIT
+#define LIMIT 100
+#endif
+#ifndef DELAY
+#define DELAY 2000
+#endif
+#define COUNTER 0x6f00
+
+.code64
+.globl _start
+_start:
+    movq $0, COUNTER
+next:
+    mov COUNTER, %rax
+    inc %rax
+    mov %rax, COUNTER
+    call print_decimal
+    cmpq $LIMIT, COUNTER
+    je done
+    mov $DELAY, %rcx
+1:  loop 1b
+    jmp next
+done:
+    mov COUNTER, %rax
+    out %al, $0xf4
+    hlt
+
+/* Prints %rax in decimal and a newline on COM1 (clobbers rax, rcx, rdx, rdi). */
+print_decimal:
+    lea digits_end(%rip), %rdi
+    mov $10, %rcx
+2:  xor %edx, %edx
+    div %rcx
+    add $'0', %dl
+    dec %rdi
+    mov %dl, (%rdi)
+    test %rax, %rax
+    jnz 2b
+    mov $0x3f8, %dx
+3:  mov (%rdi), %al
+    out %al, %dx
+    inc %rdi
+    lea digits_end(%rip), %rcx
+    cmp %rcx, %rdi
+    jne 3b
+    mov $'\n', %al
+    out %al, %dx
+    ret
+
+digits: .space 24
+digits_end:
