@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Draw the benchmark results as SVG charts for docs/ (no plotting library needed).
+"""Draw the benchmark results as charts for docs/ (SVG + PNG, matplotlib: the `bench` extra).
 
 Reads benchmarks/results/*.json (whatever has been measured) and writes:
 - docs/plots/ratios.svg: every "vmctl vs its peer" ratio, normalised so that > 1 means vmctl
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 from typing import Callable
-from xml.etree import ElementTree as ET
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,77 +101,66 @@ def collect(results: Path) -> list[Ratio]:
     return ratios
 
 
-# --- SVG drawing -----------------------------------------------------------------------------
+# --- drawing (matplotlib: the optional `bench` extra) ------------------------------------------
 
-FONT = "font-family:sans-serif;font-size:12px"
-ROW, LABEL_W, BAR_W, PAD = 22, 300, 360, 10
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plot: matplotlib is missing: pip install '.[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text in the SVG
+    return plt
 
 
-def _svg(width: int, height: int) -> ET.Element:
-    return ET.Element("svg", xmlns="http://www.w3.org/2000/svg", width=str(width), height=str(height),
-                      viewBox=f"0 0 {width} {height}", style=FONT)
-
-
-def _text(parent: ET.Element, x: float, y: float, text: str, anchor: str = "start", **attrs: str) -> None:
-    ET.SubElement(parent, "text", x=f"{x:.1f}", y=f"{y:.1f}", **{"text-anchor": anchor}, **attrs).text = text
-
-
-def ratio_chart(ratios: list[Ratio]) -> ET.Element:
-    scale_max = max([2.0] + [r.value for r in ratios])
-    x_of = lambda value: LABEL_W + BAR_W * min(value, scale_max) / scale_max  # noqa: E731
-    height = PAD * 2 + ROW * (len(ratios) + 2)
-    svg = _svg(LABEL_W + BAR_W + 80, height)
-    _text(svg, PAD, PAD + 12, "vmctl vs peer (> 1: vmctl better; ◆ target)", **{"font-weight": "bold"})
-    top = PAD + ROW
-    for i, r in enumerate(ratios):
-        y = top + i * ROW
-        colour = "#3a7d44" if r.value >= (r.target or 1.0) else "#c8553d"
-        _text(svg, LABEL_W - 6, y + 14, f"{r.group}: {r.label}", anchor="end")
-        ET.SubElement(svg, "rect", x=str(LABEL_W), y=f"{y + 3}", width=f"{x_of(r.value) - LABEL_W:.1f}",
-                      height=str(ROW - 6), fill=colour)
-        _text(svg, x_of(r.value) + 4, y + 14, f"{r.value:.2f}x")
+def ratio_chart(ratios: list[Ratio]):
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(9, 0.32 * len(ratios) + 1.2))
+    ys = list(range(len(ratios)))
+    colours = ["#3a7d44" if r.value >= (r.target or 1.0) else "#c8553d" for r in ratios]
+    axes.barh(ys, [r.value for r in ratios], color=colours)
+    for y, r in zip(ys, ratios):
+        axes.text(r.value, y, f" {r.value:.2f}x", va="center", fontsize=8)
         if r.target:
-            cx = x_of(r.target)
-            ET.SubElement(svg, "polygon", fill="black",
-                          points=f"{cx},{y + 5} {cx + 4},{y + 11} {cx},{y + 17} {cx - 4},{y + 11}")
-    one = x_of(1.0)
-    ET.SubElement(svg, "line", x1=f"{one}", x2=f"{one}", y1=str(top), y2=str(top + ROW * len(ratios)),
-                  stroke="black", **{"stroke-dasharray": "4 3"})
-    _text(svg, one, top + ROW * len(ratios) + 14, "1.0 = parity", anchor="middle")
-    return svg
+            axes.plot([r.target], [y], marker="D", color="black", markersize=4)
+    axes.set_yticks(ys)
+    axes.set_yticklabels([f"{r.group}: {r.label}" for r in ratios], fontsize=8)
+    axes.invert_yaxis()
+    axes.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    axes.set_xlabel("vmctl vs peer (> 1: vmctl better; ◆ target)")
+    return figure
 
 
-PHASE_COLOURS = ["#8d99ae", "#ef8354", "#2b2d42", "#4f9d69", "#bfc0c0"]
-
-
-def phase_chart(run: dict) -> ET.Element:
+def phase_chart(run: dict):
+    plt = _pyplot()
     phases = [p for p in run["vmctl"] if p != "total"]
     rows = [("vmctl", run["vmctl"]), ("QEMU", run["qemu"])]
-    longest = max(row["total"] for _, row in rows)
-    svg = _svg(LABEL_W + BAR_W + 80, PAD * 2 + ROW * 5)
-    _text(svg, PAD, PAD + 12, f"`vmctl run -- true` by phase, median ms ({run.get('environment', '')})",
-          **{"font-weight": "bold"})
-    for i, (name, row) in enumerate(rows):
-        y, x = PAD + ROW * (i + 1), float(LABEL_W)
-        _text(svg, LABEL_W - 6, y + 14, name, anchor="end")
-        for phase, colour in zip(phases, PHASE_COLOURS):
-            width = BAR_W * row.get(phase, 0.0) / longest
-            ET.SubElement(svg, "rect", x=f"{x:.1f}", y=str(y + 3), width=f"{width:.1f}", height=str(ROW - 6),
-                          fill=colour)
-            x += width
-        _text(svg, x + 4, y + 14, f"{row['total']:.0f} ms")
-    legend_y, x = PAD + ROW * 3 + 8, float(LABEL_W)
-    for phase, colour in zip(phases, PHASE_COLOURS):
-        ET.SubElement(svg, "rect", x=f"{x:.1f}", y=str(legend_y), width="10", height="10", fill=colour)
-        _text(svg, x + 14, legend_y + 10, phase)
-        x += 14 + 8 * len(phase) + 12
-    return svg
+    figure, axes = plt.subplots(figsize=(9, 2.2))
+    for y, (name, row) in enumerate(rows):
+        left = 0.0
+        for i, phase in enumerate(phases):
+            width = row.get(phase, 0.0)
+            axes.barh(y, width, left=left, color=f"C{i}", label=phase if y == 0 else None)
+            left += width
+        axes.text(left, y, f" {row['total']:.0f} ms", va="center", fontsize=8)
+    axes.set_yticks(range(len(rows)))
+    axes.set_yticklabels([name for name, _ in rows])
+    axes.invert_yaxis()
+    axes.set_xlabel("ms")
+    axes.set_title(f"`vmctl run -- true` by phase, median ms ({run.get('environment', '')})", fontsize=9)
+    axes.legend(fontsize=7, ncol=len(phases), loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    return figure
 
 
-def write(svg: ET.Element, path: Path) -> None:
+def write(figure, path: Path) -> None:
+    """`path` as SVG and the same figure as PNG beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(svg).write(path, encoding="unicode", xml_declaration=False)
-    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    for target in (path, path.with_suffix(".png")):
+        figure.savefig(target, bbox_inches="tight", dpi=110)
+        print(f"wrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
+    _pyplot().close(figure)
 
 
 def main() -> int:

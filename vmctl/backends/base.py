@@ -107,6 +107,28 @@ def exec_over_ssh(store: StateStore, record: MachineRecord, script: str, timeout
     return exec_ssh(host, user, key, script, timeout)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a running machine costs the host: its processes (for PSS) and the bytes its own
+    writes allocated (qcow2 overlay, overlayfs upper dir). `vmctl compare` reads these."""
+
+    pids: tuple[int, ...]
+    disk_bytes: int
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes allocated under `path` (st_blocks, so sparse files count what they hold)."""
+    if not path.exists():
+        return 0
+    total = 0
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        try:
+            total += item.lstat().st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
 class Backend(Protocol):
     name: str
 
@@ -126,3 +148,6 @@ class Backend(Protocol):
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         """Stop it if needed and release everything it holds (processes, disks, taps, state)."""
+
+    def usage(self, store: StateStore, record: MachineRecord) -> Usage:
+        """Host processes and disk bytes of a running machine (local machines only)."""

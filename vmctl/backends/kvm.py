@@ -15,7 +15,7 @@ from ..spec.model import MachineSpec
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
 from ..vmm.agent import ExecResult
 from ..vmm.control import request
-from .base import MachineStatus, MarkerScan, exec_over_ssh, guest_script, process_status, ssh_target
+from .base import MachineStatus, MarkerScan, Usage, allocated_bytes, exec_over_ssh, guest_script, process_status, ssh_target
 from .kvm_prepare import prepare
 
 READY_MARKER = b"VMCTL-READY"
@@ -103,6 +103,11 @@ class KvmBackend:
 
     def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
         return ssh_target(store, record, probe)
+
+    def usage(self, store: StateStore, record: MachineRecord) -> Usage:
+        """The VMM process (guest RAM it touched included) and the machine's qcow2 overlays."""
+        pids = (record.pid,) if pid_alive(record.pid) else ()
+        return Usage(pids, allocated_bytes(store.folder(record.name) / "disks"))
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)

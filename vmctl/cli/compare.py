@@ -38,32 +38,93 @@ KINDS = ("native", "container", "vm")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "compare", help="run one workload as a container, as a VM and natively; one table",
-        description=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "compare", help="VMs vs containers: one workload (SPEC), or the benchmark suites (--suite)",
+        description=__doc__.split("\n", 2)[2] + SUITE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  vmctl compare examples/container.yaml --name job\n"
         "  vmctl compare work.yaml --runs 5 --json result.json\n"
+        "  vmctl compare --suite cpu,disk --only native,container,docker --quick\n"
+        "  vmctl compare --suite all --report out/\n"
         "The machine's backend is ignored: it runs every way. Needs root (containers).",
     )
-    parser.add_argument("file", type=Path, help="spec file; its machine's image, cpus, memory, environment and command")
+    parser.add_argument("file", type=Path, nargs="?", help="spec file; its machine's image, cpus, memory, environment "
+                        "and command (single-workload mode)")
     parser.add_argument("--name", help="machine of the spec file (default: the first)")
     parser.add_argument("--runs", type=int, default=3, help="instances per kind (default 3; medians)")
-    parser.add_argument("--only", choices=KINDS, action="append", help="measure only this kind (repeatable)")
+    parser.add_argument("--only", action="append", help="columns, comma-separated (repeatable): "
+                        "SPEC mode: native,container,vm; --suite: native,container,docker,vm,qemu (default all)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per instance (default 300)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--suite", help="startup,cpu,memory,disk,net,app,density,pagecache or all")
+    parser.add_argument("--quick", action="store_true", help="short version of every suite (seconds each)")
+    parser.add_argument("--instances", default=None, help="instance counts for density/pagecache (default 1,2,4; "
+                        "--quick: 1,2)")
+    parser.add_argument("--report", type=Path, help="write result.json, table.md, plots and report.html here")
+    parser.add_argument("--skip-unavailable", action="store_true", help="mark a column that cannot run here "
+                        "'not run: why' instead of failing")
+    parser.add_argument("--image", default="bench", help="image profile for --suite (default bench)")
+    parser.add_argument("--progress-file", type=Path, help=argparse.SUPPRESS)
     parser.set_defaults(func=cmd_compare)
 
 
+SUITE_HELP = """
+Suites (--suite): the same programs from the same image tree (profile bench: sysbench, fio,
+iperf3, redis) in every column: native (chroot + overlay on the host), container (vmctl's
+container backend), docker (Docker Engine; its own dockerd when none runs), vm (vmctl's VMM),
+qemu (libvirt). Where /dev/kvm cannot boot Linux, vm and qemu run inside the nested host with
+their own native and container columns; the table says so. Ends with one table of medians
+and ratios to native, Felter et al.'s published ratios beside them (docs/benchmarks-compare.md).
+"""
+
+
+def _columns(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    if args.suite:
+        return cmd_suite(args)
+    if args.file is None:
+        raise VmctlError("give a spec file (one workload) or --suite NAMES (the benchmark suites)")
     from ..spec import load_spec
 
+    kinds = _columns(args.only) or list(KINDS)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise VmctlError(f"--only: unknown kind {kind!r} for a spec file (one of: {', '.join(KINDS)})")
     spec_file = load_spec(args.file)
     spec = spec_file.machine(args.name) if args.name else spec_file.machines[0]
     if not spec.command:
         raise VmctlError(f"{args.file}: machine {spec.name!r} has no `command` to compare")
-    result = compare(spec, args.file, args.runs, args.only or list(KINDS), args.timeout)
+    result = compare(spec, args.file, args.runs, kinds, args.timeout)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(table(result))
+    return 0
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    import signal
+
+    from ..suite import report, runner
+
+    if args.file is not None:
+        raise VmctlError("--suite runs the built-in workloads: give no spec file with it")
+    columns = runner.parse_columns(",".join(_columns(args.only) or runner.COLUMN_NAMES))
+    options = runner.Options(
+        suites=runner.parse_suites(args.suite), columns=columns, quick=args.quick,
+        instances=runner.parse_instances(args.instances or ("1,2" if args.quick else "1,2,4")),
+        image=args.image, skip_unavailable=args.skip_unavailable, progress_file=args.progress_file)
+    # SIGTERM unwinds like Ctrl-C, so the cleanup in runner.run removes every instance.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    result = runner.run(options)
+    if args.json:
+        args.json.write_text(report.to_json(result))
+    if args.report:
+        for path in report.write(result, args.report):
+            print(f"wrote {path}", file=sys.stderr)
+    print(report.markdown(result))
     return 0
 
 

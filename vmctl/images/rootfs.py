@@ -1,8 +1,12 @@
-"""Recipe: the base root filesystem tree, in two profiles.
+"""Recipe: the base root filesystem tree, in three profiles.
 
 busybox: Debian's busybox-static plus a symlink per applet and a few /etc files (seconds).
 debian:  `debootstrap --variant=minbase bookworm` with python3, openssh-server and
          busybox-static (minutes, needs root and the network).
+bench:   debian plus the benchmark tools of `vmctl compare --suite` (sysbench, fio, iperf3,
+         redis-server, redis-tools) and BENCH_DATA_MIB of incompressible files under
+         BENCH_DATA_DIR that every instance reads in the page-cache suite. A profile of its own
+         so that the debian image (and everyone's cache of it) stays as it is.
 
 Both get vmctl's /init (also reachable as /sbin/init, so no `init=` is needed). The tree
 is an ordinary directory: the same one is packed to ext4/qcow2, to an initramfs, and can be
@@ -28,6 +32,10 @@ BUSYBOX_PACKAGE = "busybox-static"
 FIXED_MTIME = 1_700_000_000  # every file of the busybox tree gets this mtime
 DEBIAN_SUITE = "bookworm"
 DEBIAN_INCLUDE = ("python3", "openssh-server", "busybox-static")
+BENCH_INCLUDE = DEBIAN_INCLUDE + ("sysbench", "fio", "iperf3", "redis-server", "redis-tools")
+BENCH_DATA_DIR = "srv/vmctl-bench"  # relative to the tree's root
+BENCH_DATA_FILES = 8  # files of BENCH_DATA_MIB / BENCH_DATA_FILES MiB each
+BENCH_DATA_MIB = 256
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
@@ -44,6 +52,8 @@ PROFILES = {
                        "busybox-static userland with vmctl's /init"),
     "debian": Profile("debian", ("debootstrap", BUSYBOX_PACKAGE), 1024,
                       "Debian bookworm minbase with python3, openssh-server, busybox"),
+    "bench": Profile("bench", ("debootstrap", BUSYBOX_PACKAGE), 1536,
+                     "debian plus sysbench, fio, iperf3, redis and 256 MiB of shared data files"),
 }
 
 
@@ -61,8 +71,10 @@ def key(prof: Profile, mirror: str | None = None) -> str:
     """Hash of everything the tree is made from (missing packages hash as 'missing')."""
     parts: list[str | bytes] = [RECIPE_VERSION, prof.name, INIT_SCRIPT.read_bytes()]
     parts += [f"{p}={dpkg_version(p) or 'missing'}" for p in prof.host_packages]
-    if prof.name == "debian":
-        parts += [DEBIAN_SUITE, ",".join(DEBIAN_INCLUDE), mirror or apt_mirror()]
+    if prof.name in ("debian", "bench"):
+        parts += [DEBIAN_SUITE, ",".join(_include(prof)), mirror or apt_mirror()]
+    if prof.name == "bench":
+        parts += [f"data={BENCH_DATA_FILES}x{BENCH_DATA_MIB}"]
     return digest(*parts)
 
 
@@ -91,8 +103,14 @@ def build_tree(prof: Profile, cache: Path, report: Reporter = stderr_reporter,
         if prof.name == "busybox":
             populate_busybox(tmp, ctx)
         else:
-            populate_debian(tmp, ctx)
+            populate_debian(tmp, ctx, _include(prof))
+            if prof.name == "bench":
+                populate_bench_data(tmp, ctx)
     return final
+
+
+def _include(prof: Profile) -> tuple[str, ...]:
+    return BENCH_INCLUDE if prof.name == "bench" else DEBIAN_INCLUDE
 
 
 # --- busybox profile ---
@@ -220,13 +238,13 @@ def _deb822(stanza: str) -> dict[str, str]:
     return fields
 
 
-def populate_debian(root: Path, ctx: StepContext) -> None:
+def populate_debian(root: Path, ctx: StepContext, include: tuple[str, ...] = DEBIAN_INCLUDE) -> None:
     if os.geteuid() != 0:
         raise ctx.fail("debootstrap needs root")
     mirror = apt_mirror()
     ctx.say(f"debootstrap {DEBIAN_SUITE} from {mirror} (minutes)")
     try:
-        ctx.run(["debootstrap", "--variant=minbase", f"--include={','.join(DEBIAN_INCLUDE)}",
+        ctx.run(["debootstrap", "--variant=minbase", f"--include={','.join(include)}",
                  DEBIAN_SUITE, root, mirror], "debootstrap")
     except BaseException:
         inner = root / "debootstrap" / "debootstrap.log"
@@ -243,6 +261,19 @@ def populate_debian(root: Path, ctx: StepContext) -> None:
     for rel in ("dev", "proc", "sys", "run", "tmp"):
         (root / rel).mkdir(exist_ok=True)
     ctx.note("debian tree done")
+
+
+def populate_bench_data(root: Path, ctx: StepContext) -> None:
+    """Incompressible files every instance of the page-cache suite reads: random bytes, so
+    neither KSM nor a compressed layer can make them look smaller than they are."""
+    folder = root / BENCH_DATA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    size = (BENCH_DATA_MIB // BENCH_DATA_FILES) << 20
+    for index in range(BENCH_DATA_FILES):
+        with open(folder / f"shared-{index}.bin", "wb") as out:
+            for _ in range(size >> 20):
+                out.write(os.urandom(1 << 20))
+    ctx.note(f"bench data: {BENCH_DATA_FILES} files, {BENCH_DATA_MIB} MiB in /{BENCH_DATA_DIR}")
 
 
 def tree_size(root: Path) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 BACKENDS = ("kvm", "libvirt", "container")
 NETWORK_MODES = ("none", "nat", "isolated")
-IMAGE_PROFILES = ("busybox", "debian")  # reference images (vmctl image build [--profile])
+IMAGE_PROFILES = ("busybox", "debian", "bench")  # reference images (vmctl image build [--profile])
 LIBVIRT_DOMAIN_TYPES = ("kvm", "qemu")
 
 

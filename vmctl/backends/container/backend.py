@@ -25,11 +25,11 @@ from ...errors import VmctlError
 from ...spec.model import LibvirtSpec, MachineSpec
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore, pid_alive
 from ...vmm.agent import ExecResult
-from ..base import MachineStatus, MarkerScan, process_status
+from ..base import MachineStatus, MarkerScan, Usage, allocated_bytes, process_status
 from .bundle import build_config
 from .monitor import PLAN, Plan, paths, release
 from .rootfs import base_tree
-from .runtime import CGROUP_PARENT, Runtime, check_controllers, choose
+from .runtime import CGROUP_PARENT, Runtime, cgroup_dirs, check_controllers, choose
 
 READY_MARKER = b"VMCTL-READY"
 MONITOR_LOG = "monitor.log"
@@ -153,6 +153,21 @@ class ContainerBackend:
         exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec.get("environment", {}).items())
         return Runtime(plan.runtime, plan.binary).exec(record.name, paths(folder)["oci"], plan.container_id,
                                                         ["/bin/sh", "-c", exports + shlex.join(command)], timeout)
+
+    def usage(self, store: StateStore, record: MachineRecord) -> Usage:
+        """The container's cgroup processes plus vmctl's monitor, and its overlay upper dir."""
+        folder = store.folder(record.name)
+        plan = Plan.load(folder)
+        pids: set[int] = set()
+        for path in cgroup_dirs(plan.container_id):
+            try:
+                pids.update(int(p) for p in (path / "cgroup.procs").read_text().split())
+            except OSError:
+                continue
+        monitor = _monitor_pid(record)
+        if monitor is not None and pid_alive(monitor):
+            pids.add(monitor)
+        return Usage(tuple(sorted(pids)), allocated_bytes(paths(folder)["rootfs"] / "upper"))
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         folder = store.folder(record.name)

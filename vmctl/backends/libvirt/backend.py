@@ -24,7 +24,7 @@ from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
 from ...vmm.agent import AgentChannel, ExecResult
 from ...vmm.machine import EXIT_MARKER
-from ..base import MachineStatus, ended_status, exec_over_ssh, guest_script, ssh_target
+from ..base import MachineStatus, Usage, allocated_bytes, ended_status, exec_over_ssh, guest_script, ssh_target
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
@@ -339,6 +339,11 @@ class LibvirtBackend:
             return bool(domain.isActive())
         except libvirt_module().libvirtError:
             return False  # a transient domain vanished: not active
+
+    def usage(self, store: StateStore, record: MachineRecord) -> Usage:
+        """QEMU's process (local URIs) and the machine's own disks (its overlays)."""
+        pid = self._qemu_pid(record.spec["uri"], record.name)
+        return Usage((pid,) if pid else (), allocated_bytes(store.folder(record.name) / "disks"))
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)

@@ -1,0 +1,124 @@
+"""container, vm and qemu: instances run by one of vmctl's backends, through its methods only
+(start, wait_ready, exec, usage, remove) on a state store of the run's own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ...errors import VmctlError
+from .base import ColumnUnavailable, InstanceSpec, Output
+
+BACKEND_OF = {"container": "container", "vm": "kvm", "qemu": "libvirt"}
+READY_TIMEOUT = {"container": 60.0, "vm": 600.0, "qemu": 600.0}
+
+
+class BackendInstance:
+    def __init__(self, column: "BackendColumn", spec, record) -> None:
+        self.column = column
+        self.spec = spec
+        self.record = record
+        self.name = spec.name
+        network = column.store.network(spec.name)
+        self.address: str | None = network["guest_ip"] if network else None
+
+    def run(self, script: str, timeout: float = 600.0) -> Output:
+        result = self.column.backend.exec(self.column.store, self.record, ["/bin/sh", "-c", script], timeout)
+        return Output(result.exit_code, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace"))
+
+    def host_pids(self) -> list[int]:
+        return list(self.column.backend.usage(self.column.store, self.record).pids)
+
+    def disk_bytes(self) -> int:
+        return self.column.backend.usage(self.column.store, self.record).disk_bytes
+
+    def remove(self) -> None:
+        if self.record is None:
+            return
+        with self.column.store.locked():
+            self.column.backend.remove(self.column.store, self.record)
+        self.record = None
+
+
+class BackendColumn:
+    def __init__(self, name: str, image: str, work: Path) -> None:
+        from ...backends import get_backend
+        from ...state import StateStore
+
+        self.name = name
+        self.image = image
+        self.backend_name = BACKEND_OF[name]
+        _check(name, image)
+        self.backend = get_backend(self.backend_name)
+        self.state = work / f"state-{name}"
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(self.state)
+        self.label = {"container": "container (vmctl container backend)", "vm": "VM (vmctl's VMM, kvm backend)",
+                      "qemu": "VM (QEMU/KVM via libvirt)"}[name]
+
+    def start(self, spec: InstanceSpec, index: int) -> BackendInstance:
+        from ...spec.model import MachineSpec, NetworkSpec
+
+        machine = MachineSpec(
+            name=f"suite-{self.name}-{index}-{os.getpid()}", backend=self.backend_name, cpus=spec.cpus,
+            memory=spec.memory_mib << 20, image=spec.image,
+            network=NetworkSpec(mode="isolated" if spec.network else "none"),
+            **({"memory_merge": True} if spec.memory_merge else {}),
+        )
+        with self.store.locked():
+            record = self.backend.start(self.store, machine, None)
+        instance = BackendInstance(self, machine, record)
+        try:
+            self.backend.wait_ready(self.store, record, READY_TIMEOUT[self.name])
+            if spec.network:
+                _wait_exec(instance)
+        except BaseException:
+            instance.remove()
+            raise
+        return instance
+
+    def close(self) -> None:
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def _wait_exec(instance: BackendInstance, attempts: int = 60) -> None:
+    """A VM on the network is reached over SSH: wait until a command goes through."""
+    import time
+
+    last = ""
+    for _ in range(attempts):
+        try:
+            if instance.run("true", timeout=30).exit_code == 0:
+                return
+        except VmctlError as error:
+            last = str(error)
+        time.sleep(1)
+    raise VmctlError(f"{instance.name}: ready, but commands do not run: {last}")
+
+
+def _check(name: str, image: str) -> None:
+    """One line saying what is missing, before anything is started."""
+    if os.geteuid() != 0:
+        raise ColumnUnavailable(f"{name}: needs root")
+    if name == "container":
+        from ...backends.container.rootfs import base_tree
+        from ...backends.container.runtime import choose
+
+        choose()
+        base_tree(image)
+        return
+    from ...backends.kvm_prepare import reference_images
+    from ...hostcheck import check_host
+
+    reference_images(image)
+    report = check_host()
+    if not report.boots_linux and os.environ.get("VMCTL_NESTED") != "1":
+        raise ColumnUnavailable(f"{name}: this host's /dev/kvm ({report.kvm_module}) cannot boot Linux")
+    if name == "qemu":
+        if shutil.which("virsh") is None:
+            raise ColumnUnavailable("qemu: libvirt is not installed (scripts/libvirt-setup)")
+        try:
+            import libvirt  # noqa: F401
+        except ImportError:
+            raise ColumnUnavailable("qemu: libvirt-python is missing (pip install '.[libvirt]')") from None

@@ -1,0 +1,46 @@
+"""Host memory accounting for the many-instance suites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    values = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            values[name] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    return values
+
+
+def pss(pids: list[int]) -> int:
+    """Sum of the processes' proportional set sizes, bytes."""
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def drop_caches() -> None:
+    """Start the page-cache suite from a cold cache (shared machine: others only lose speed)."""
+    import os
+
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def slope(x: list[int], y: list[float]) -> float | None:
+    """Least-squares slope of y over x: the marginal cost of one more instance."""
+    if len(x) < 2 or len(set(x)) < 2:
+        return None
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)

@@ -1,0 +1,207 @@
+"""Suites x columns: one command, one result. Cleans up everything it started on any exit.
+
+Where the host's /dev/kvm cannot boot Linux, the VM columns (vm, qemu) run inside the nested
+host together with their own native and container columns (nested.py), so every ratio in a
+row is taken in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import VmctlError
+from .columns.base import COLUMN_NAMES, ColumnUnavailable, InstanceSpec, Runner, open_column
+from .fleet import Fleet
+from .model import HOST, NESTED, Column, SuiteRun
+from .workloads import NEEDS_NETWORK, STEADY_SUITES, Params, check_tools, run_steady
+
+SUITES = ("startup", "cpu", "memory", "disk", "net", "app", "density", "pagecache")
+VM_COLUMNS = ("vm", "qemu")
+
+
+@dataclass
+class Options:
+    suites: list[str]
+    columns: list[str]
+    quick: bool = False
+    instances: list[int] = field(default_factory=lambda: [1, 2, 4])
+    image: str = "bench"
+    skip_unavailable: bool = False
+    memory_mib: int = 512
+    progress_file: Path | None = None  # progress lines also go here (the nested host's stall watch)
+
+
+def parse_suites(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in SUITES + ("all",):
+            raise VmctlError(f"--suite: unknown suite {name!r} (one of: {', '.join(SUITES)}, all)")
+    return list(SUITES) if "all" in names else [s for s in SUITES if s in names]
+
+
+def parse_columns(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in COLUMN_NAMES:
+            raise VmctlError(f"--only: unknown column {name!r} (one of: {', '.join(COLUMN_NAMES)})")
+    return [c for c in COLUMN_NAMES if c in names]
+
+
+def parse_instances(text: str) -> list[int]:
+    try:
+        counts = sorted({int(n) for n in text.split(",") if n.strip()})
+    except ValueError:
+        raise VmctlError(f"--instances: {text!r} is not a list of numbers like 1,2,4") from None
+    if not counts or counts[0] < 1 or counts[-1] > 64:
+        raise VmctlError(f"--instances: {text!r}: give counts from 1 to 64")
+    return counts
+
+
+class Progress:
+    """One line per step on stderr: elapsed time, step k of K and an estimate of the rest."""
+
+    def __init__(self, steps: int, prefix: str = "", copy: Path | None = None) -> None:
+        self.copy = copy
+        self.began = time.monotonic()
+        self.steps = max(steps, 1)
+        self.done = 0
+        self.where = ""
+        self.prefix = prefix
+
+    def step(self, where: str) -> None:
+        self.where = where
+        self.say("start")
+
+    def finish_step(self) -> None:
+        self.done += 1
+
+    def say(self, what: str) -> None:
+        elapsed = time.monotonic() - self.began
+        left = f", ~{elapsed / self.done * (self.steps - self.done) / 60:.0f} min left" if self.done else ""
+        line = (f"[compare {self.prefix}{elapsed / 60:5.1f} min, step {min(self.done + 1, self.steps)}/{self.steps}"
+                f"{left}] {self.where}: {what}")
+        print(line, file=sys.stderr, flush=True)
+        if self.copy is not None:
+            with open(self.copy, "a") as out:
+                out.write(line + "\n")
+
+
+def needs_nested(columns: list[str]) -> bool:
+    from ..hostcheck import check_host
+
+    if os.environ.get("VMCTL_NESTED") == "1" or not any(c in VM_COLUMNS for c in columns):
+        return False
+    return not check_host().boots_linux
+
+
+def run(options: Options) -> SuiteRun:
+    here = [c for c in options.columns if not (c in VM_COLUMNS and needs_nested(options.columns))]
+    nested = [c for c in options.columns if c not in here]
+    result = run_here(options, here)
+    if nested:
+        from .nested import run_in_nested_host
+
+        result.merge(run_in_nested_host(options, nested))
+    return result
+
+
+def run_here(options: Options, names: list[str]) -> SuiteRun:
+    from ..nested import scratch
+    from .environment import describe
+
+    place = NESTED if os.environ.get("VMCTL_NESTED") == "1" else HOST
+    work = scratch.make("vmctl-suite-")
+    fleet = Fleet()
+    opened: list[Runner] = []
+    result = SuiteRun(options.suites, options.quick, {})
+    try:
+        columns: list[tuple[Column, Runner]] = []
+        for name in names:
+            try:
+                runner = open_column(name, options.image, work)
+            except ColumnUnavailable as error:
+                if not options.skip_unavailable:
+                    raise
+                result.columns.append(Column(name, place, name, "not run", str(error)))
+                continue
+            opened.append(runner)
+            column = Column(name, place, runner.label)
+            result.columns.append(column)
+            columns.append((column, runner))
+        from .columns.native import NativeColumn
+
+        client_column = next((r for c, r in columns if c.name == "native"), None) or NativeColumn(options.image, work)
+        client = fleet.start(client_column, InstanceSpec(image=options.image), 9999)
+        result.environment = describe(client)
+        params = Params.for_mode(options.quick)
+        steady = [s for s in options.suites if s in STEADY_SUITES]
+        steps = len(columns) * (("startup" in options.suites) + bool(steady) + ("density" in options.suites)
+                                + ("pagecache" in options.suites))
+        progress = Progress(steps, "L1 " if place == NESTED else "", options.progress_file)
+        for column, runner in columns:
+            spec = InstanceSpec(image=options.image, memory_mib=options.memory_mib)
+            if "startup" in options.suites:
+                progress.step(f"startup · {column.key}")
+                _startup(result, column.key, runner, fleet, spec, params.startup_runs, progress)
+                progress.finish_step()
+            if steady:
+                progress.step(f"{','.join(steady)} · {column.key}")
+                net = InstanceSpec(image=options.image, memory_mib=options.memory_mib,
+                                   network=bool(NEEDS_NETWORK & set(steady)))
+                instance = fleet.start(runner, net, 0)
+                try:
+                    check_tools(instance, steady)
+                    run_steady(result, column.key, instance, client, steady, params, progress.say)
+                finally:
+                    fleet.remove([instance])
+                progress.finish_step()
+            if "density" in options.suites:
+                from .density import run_density
+
+                progress.step(f"density · {column.key}")
+                run_density(result, column.key, runner, fleet, options.instances, spec, progress.say)
+                progress.finish_step()
+            if "pagecache" in options.suites:
+                from .pagecache import ksm_available, ksm_stop, run_pagecache
+
+                progress.step(f"pagecache · {column.key}")
+                run_pagecache(result, column.key, runner, fleet, options.instances, spec, options.quick, progress.say)
+                if column.name in VM_COLUMNS and column.name == "vm" and ksm_available():
+                    merge = InstanceSpec(image=options.image, memory_mib=options.memory_mib, memory_merge=True)
+                    try:
+                        run_pagecache(result, column.key, runner, fleet, options.instances, merge, options.quick,
+                                      progress.say, merge=True)
+                    finally:
+                        ksm_stop()
+                progress.finish_step()
+        return result
+    finally:
+        fleet.remove_all()
+        for runner in reversed(opened):
+            try:
+                runner.close()
+            except Exception as error:  # noqa: BLE001 - close the others, then say so
+                print(f"compare: cleanup of {runner.name}: {error}", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _startup(result: SuiteRun, key: str, runner: Runner, fleet: Fleet, spec: InstanceSpec, runs: int,
+             progress: Progress) -> None:
+    for index in range(runs):
+        progress.say(f"instance {index + 1}/{runs}")
+        began = time.monotonic()
+        instance = fleet.start(runner, spec, 100 + index)
+        try:
+            result.add("ready_s", key, time.monotonic() - began)
+            began = time.monotonic()
+            out = instance.run("true", timeout=120)
+            result.add("exec_true_s", key, time.monotonic() - began)
+            if out.exit_code != 0:
+                raise VmctlError(f"{key}: `true` failed in a ready instance: {out.stderr.strip()[-200:]}")
+        finally:
+            fleet.remove([instance])
