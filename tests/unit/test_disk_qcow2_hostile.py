@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmctl.disk import DiskError, DiskFormatError, UnsupportedFeatureError, open_disk
+from vmctl.disk import (DiskError, DiskFormatError, ImageCorruptError,
+                        UnsupportedFeatureError, open_disk)
 from vmctl.disk.qcow2 import Qcow2Image
 from vmctl.disk.qcow2.check import check
 from vmctl.disk.qcow2.create import create, create_overlay
@@ -112,12 +113,17 @@ def test_bad_table_entries(image, tmp_path):
         path = tmp_path / f"{name}.qcow2"
         shutil.copy(image, path)
         patch(path, offset, fmt, value)
-        before = digest(path)
+        before = path.read_bytes()
         with pytest.raises(DiskFormatError, match=".") as caught:
             with open_disk(str(path)) as disk:  # read-write: must fail before any write
                 disk.pwrite(0, b"x")
         assert f"{offset:#x}" in str(caught.value) or "entry" in str(caught.value), name
-        assert digest(path) == before, name
+        after = path.read_bytes()
+        # as QEMU: nothing written but the corrupt bit (incompatible_features, byte 72)
+        assert after[:72] + after[80:] == before[:72] + before[80:], name
+        assert struct.unpack_from(">Q", after, 72)[0] == 2, name
+        with pytest.raises(ImageCorruptError, match="corrupt"):
+            open_disk(str(path), read_only=False)
         report = check(str(path))
         assert report.corruptions >= 1, name
 
@@ -237,6 +243,10 @@ def test_fuzz_parsers_only_raise_disk_errors(tmp_path_factory, tmp_path, seed, m
         with Qcow2Image(str(path), read_only=False) as disk:
             disk.pwrite(0, b"fuzz")
             disk.flush()
+    except ImageCorruptError:
+        # refused as QEMU does: nothing written but the corrupt bit
+        after = path.read_bytes()
+        assert after[:72] + after[80:] == before[:72] + before[80:]
     except DiskError:
         # refused: nothing may have been written
         assert path.read_bytes() == before

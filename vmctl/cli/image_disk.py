@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from ..disk.qcow2 import check as check_mod
 from ..disk.qcow2 import ops
@@ -62,7 +63,7 @@ def register(actions: argparse._SubParsersAction) -> None:
         "check", help="check an image's metadata for leaks and corruptions",
         formatter_class=_RAW,
         description="Recount every cluster reference and compare with the stored refcounts, "
-        "like `qemu-img check`. Exit status: 0 clean, 2 corruptions, 3 leaks only.",
+        "like `qemu-img check`. Exit status: 0 clean, 1 check could not complete, 2 corruptions, 3 leaks only.",
         epilog="examples:\n  vmctl image check vm1.qcow2\n  vmctl image check --repair vm1.qcow2"
         "\n  vmctl image check --repair-all --json vm1.qcow2",
     )
@@ -215,11 +216,21 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    report = check_mod.check(args.file, repair=args.repair)
+    """Exit status as qemu-img check: 1 check not completed, 2 corruptions, 3 leaks only."""
+    try:
+        report = check_mod.check(args.file, repair=args.repair)
+    except VmctlError as error:
+        print(f"vmctl: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OverflowError, MemoryError, OSError) as error:  # never a traceback
+        print(f"vmctl: {args.file}: check could not complete: {error!r}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(report.as_dict(), indent=4))
     else:
         print("\n".join(report.summary()))
+    if report.check_errors:
+        return 1
     if report.corruptions:
         return 2
     return 3 if report.leaks else 0

@@ -1,10 +1,11 @@
 """Virtual disks for the VMMs: the BlockBackend interface, raw files and qcow2 images."""
 
-from .backend import (BlockBackend, DiskError, DiskFormatError, DiskRangeError, ReadOnlyError,
-                      UnsupportedFeatureError, open_disk, probe_format)
+from .backend import (BlockBackend, DiskError, DiskFormatError, DiskRangeError,
+                      ImageCorruptError, ReadOnlyError, UnsupportedFeatureError, open_disk,
+                      probe_format)
 from .qcow2.lock import ImageLockedError
 
 __all__ = [
-    "BlockBackend", "DiskError", "DiskFormatError", "DiskRangeError", "ImageLockedError",
+    "BlockBackend", "DiskError", "DiskFormatError", "DiskRangeError", "ImageCorruptError", "ImageLockedError",
     "ReadOnlyError", "UnsupportedFeatureError", "open_disk", "probe_format",
 ]

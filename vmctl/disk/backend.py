@@ -31,6 +31,11 @@ class UnsupportedFeatureError(DiskFormatError):
     """A valid image using a feature vmctl does not implement (encryption, external data...)."""
 
 
+class ImageCorruptError(DiskFormatError):
+    """A write would have destroyed metadata (or a table entry is impossible): the write was
+    refused and, for version 3 images, the corrupt bit set, as QEMU does."""
+
+
 class DiskRangeError(DiskError):
     """A request outside the virtual disk."""
 

@@ -16,10 +16,11 @@ from itertools import compress
 
 from ..backend import DiskError, DiskFormatError
 from . import constants as C
+from . import overlap as ol
 from .image import Qcow2Image
+from .snapshots import read_table
 from .tables import decode_u64
 
-_SNAPSHOT = struct.Struct(">QIHHIIQII")
 _BITMAP_EXT = struct.Struct(">IIQQ")
 _BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 MAX_MESSAGES = 1000  # a badly broken image must not flood the terminal
@@ -30,6 +31,7 @@ class CheckReport:
     filename: str
     corruptions: int = 0
     leaks: int = 0
+    check_errors: int = 0  # parts that could not be checked (qemu-img: exit status 1)
     corruptions_fixed: int = 0
     leaks_fixed: int = 0
     messages: list[str] = field(default_factory=list)
@@ -52,7 +54,7 @@ class CheckReport:
         out = {
             "image-end-offset": self.image_end_offset,
             "total-clusters": self.total_clusters,
-            "check-errors": 0,
+            "check-errors": self.check_errors,
             "allocated-clusters": self.allocated_clusters,
             "filename": self.filename,
             "format": "qcow2",
@@ -98,7 +100,8 @@ def check(path: str, repair: str | None = None) -> CheckReport:
     """Check one image file (not its backing chain); repair 'leaks' or 'all' refcounts."""
     if repair not in (None, "leaks", "all"):
         raise DiskError(f"repair mode {repair!r} must be 'leaks' or 'all'")
-    image = Qcow2Image(path, read_only=repair is None, open_backing=False)
+    image = Qcow2Image(path, read_only=repair is None, open_backing=False,
+                       repair=repair is not None)
     try:
         report = check_image(image, repair)
     finally:
@@ -114,7 +117,17 @@ def check_image(image: Qcow2Image, repair: str | None = None) -> CheckReport:
         fixed_leaks, fixed_errors = _repair(image, report, repair)
         report = _Checker(image).run()
         report.leaks_fixed, report.corruptions_fixed = fixed_leaks, fixed_errors
+    if repair and not report.corruptions and not report.check_errors:
+        _mark_consistent(image)  # as QEMU: a repaired image loses its corrupt bit
     return report
+
+
+def _mark_consistent(image: Qcow2Image) -> None:
+    h = image.header
+    if h.incompatible_features & C.INCOMPAT_CORRUPT:
+        h.incompatible_features &= ~C.INCOMPAT_CORRUPT
+        os.pwrite(image.fd, h.incompatible_features.to_bytes(8, "big"), 72)
+        os.fdatasync(image.fd)
 
 
 class _Checker:
@@ -126,7 +139,9 @@ class _Checker:
         self.clusters = -(-image.file_size // self.cs)
         self.refs = array("I", bytes(4 * self.clusters))
         self.report = CheckReport(image.path)
-        self.copied: list[tuple[str, int, int]] = []  # (what, entry, host cluster)
+        # (what, entry, host cluster, table offset, index, is L1) of every COPIED candidate
+        self.copied: list[tuple[str, int, int, int, int, bool]] = []
+        self.copied_errors: list[tuple[int, int, int, bool]] = []
         self.highest = -1
         self.budget = 16 * self.clusters + 1024  # L2 table visits allowed
 
@@ -156,6 +171,9 @@ class _Checker:
             offset = entry & ~C.REFTABLE_RESERVED & ((1 << 56) - 1)
             if not offset:
                 continue
+            if entry & C.REFTABLE_RESERVED:
+                self.corrupt(f"refcount table entry {index} has reserved bits set")
+                continue
             if offset & (self.cs - 1):
                 self.corrupt(f"refcount block {index} offset {offset:#x} is unaligned")
                 continue
@@ -175,6 +193,8 @@ class _Checker:
             if not offset:
                 continue
             where = f"L1 entry {index} (byte {l1_offset + 8 * index:#x})"
+            if entry & C.L1_RESERVED:
+                self.corrupt(f"{where}: reserved bits set in {entry:#x}")
             if offset & (self.cs - 1):
                 self.corrupt(f"{where}: L2 offset {offset:#x} is unaligned")
                 continue
@@ -184,7 +204,7 @@ class _Checker:
             self.ref(offset, self.cs, where)
             if active:
                 self.copied.append((f"L2 cluster: l1_index={index} l1_entry={entry:x}",
-                                    entry, offset >> self.cb))
+                                    entry, offset >> self.cb, l1_offset, index, True))
             self.budget -= 1
             if self.budget < 0:  # e.g. thousands of snapshots sharing one huge L1 table
                 raise DiskError(f"{self.image.path}: snapshot L1 tables reference more L2 "
@@ -208,7 +228,11 @@ class _Checker:
                     report.compressed_clusters += 1
                     report.fragmented_clusters += 1
                 continue
+            if entry & C.L2_RESERVED:
+                self.corrupt(f"{where}: reserved bits set in {entry:#x}")
             host = entry & C.OFFSET_MASK
+            if entry & C.OFLAG_ZERO and not self.image.v3:
+                self.corrupt(f"{where}: zero cluster flag in a version 2 image")
             if not host:
                 continue
             if host & (self.cs - 1):
@@ -224,26 +248,21 @@ class _Checker:
                     report.fragmented_clusters += 1
                 next_offset = host + self.cs
                 self.copied.append((f"data cluster: l2_entry={entry:x}", entry,
-                                    host >> self.cb))
+                                    host >> self.cb, l2_offset, index, False))
         return next_offset
 
     def walk_snapshots(self) -> None:
         h, image = self.h, self.image
-        offset = h.snapshots_offset
-        for number in range(h.nb_snapshots):
-            raw = image.read_metadata(offset, _SNAPSHOT.size, f"snapshot {number}")
-            l1_offset, l1_size, id_size, name_size, *_, extra = _SNAPSHOT.unpack(raw)
-            length = _SNAPSHOT.size + extra + id_size + name_size
-            length += -length % 8
-            if l1_size * 8 > C.MAX_L1_BYTES or l1_offset & (self.cs - 1):
-                self.corrupt(f"snapshot {number}: bad L1 table {l1_offset:#x} ({l1_size})")
-            elif l1_size:
-                l1 = decode_u64(image.read_metadata(l1_offset, l1_size * 8,
-                                                    f"snapshot {number} L1 table"))
-                self.walk_l1(l1, l1_offset, active=False)
-            offset += length
-        if h.nb_snapshots:
-            self.ref(h.snapshots_offset, offset - h.snapshots_offset, "snapshot table")
+        if not h.nb_snapshots:
+            return
+        snapshots, length = read_table(image)  # a table out of bounds: QEMU cannot open it
+        for snapshot in snapshots:
+            if snapshot.l1_size:
+                l1 = decode_u64(image.read_metadata(snapshot.l1_table_offset,
+                                                    snapshot.l1_size * 8,
+                                                    f"snapshot {snapshot.index} L1 table"))
+                self.walk_l1(l1, snapshot.l1_table_offset, active=False)
+        self.ref(h.snapshots_offset, length, "snapshot table")
 
     def walk_bitmaps(self) -> None:
         if not self.h.has_bitmaps:
@@ -279,26 +298,27 @@ class _Checker:
 
     def compare(self) -> None:
         refcounts, refs = self.image.refcounts, self.refs
+        self.shared_blocks: list[int] = []  # refcount table indices
+        for index, entry in enumerate(refcounts.table):
+            offset = entry & C.OFFSET_MASK
+            if entry & C.REFTABLE_RESERVED or not offset or offset & (self.cs - 1) \
+                    or offset >= self.image.file_size:
+                continue
+            if refs[offset >> self.cb] != 1:  # a refcount block shares its cluster
+                self.corrupt(f"refcount block {index} refcount={refs[offset >> self.cb]}")
+                self.shared_blocks.append(index)
         for cluster in range(self.clusters):
             stored, wanted = self.stored(cluster), refs[cluster]
             if stored != wanted:
                 self.mismatch(cluster, stored, wanted)
-        # Refcounts claiming clusters beyond the end of the file are leaks.
-        epb = refcounts.block_entries
-        for index in range(len(refcounts.table)):
-            if (index + 1) * epb <= self.clusters:
-                continue
-            offset = refcounts.table[index] & ~C.REFTABLE_RESERVED & ((1 << 56) - 1)
-            if not offset or offset & (self.cs - 1) or offset >= self.image.file_size:
-                continue
-            for entry, stored in refcounts.blocks.get(offset).nonzero():
-                cluster = index * epb + entry
-                if cluster >= self.clusters:
-                    self.mismatch(cluster, stored, 0)
-        for what, entry, cluster in self.copied:
+        # Refcounts of clusters past the end of the file (a crash after the refcount block
+        # reached the disk but before the data did) are ignored, as QEMU does: nothing can
+        # reference them, and the allocator skips them until the file grows over them.
+        for what, entry, cluster, table, index, is_l1 in self.copied:
             stored = self.stored(cluster)
             if bool(entry & C.OFLAG_COPIED) != (stored == 1):
                 self.corrupt(f"OFLAG_COPIED {what} refcount={stored}")
+                self.copied_errors.append((table, index, stored, is_l1))
 
     def stored(self, cluster: int) -> int:
         """A stored refcount; a broken refcount block (already reported) counts as 0."""
@@ -323,6 +343,10 @@ def _repair(image: Qcow2Image, report: CheckReport, mode: str) -> tuple[int, int
     checker.run()
     refcounts = image.refcounts
     leaks = errors = 0
+    if mode == "all" and checker.shared_blocks:
+        errors += _move_shared_blocks(image, checker.shared_blocks)
+        checker = _Checker(image)
+        checker.run()
     for cluster in range(max(checker.clusters, 0)):
         stored, wanted = checker.stored(cluster), checker.refs[cluster]
         if stored == wanted:
@@ -337,4 +361,50 @@ def _repair(image: Qcow2Image, report: CheckReport, mode: str) -> tuple[int, int
                 errors += 1
     refcounts.write_dirty_blocks()
     os.fdatasync(image.fd)
+    if mode == "all":  # OFLAG_COPIED must say "refcount is exactly 1", as QEMU repairs it
+        checker = _Checker(image)
+        checker.run()
+        errors += _repair_copied(image, checker.copied_errors)
     return leaks, errors
+
+
+def _move_shared_blocks(image: Qcow2Image, indices: list[int]) -> int:
+    """A refcount block whose cluster something else also uses (say, guest data) gets a
+    cluster of its own at the end of the file; the other user keeps the old one (QEMU
+    rebuilds the refcount structure for the same result)."""
+    refcounts, cs = image.refcounts, image.cluster_size
+    moved = 0
+    for index in indices:
+        old = refcounts.block_offset(index)
+        new = -(-image.file_size // cs) * cs
+        if not refcounts.block_offset((new >> image.cluster_bits) // refcounts.block_entries):
+            continue  # nothing would count the new cluster: leave it
+        block = refcounts.blocks.get(old)
+        image.pwrite_all(block.encode(), new, ol.REFBLOCK)
+        refcounts.blocks.drop(old)
+        refcounts.table[index] = new
+        refcounts.table_dirty = True
+        if image.overlap is not None:
+            image.overlap.remove(old, cs, ol.REFBLOCK)
+            image.overlap.add(new, cs, ol.REFBLOCK)
+        image.sync()
+        refcounts.write_table()
+        image.sync()
+        moved += 1
+    return moved
+
+
+def _repair_copied(image: Qcow2Image, wrong: list[tuple[int, int, int, bool]]) -> int:
+    for table, index, refcount, is_l1 in wrong:
+        at = table + 8 * index
+        entry = int.from_bytes(os.pread(image.fd, 8, at), "big")
+        entry = entry | C.OFLAG_COPIED if refcount == 1 else entry & ~C.OFLAG_COPIED
+        image.pwrite_all(entry.to_bytes(8, "big"), at, ol.L1 if is_l1 else ol.L2)
+        if is_l1 and table == image.header.l1_table_offset:
+            image.l1[index] = entry
+            image._l2_valid.pop(index, None)
+        elif image.l2_cache.cached(table):
+            image.l2_cache.drop(table)
+    if wrong:
+        os.fdatasync(image.fd)
+    return len(wrong)

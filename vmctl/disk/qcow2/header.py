@@ -71,7 +71,8 @@ class Header:
         if not v2:
             out += _V3.pack(self.incompatible_features, self.compatible_features,
                             self.autoclear_features, self.refcount_order, self.header_length)
-            out += bytes([self.compression_type])
+            if self.header_length > C.V3_HEADER_LENGTH:  # QEMU 1.1-5.0 wrote 104: no byte
+                out += bytes([self.compression_type])
             out += bytes(self.header_length - len(out))
         extensions: list[Extension] = []
         if self.backing_file and self.backing_format:
@@ -132,6 +133,9 @@ def parse(data: bytes, path: str, file_size: int) -> Header:
             header.compression_type = data[104]
         if header.refcount_order > C.MAX_REFCOUNT_ORDER:
             raise fail("refcount_order", f"{header.refcount_order} is above 6 (64-bit)")
+    if backing_offset > cluster_size:  # QEMU: "Invalid backing file offset"
+        raise fail("backing_file_offset", f"{backing_offset:#x} is past the header cluster "
+                   f"({cluster_size:#x} bytes)")
     _parse_extensions(header, data, path, backing_offset, cluster_size)
     if crypt:
         raise UnsupportedFeatureError(path, "crypt_method", 32,
@@ -144,8 +148,10 @@ def parse(data: bytes, path: str, file_size: int) -> Header:
         if backing_offset + backing_size > min(cluster_size, len(data)):
             raise fail("backing_file_offset", f"backing name at {backing_offset:#x} "
                        f"(+{backing_size}) is not inside the header cluster")
+        raw = bytes(data[backing_offset:backing_offset + backing_size])
+        raw = raw.split(b"\0", 1)[0]  # QEMU reads the name as a C string
         try:
-            header.backing_file = data[backing_offset:backing_offset + backing_size].decode()
+            header.backing_file = raw.decode() or None
         except UnicodeDecodeError:
             raise fail("backing_file_offset", "backing file name is not UTF-8") from None
     return header

@@ -20,11 +20,13 @@ import zlib
 from array import array
 from typing import Sequence
 
-from ..backend import (BlockBackend, DiskError, DiskFormatError, UnsupportedFeatureError,
-                       as_bytes_views, chunks, slice_buffers, total_length)
+from ..backend import (BlockBackend, DiskError, DiskFormatError, ImageCorruptError,
+                       UnsupportedFeatureError, as_bytes_views, chunks, slice_buffers,
+                       total_length)
 from . import constants as C
 from . import header as header_mod
 from . import lock as lock_mod
+from . import overlap as ol
 from .refcounts import Refcounts
 from .tables import TableCache, decode_u64, encode_u64
 
@@ -47,8 +49,9 @@ class Qcow2Image(BlockBackend):
 
     def __init__(self, path: str, *, read_only: bool = True, lock: bool = True,
                  open_backing: bool = True, l2_cache_bytes: int = DEFAULT_L2_CACHE_BYTES,
-                 _chain: tuple[str, ...] = ()) -> None:
+                 repair: bool = False, _chain: tuple[str, ...] = ()) -> None:
         self.path = path
+        self._repair = repair  # `check --repair`: open corrupt images, skip entry validation
         self._l2_cache_bytes = l2_cache_bytes
         self._read_only = read_only
         self._mutex = threading.RLock()
@@ -102,13 +105,7 @@ class Qcow2Image(BlockBackend):
                                                 "l1_table_offset")) if h.l1_size else array("Q")
         self._l1_dirty: set[int] = set()
         self._l2_valid: dict[int, int] = {}  # L1 index -> checked L2 offset
-        self._metadata_ranges = [
-            (0, self.cluster_size, "the header cluster"),
-            (h.l1_table_offset, h.l1_table_offset + h.l1_size * 8, "the L1 table"),
-            (h.refcount_table_offset,
-             h.refcount_table_offset + h.refcount_table_clusters * self.cluster_size,
-             "the refcount table"),
-        ]
+        self.overlap: ol.MetadataMap | None = None  # writers only (_check_writable_image)
         capacity = max(self._l2_cache_bytes // self.cluster_size, 4)
         self.l2_cache: TableCache[array] = TableCache(capacity, self._load_l2,
                                                       self.flush_metadata)
@@ -126,18 +123,95 @@ class Qcow2Image(BlockBackend):
 
     def _check_writable_image(self) -> None:
         h = self.header
-        if h.incompatible_features & C.INCOMPAT_CORRUPT:
-            raise DiskFormatError(self.path, "incompatible_features", 72, "the image is marked "
-                                  "corrupt (bit 1); open it read-only or run `vmctl image check`")
-        if h.nb_snapshots:
-            raise UnsupportedFeatureError(self.path, "nb_snapshots", 60, f"writing images with "
-                                          f"internal snapshots ({h.nb_snapshots}) is not "
-                                          "supported; open read-only")
-        for index in range(len(self.l1)):  # a hostile table must fail before any write
-            self._l2_offset(index)
+        if not self._repair:
+            if h.incompatible_features & C.INCOMPAT_CORRUPT:
+                raise ImageCorruptError(self.path, "incompatible_features", 72, "the image is "
+                                        "marked corrupt (bit 1): it can only be opened "
+                                        "read-only; `vmctl image check --repair-all` may fix it")
+            if h.nb_snapshots:
+                raise UnsupportedFeatureError(self.path, "nb_snapshots", 60, f"writing images "
+                                              f"with internal snapshots ({h.nb_snapshots}) is "
+                                              "not supported; open read-only")
+        self.overlap = self._metadata_map()
+
+    def _metadata_map(self) -> ol.MetadataMap:
+        """Every metadata cluster; a bad table entry fails (and marks the image corrupt)
+        before any write, except in repair mode, where check reports it instead."""
+        from .snapshots import read_table
+
+        h, cs = self.header, self.cluster_size
+        found = ol.MetadataMap(self.cluster_bits)
+        found.add(0, cs, ol.HEADER)
+        found.add(h.l1_table_offset, h.l1_size * 8, ol.L1)
+        found.add(h.refcount_table_offset, h.refcount_table_clusters * cs, ol.REFTABLE)
         refcounts = self.refcounts
-        for index in range(len(refcounts.table)):
-            refcounts.block_offset(index)
+        entries = [(self._l2_offset, index, ol.L2) for index in range(len(self.l1))]
+        entries += [(refcounts.block_offset, index, ol.REFBLOCK)
+                    for index in range(len(refcounts.table))]
+        for lookup, index, kind in entries:
+            try:
+                offset = lookup(index)
+            except DiskFormatError as error:
+                if self._repair:
+                    continue
+                self.signal_corruption(error.field, error.offset, error.problem)
+            if offset:
+                found.add(offset, cs, kind)
+        if h.nb_snapshots:
+            try:
+                snapshots, length = read_table(self)
+            except DiskFormatError:
+                if not self._repair:
+                    raise
+                snapshots, length = [], 0
+            found.add(h.snapshots_offset, length, ol.SNAPSHOT_TABLE)
+            for snapshot in snapshots:
+                found.add(snapshot.l1_table_offset, snapshot.l1_size * 8, ol.SNAPSHOT_L1)
+        for ext in h.other_extensions:
+            if ext.type == C.EXT_BITMAPS and h.has_bitmaps and len(ext.data) >= 24:
+                size = int.from_bytes(ext.data[8:16], "big")
+                offset = int.from_bytes(ext.data[16:24], "big")
+                if size <= 64 << 20:
+                    found.add(offset, size, ol.BITMAP_DIRECTORY)
+        return found
+
+    # Corruption (QEMU's qcow2_signal_corruption)
+
+    def signal_corruption(self, field: str, offset: int, problem: str):
+        """Refuse what was about to happen; a writer marks the image corrupt (v3: incompatible
+        bit 1, on disk at once) and stops all further I/O. Always raises."""
+        h = self.header
+        marked = False
+        if not self._read_only and not self._repair:
+            if self.v3 and not h.incompatible_features & C.INCOMPAT_CORRUPT:
+                h.incompatible_features |= C.INCOMPAT_CORRUPT
+                try:
+                    os.pwrite(self.fd, h.incompatible_features.to_bytes(8, "big"), 72)
+                    os.fdatasync(self.fd)
+                    marked = True
+                except OSError:
+                    pass
+        suffix = ("; write refused and the image marked corrupt (it now opens read-only; "
+                  "`vmctl image check --repair-all` may fix it)" if marked else "")
+        error = ImageCorruptError(self.path, field, offset, problem + suffix)
+        if not self._read_only:
+            self._poisoned = str(error)
+        raise error
+
+    def check_overlap(self, offset: int, length: int, kind: str, what: str) -> None:
+        """Refuse a write of `kind` (ol.DATA, ol.L2, ...) that would land on other metadata."""
+        if self.overlap is None:
+            return
+        victim = self.overlap.conflict(offset, length, kind)
+        if victim is not None:
+            self.signal_corruption(what, offset, f"write of {kind} at {offset:#x} "
+                                   f"(+{length:#x}) would overwrite {victim}")
+
+    def _corrupt_entry(self, field: str, offset: int, problem: str):
+        """A table entry that cannot be right: EIO for readers, corruption for writers."""
+        if self._read_only:
+            raise DiskFormatError(self.path, field, offset, problem)
+        self.signal_corruption(field, offset, problem)
 
     def _prepare_for_writing(self) -> None:
         h = self.header
@@ -194,7 +268,10 @@ class Qcow2Image(BlockBackend):
             data += bytes(length - len(data))
         return data
 
-    def pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
+    def pwrite_all(self, data: bytes | memoryview, offset: int, kind: str) -> None:
+        """A metadata write of `kind` (overlap.L2, ...), refused if it would hit other
+        metadata."""
+        self.check_overlap(offset, len(data), kind, kind)
         self._pwritev(offset, [memoryview(data)])
 
     def _pwritev(self, offset: int, views: list[memoryview]) -> None:
@@ -218,8 +295,13 @@ class Qcow2Image(BlockBackend):
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def write_header(self) -> None:
-        self.pwrite_all(self.header.encode(self.path), 0)
+    def write_header(self, header: header_mod.Header | None = None) -> None:
+        """Write `header` (default: the current one). Encoding happens first, so a header
+        that cannot be encoded changes nothing, on disk or in memory."""
+        data = (header or self.header).encode(self.path)
+        self.pwrite_all(data, 0, ol.HEADER)
+        if header is not None:
+            self.header = header
 
     # BlockBackend
 
@@ -332,10 +414,6 @@ class Qcow2Image(BlockBackend):
             problem = f"L2 table offset {offset:#x} is not cluster aligned"
         elif offset >= self.file_size:
             problem = f"L2 table offset {offset:#x} is past the end of the file"
-        else:
-            for start, end, name in self._metadata_ranges:
-                if offset < end and start < offset + self.cluster_size:
-                    problem = f"L2 table at {offset:#x} overlaps {name}"
         if problem:
             where = self.header.l1_table_offset + 8 * l1_index
             raise DiskFormatError(self.path, f"L1 entry {l1_index}", where, problem)
@@ -362,17 +440,20 @@ class Qcow2Image(BlockBackend):
             return UNALLOCATED, 0
         if entry & C.OFLAG_COMPRESSED:
             return COMPRESSED, entry
-        if entry & self._zero_flag:
-            return ZERO, entry & C.OFFSET_MASK
+        if entry & C.OFLAG_ZERO:
+            if self.v3:
+                return ZERO, entry & C.OFFSET_MASK
+            self._corrupt_entry(f"L2 entry {index} of the table at {l2_offset:#x}",
+                                l2_offset + 8 * index, "zero cluster flag (bit 0) in a "
+                                "version 2 image")
         host = entry & C.OFFSET_MASK
         if not host:
             return UNALLOCATED, 0
         if host & (self.cluster_size - 1) or host >= self.file_size:
             what = "not cluster aligned" if host & (self.cluster_size - 1) else \
                 "past the end of the file"
-            raise DiskFormatError(self.path, f"L2 entry {index} of the table at "
-                                  f"{l2_offset:#x}", l2_offset + 8 * index,
-                                  f"data cluster offset {host:#x} is {what}")
+            self._corrupt_entry(f"L2 entry {index} of the table at {l2_offset:#x}",
+                                l2_offset + 8 * index, f"data cluster offset {host:#x} is {what}")
         return DATA, host
 
     def _extent(self, pos: int, end: int) -> tuple[int, int, int]:
@@ -484,6 +565,8 @@ class Qcow2Image(BlockBackend):
             raise DiskFormatError(self.path, "l1_size", 36, f"L1 index {l1_index} out of range")
         entry = self.l1[l1_index]
         offset = self._l2_offset(l1_index)
+        if offset:  # about to be changed in place: must not be other metadata
+            self.check_overlap(offset, self.cluster_size, ol.L2, f"L1 entry {l1_index}")
         if offset and entry & C.OFLAG_COPIED:
             return offset
         if offset:
@@ -495,6 +578,8 @@ class Qcow2Image(BlockBackend):
             self._l1_dirty.add(l1_index)
             return offset
         offset = self.refcounts.allocate()
+        if self.overlap is not None:
+            self.overlap.add(offset, self.cluster_size, ol.L2)
         self.l2_cache.put_new(offset, array("Q", bytes(self.cluster_size)))
         self.l1[l1_index] = offset | C.OFLAG_COPIED
         self._l2_valid[l1_index] = offset
@@ -526,6 +611,8 @@ class Qcow2Image(BlockBackend):
                 updates.append((l2_offset, index, new | C.OFLAG_COPIED, entry))
             pos += count
             done += count
+        for host, _, count in segments:  # all checked before anything is written
+            self.check_overlap(host, count, ol.DATA, "guest data")
         for host, buffers, _ in segments:
             self._pwritev(host, buffers)
         self._data_dirty = True
@@ -541,10 +628,8 @@ class Qcow2Image(BlockBackend):
         kind, host = self.classify(cluster)  # validates the offset
         if kind != DATA:
             return 0
-        for start, stop, name in self._metadata_ranges:
-            if host < stop and start < host + self.cluster_size:
-                raise DiskFormatError(self.path, f"L2 entry of guest cluster {cluster}", host,
-                                      f"data cluster overlaps {name}")
+        self.check_overlap(host, self.cluster_size, ol.DATA, f"L2 entry of guest cluster "
+                           f"{cluster}")
         return host
 
     def _with_old_content(self, cluster: int, within: int, count: int,
@@ -625,6 +710,62 @@ class Qcow2Image(BlockBackend):
             offset += count
             length -= count
 
+    # Growing (what `qemu-img commit` does to a base smaller than the overlay)
+
+    def grow(self, new_size: int) -> None:
+        """Make the virtual disk `new_size` bytes (never smaller). The L1 table grows in place
+        when its last cluster has room, else moves: new table written and synced, header
+        switched in one write, old clusters freed after."""
+        self._check_writable("grow")
+        with self._mutex:
+            self._check_usable()
+            self._guarded(self._grow, -(-new_size // 512) * 512)
+
+    def _grow(self, new_size: int) -> None:
+        import dataclasses
+
+        h, cs = self.header, self.cluster_size
+        if new_size <= h.size:
+            return
+        if new_size > C.MAX_VIRTUAL_SIZE:
+            raise DiskError(f"{self.path}: cannot grow to {new_size} bytes")
+        entries = -(-new_size // (cs << self.l2_bits))
+        if entries * 8 > C.MAX_L1_BYTES:
+            raise DiskError(f"{self.path}: {new_size} bytes needs an L1 table above 32 MiB")
+        self.flush_metadata()
+        have = -(-h.l1_size * 8 // cs) * cs // 8  # entries the allocated L1 clusters hold
+        tail = os.pread(self.fd, (have - h.l1_size) * 8, h.l1_table_offset + h.l1_size * 8) \
+            if h.l1_size and have > h.l1_size else b""  # past EOF reads as zeros
+        if h.l1_size and entries <= have and not any(tail):
+            new_header = dataclasses.replace(h, size=new_size, l1_size=entries)
+            self.write_header(new_header)
+            self.sync()
+            self.l1.extend([0] * (entries - len(self.l1)))
+            return
+        clusters = -(-entries * 8 // cs)
+        offset = self.refcounts.allocate(clusters)
+        table = array("Q", self.l1)
+        table.extend([0] * (clusters * cs // 8 - len(table)))
+        new_header = dataclasses.replace(h, size=new_size, l1_size=entries,
+                                         l1_table_offset=offset)
+        new_header.encode(self.path)
+        self.refcounts.write_dirty_blocks()
+        self._pwritev(offset, [memoryview(encode_u64(table))])
+        self.sync()
+        old_offset, old_size = h.l1_table_offset, h.l1_size
+        if self.overlap is not None:
+            self.overlap.add(offset, clusters * cs, ol.L1)
+        self.write_header(new_header)
+        self.sync()
+        self.l1 = table[:entries]
+        if self.overlap is not None and old_size:
+            self.overlap.remove(old_offset, old_size * 8, ol.L1)
+        if old_size:
+            first = old_offset >> self.cluster_bits
+            for cluster in range(first, first + -(-old_size * 8 // cs)):
+                self.refcounts.free_later(cluster)
+        self.flush_metadata()
+
     # Ordered flush
 
     def flush_metadata(self) -> None:
@@ -646,7 +787,7 @@ class Qcow2Image(BlockBackend):
                 self.sync()
             if self.l2_cache.dirty:
                 for offset, table in self.l2_cache.dirty_items():
-                    self.pwrite_all(encode_u64(table), offset)
+                    self.pwrite_all(encode_u64(table), offset, ol.L2)
                 self.l2_cache.dirty.clear()
                 self.sync()
             if self._l1_dirty:
@@ -661,10 +802,10 @@ class Qcow2Image(BlockBackend):
     def _write_l1(self) -> None:
         base = self.header.l1_table_offset
         if len(self._l1_dirty) > 64:
-            self.pwrite_all(encode_u64(self.l1), base)
+            self.pwrite_all(encode_u64(self.l1), base, ol.L1)
         else:
             for index in sorted(self._l1_dirty):
-                self.pwrite_all(self.l1[index].to_bytes(8, "big"), base + 8 * index)
+                self.pwrite_all(self.l1[index].to_bytes(8, "big"), base + 8 * index, ol.L1)
         self._l1_dirty.clear()
 
 

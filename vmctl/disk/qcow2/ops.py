@@ -56,7 +56,8 @@ def info(path: str) -> dict:
             })
         out["format-specific"] = {"type": "qcow2", "data": data}
         if h.nb_snapshots:
-            out["snapshots"] = h.nb_snapshots
+            from .snapshots import read_table
+            out["snapshots"] = [snapshot.as_dict() for snapshot in read_table(image)[0]]
     finally:
         image.close()
     return out
@@ -150,29 +151,36 @@ def _raw_layer(disk: RawDisk, start: int, end: int, depth: int) -> Iterator[dict
 
 def commit(path: str, *, keep: bool = False) -> int:
     """Write every cluster the overlay holds into its backing file; then empty the overlay
-    (unless `keep`). Returns the number of bytes committed."""
+    (unless `keep`). A base smaller than the overlay is grown first, as qemu-img does.
+    Returns the number of bytes committed.
+
+    Everything that can be checked is checked before the base changes: both images open
+    for writing (locks, validation) and every overlay table entry is read; an error then
+    leaves the base untouched."""
     top = Qcow2Image(path, read_only=False, open_backing=False)
     try:
         h = top.header
         if not h.backing_file:
             raise DiskError(f"{path}: has no backing file to commit into")
         base_path = _backing_path(path, h.backing_file)
+        extents = []
+        pos = 0
+        while pos < top.size:  # validates every L1/L2 entry before the base is touched
+            kind, _, count = top._extent(pos, top.size)
+            if kind != UNALLOCATED:
+                extents.append((kind, pos, count))
+            pos += count
         base = open_disk(base_path, read_only=False, format=h.backing_format or None)
         committed = 0
         try:
-            pos = 0
-            while pos < top.size:
-                kind, _, count = top._extent(pos, top.size)
-                if kind != UNALLOCATED:
-                    if pos + count > base.size:
-                        raise DiskError(f"{path}: data at {pos:#x} lies beyond the end of the "
-                                        f"backing file {base_path} ({base.size} bytes)")
-                    if kind == ZERO:
-                        base.write_zeroes(pos, count)
-                    else:
-                        _copy(top, base, pos, count)
-                    committed += count
-                pos += count
+            if top.size > base.size:
+                _grow(base, top.size)
+            for kind, pos, count in extents:
+                if kind == ZERO:
+                    base.write_zeroes(pos, count)
+                else:
+                    _copy(top, base, pos, count)
+                committed += count
             base.flush()
         finally:
             base.close()
@@ -183,6 +191,20 @@ def commit(path: str, *, keep: bool = False) -> int:
     if not keep:
         create(path, size, options, backing=backing, backing_format=fmt)
     return committed
+
+
+def _grow(disk: BlockBackend, size: int) -> None:
+    if isinstance(disk, Qcow2Image):
+        disk.grow(size)
+    elif isinstance(disk, RawDisk):
+        try:
+            os.ftruncate(disk.fd, size)
+        except OSError as error:
+            raise DiskError(f"{disk.path}: cannot grow to {size} bytes: {error.strerror}") \
+                from None
+        disk._size = size
+    else:
+        raise DiskError(f"{disk.path}: cannot grow this kind of disk")
 
 
 def _copy(source: BlockBackend, target: BlockBackend, pos: int, count: int) -> None:
@@ -212,12 +234,18 @@ def rebase(path: str, new_backing: str | None, *, unsafe: bool = False,
     Returns the number of bytes copied.
     """
     if new_backing is not None:
-        base = describe_base(new_backing)
+        # As qemu-img: a relative name is relative to the overlay's directory, not to the
+        # current one, and is stored as given. An absolute one is stored relative to the
+        # overlay (so the pair can move together) unless `absolute`.
+        target = _backing_path(path, new_backing)
+        base = describe_base(target)
         if absolute:
-            name = os.path.abspath(new_backing)
+            name = os.path.abspath(target)
+        elif os.path.isabs(new_backing):
+            name = os.path.relpath(target, os.path.dirname(os.path.abspath(path)))
         else:
-            name = os.path.relpath(os.path.abspath(new_backing),
-                                   os.path.dirname(os.path.abspath(path)))
+            name = new_backing
+        new_backing = target
         fmt: str | None = base.format
     else:
         name, fmt = None, None

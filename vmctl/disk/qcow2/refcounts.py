@@ -8,10 +8,12 @@ cluster can never be reused while a stale on-disk table still points at it.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from array import array
 from ..backend import DiskFormatError
 from . import constants as C
+from . import overlap as ol
 from .tables import TableCache, decode_u64, encode_u64
 
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
@@ -188,6 +190,7 @@ class Refcounts:
             free = block.first_zero(index)
             run_start = table_index * epb + free if free >= 0 else (table_index + 1) * epb
             run = 0
+        self._refuse_live(run_start, count)
         for cluster in range(run_start, run_start + count):
             self.add(cluster, 1)
         if count == 1 or self.free_hint >= run_start:
@@ -195,9 +198,28 @@ class Refcounts:
         self.image.reserve_file_end((run_start + count) << self.cluster_bits)
         return run_start << self.cluster_bits
 
+    def _refuse_live(self, first: int, count: int) -> None:
+        """A zeroed refcount (or refcount-table entry) must not hand out a cluster that still
+        holds metadata: QEMU refuses such an allocation and marks the image corrupt."""
+        overlap = self.image.overlap
+        if overlap is None:
+            return
+        for cluster in range(first, first + count):
+            kind = overlap.kind_of(cluster)
+            if kind is not None:
+                where = self.image.header.refcount_table_offset + \
+                    8 * (cluster // self.block_entries)
+                self.image.signal_corruption(
+                    f"refcount of cluster {cluster}", where, f"is 0 although the cluster "
+                    f"(host offset {cluster << self.cluster_bits:#x}) holds {kind}; refusing "
+                    "to allocate it")
+
     def _new_block(self, table_index: int, cluster: int) -> None:
         """A self-describing block: it lives in the first free cluster of the range it covers."""
+        self._refuse_live(cluster, 1)
         offset = cluster << self.cluster_bits
+        if self.image.overlap is not None:
+            self.image.overlap.add(offset, self.cluster_size, ol.REFBLOCK)
         block = RefcountBlock(self.order, bytes(self.cluster_size))
         block.set(cluster % self.block_entries, 1)
         self.blocks.put_new(offset, block)
@@ -232,22 +254,40 @@ class Refcounts:
         image.reserve_file_end((start + table_clusters + new_blocks) * cs)
         table = array("Q", self.table)
         table.extend([0] * (table_clusters * cs // 8 - len(table)))
+        # The header is encoded before anything changes: one that cannot be written (say an
+        # odd header_length) must leave memory and file as they were.
+        old_offset = image.header.refcount_table_offset
+        old_clusters = image.header.refcount_table_clusters
+        new_header = dataclasses.replace(image.header, refcount_table_offset=start * cs,
+                                         refcount_table_clusters=table_clusters)
+        new_header.encode(self.path)
+        old_table = self.table
+        overlap = image.overlap
         for n, block_index in enumerate(missing):
             offset = (start + table_clusters + n) * cs
             table[block_index] = offset
             self.blocks.put_new(offset, RefcountBlock(self.order, bytes(cs)))
-        old_offset = image.header.refcount_table_offset
-        old_clusters = image.header.refcount_table_clusters
+            if overlap is not None:
+                overlap.add(offset, cs, ol.REFBLOCK)
+        if overlap is not None:
+            overlap.add(start * cs, table_clusters * cs, ol.REFTABLE)
         self.table = table
-        for cluster in range(start, start + table_clusters + new_blocks):
-            self.add(cluster, 1)
-        self.write_dirty_blocks()
-        image.pwrite_all(encode_u64(table), start * cs)
-        image.sync()
-        image.header.refcount_table_offset = start * cs
-        image.header.refcount_table_clusters = table_clusters
-        image.write_header()
-        image.sync()
+        try:
+            for cluster in range(start, start + table_clusters + new_blocks):
+                self.add(cluster, 1)
+            self.write_dirty_blocks()
+            image.pwrite_all(encode_u64(table), start * cs, ol.REFTABLE)
+            image.sync()
+            image.write_header(new_header)
+            image.sync()
+        except BaseException:
+            if image.header is not new_header:  # the old table is still the one on disk
+                self.table = old_table
+                if overlap is not None:
+                    overlap.remove(start * cs, table_clusters * cs, ol.REFTABLE)
+            raise
+        if overlap is not None:  # the old table becomes free space, to be reused for data
+            overlap.remove(old_offset, old_clusters * cs, ol.REFTABLE)
         self.table_dirty = False
         for n in range(old_clusters):
             self.free_later((old_offset >> self.cluster_bits) + n)
@@ -257,7 +297,7 @@ class Refcounts:
     def write_dirty_blocks(self) -> bool:
         wrote = False
         for offset, block in self.blocks.dirty_items():
-            self.image.pwrite_all(block.encode(), offset)
+            self.image.pwrite_all(block.encode(), offset, ol.REFBLOCK)
             wrote = True
         self.blocks.dirty.clear()
         return wrote
@@ -267,7 +307,7 @@ class Refcounts:
             return False
         header = self.image.header
         data = encode_u64(self.table)[: header.refcount_table_clusters * self.cluster_size]
-        self.image.pwrite_all(data, header.refcount_table_offset)
+        self.image.pwrite_all(data, header.refcount_table_offset, ol.REFTABLE)
         self.table_dirty = False
         return True
 
