@@ -14,7 +14,7 @@ from pathlib import Path
 from ..backends import get_backend
 from ..errors import VmctlError
 from ..spec import load_spec
-from ..spec.model import IMAGE_PROFILES, MachineSpec
+from ..spec.model import BACKENDS, IMAGE_PROFILES, MachineSpec
 from ..state import CONSOLE, CONSOLE_SOCKET, StateStore
 
 DEFAULT_SPEC = "vmctl.yaml"
@@ -271,8 +271,9 @@ def register_run(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("file", nargs="?", type=Path, help="spec file (default: the reference images)")
     run.add_argument("--name", help="machine of the spec file to run (default: the first)")
-    run.add_argument("--image", choices=IMAGE_PROFILES, help="reference image: busybox (initramfs, default) or "
-                     "debian (root disk through a throwaway overlay)")
+    run.add_argument("--image", type=_image_arg, help="reference image: busybox (initramfs, default) or "
+                     "debian (root disk through a throwaway overlay), or an imported OCI image: oci:NAME[@sha256:…]")
+    run.add_argument("--backend", choices=BACKENDS, help="kvm (default), libvirt or container")
     run.add_argument("--kernel", type=Path, help="kernel (default: the reference kernel)")
     run.add_argument("--initrd", type=Path, help="initramfs (default: the reference initramfs)")
     run.add_argument("--cpus", type=int, help="vCPUs")
@@ -280,6 +281,20 @@ def register_run(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--timeout", type=float, default=600, help="seconds before the guest is killed (default 600)")
     run.add_argument("--show-boot", action="store_true", help="print the whole console, not only the command's output")
     run.set_defaults(func=cmd_run)
+
+
+def _image_arg(value: str) -> str:
+    if value.startswith("oci:"):
+        from ..oci.runconfig import parse_ref
+
+        try:
+            parse_ref(value)
+        except VmctlError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+    if value not in IMAGE_PROFILES:
+        raise argparse.ArgumentTypeError(f"{value!r}: one of {', '.join(IMAGE_PROFILES)} or oci:NAME")
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -298,13 +313,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides: dict = {"ephemeral": True, "name": f"{spec.name}-run-{uuid.uuid4().hex[:8]}"}
     if command:
         overrides["command"] = tuple(command)
-    for field in ("image", "kernel", "initrd", "cpus"):
+    for field in ("image", "kernel", "initrd", "cpus", "backend"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
     if args.memory:
         overrides["memory"] = parse_size(args.memory, "--memory")
     spec = dataclasses.replace(spec, **overrides)
-    if not spec.command:
+    if not spec.command and not spec.image.startswith("oci:"):  # an OCI image has its own Cmd
         raise VmctlError("nothing to run: give -- COMMAND or a `command:` in the spec")
 
     store = _store()

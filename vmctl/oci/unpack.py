@@ -174,6 +174,9 @@ class LayerFilter:
             if os.path.isdir(here) and not os.path.islink(here):
                 raise LayerEntryError(member.name, f"hard link to the directory {link!r}")
             member.linkname = link
+            # like GNU tar: a link's own header never changes the file's mode, owner or mtime
+            info = os.lstat(here)
+            member.mode, member.uid, member.gid, member.mtime = stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid, int(info.st_mtime)
             return member
         for lower in self.lowers:  # a file of a lower layer: copy it up, as overlayfs would
             source = lower / link

@@ -197,7 +197,19 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
             raise c.error(node, where, f"{text} is more than 1 TiB")
         return value
 
-    image = choice("image", IMAGE_PROFILES)
+    profile = choice("image", IMAGE_PROFILES)
+
+    def image(node, where):
+        value = c.scalar(node, where, str)
+        if not value.startswith("oci:"):
+            return profile(node, where)
+        from ..oci.runconfig import parse_ref
+
+        try:
+            parse_ref(value)
+        except VmctlError as error:
+            raise c.error(node, where, str(error)) from None
+        return value
 
     def command(node, where):
         if isinstance(node, yaml.ScalarNode):

@@ -57,7 +57,8 @@ class ContainerBackend:
         check_spec(spec)
         runtime = choose()
         check_controllers()
-        lower = base_tree(spec.image)
+        image, proc = _oci_image(spec)
+        lower = ":".join(str(path) for path in image.lowers) if image else str(base_tree(spec.image))
         container_id = f"vmctl-{spec.name}-{uuid.uuid4().hex[:8]}"
         record = MachineRecord(
             name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral,
@@ -67,13 +68,17 @@ class ContainerBackend:
             resources={"container": [container_id], "cgroup": [f"/{CGROUP_PARENT}/{container_id}"]},
         )
         folder = store.create(record)
-        plan = Plan(spec.name, container_id, runtime.name, runtime.binary, str(lower), spec.network.mode)
+        plan = Plan(spec.name, container_id, runtime.name, runtime.binary, lower, spec.network.mode)
         where = paths(folder)
         monitor: subprocess.Popen | None = None
         try:
+            if image is not None:  # the store keeps these layers while the machine exists
+                from ...oci.store import USES_FILE
+
+                (folder / USES_FILE).write_text(json.dumps({"image": image.ref, "diff_ids": image.diff_ids}))
             (folder / PLAN).write_text(json.dumps(asdict(plan), indent=2))
             where["bundle"].mkdir()
-            config = build_config(spec, str(where["rootfs"] / "merged"), f"/{CGROUP_PARENT}/{container_id}")
+            config = build_config(spec, str(where["rootfs"] / "merged"), f"/{CGROUP_PARENT}/{container_id}", process=proc)
             (where["bundle"] / "config.json").write_text(json.dumps(config, indent=2))
             read_end, write_end = os.pipe()
             try:
@@ -118,6 +123,8 @@ class ContainerBackend:
 
     def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
         _reap_monitor(record)
+        if store.outcome(record.name) is None and not pid_alive(record.pid) and _monitor_alive(record):
+            _wait_monitor(record, 10.0)  # the init just ended: its monitor is writing the outcome
         return process_status(self.name, store, record, link="veth", running=record.spec["runtime"],
                               gone="the container's init is gone without an outcome (its monitor was killed?)")
 
@@ -182,6 +189,16 @@ class ContainerBackend:
 
         sweep_stale_rules()  # the NAT rule of a container whose monitor was killed
         store.delete(record.name)
+
+
+def _oci_image(spec: MachineSpec):
+    """(image, process) for `image: oci:…`, (None, None) for a reference profile."""
+    from ...oci.runconfig import is_oci, open_image, process
+
+    if not is_oci(spec.image):
+        return None, None
+    image = open_image(spec.image)
+    return image, process(image, spec.command, spec.environment)
 
 
 def _read_report(fd: int, timeout: float) -> str:

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import platform
 import shlex
+from typing import TYPE_CHECKING
 
 from ...spec.model import MachineSpec
+
+if TYPE_CHECKING:
+    from ...oci.runconfig import Process
 
 OCI_VERSION = "1.0.2"
 CPU_PERIOD = 100_000  # microseconds; quota = cpus * period
@@ -104,17 +108,27 @@ def resources(spec: MachineSpec) -> dict:
     }
 
 
-def build_config(spec: MachineSpec, rootfs: str, cgroups_path: str, arch: str | None = None) -> dict:
-    """config.json for `spec`, its root filesystem at `rootfs`, its cgroup at `cgroups_path`."""
+def build_config(spec: MachineSpec, rootfs: str, cgroups_path: str, arch: str | None = None,
+                 process: "Process | None" = None) -> dict:
+    """config.json for `spec`, its root filesystem at `rootfs`, its cgroup at `cgroups_path`.
+    `process`: what an OCI image says to run (vmctl.oci.runconfig), run as its argv directly
+    (the image may have no shell); otherwise the command runs under /bin/sh -c."""
     capabilities = list(DEFAULT_CAPABILITIES)
+    if process is not None:
+        env = {"HOME": "/root" if process.uid == 0 else "/", "HOSTNAME": spec.name, **process.env}
+        user, args, cwd = {"uid": process.uid, "gid": process.gid}, list(process.args), process.cwd
+        env_list = [f"{key}={value}" for key, value in env.items()]
+    else:
+        user, args, cwd = {"uid": 0, "gid": 0}, ["/bin/sh", "-c", process_script(spec.command)], "/"
+        env_list = environment(spec)
     return {
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": False,  # stdout/stderr go to the machine's console.log
-            "user": {"uid": 0, "gid": 0},
-            "args": ["/bin/sh", "-c", process_script(spec.command)],
-            "env": environment(spec),
-            "cwd": "/",
+            "user": user,
+            "args": args,
+            "env": env_list,
+            "cwd": cwd,
             "capabilities": {"bounding": capabilities, "effective": capabilities, "permitted": capabilities,
                              "inheritable": [], "ambient": []},
             "noNewPrivileges": True,
