@@ -294,7 +294,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "boot.json", help="JSON results")
     args = parser.parse_args()
 
-    from vmctl.hostcheck import check_host
+    from vmctl.host_probe import check_host
     from vmctl.images import locate
 
     images = locate()

@@ -143,7 +143,7 @@ def main() -> int:
 
     from vmctl.backends.libvirt.daemons import adapt_nested_host, ensure_running, missing_reason
     from vmctl.errors import VmctlError
-    from vmctl.hostcheck import check_host
+    from vmctl.host_probe import check_host
     from vmctl.images import locate
 
     report = check_host()

@@ -186,11 +186,10 @@ def main() -> int:
         sys.stderr.write(result.stderr)
         return result.exit_code
 
-    from vmctl.backends.kvm_prepare import AGENT_CMDLINE
-    from vmctl.hostcheck import check_host
+    from vmctl.guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE
+    from vmctl.host_probe import check_host
     from vmctl.images import locate
-    from vmctl.images.initargs import InitArgs
-    from vmctl.vmm.machine import DEFAULT_CMDLINE
+    from vmctl.guest_contract import InitArgs
 
     report = check_host()
     if not report.boots_linux:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VmctlError
-from .vmm.agent import ExecResult
+from .guest_contract import ExecResult
 
 PRIVATE_KEY = "id_ed25519"
 CONNECT_TIMEOUT = 5.0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,9 @@ from typing import Iterator
 
 from .errors import VmctlError
 from .paths import state_dir
+from .proc import pid_alive, write_json_atomic
+
+__all__ = ["MachineRecord", "StateStore", "pid_alive"]  # pid_alive: moved to vmctl.proc
 
 RECORD = "machine.json"
 OUTCOME = "outcome.json"
@@ -78,10 +80,7 @@ class StateStore:
         return folder
 
     def save(self, record: MachineRecord) -> None:
-        folder = self.folder(record.name)
-        temporary = folder / f".{RECORD}.tmp"
-        temporary.write_text(json.dumps(asdict(record), indent=2))
-        os.replace(temporary, folder / RECORD)
+        write_json_atomic(self.folder(record.name) / RECORD, asdict(record), indent=2)
 
     def load(self, name: str) -> MachineRecord:
         path = self.folder(name) / RECORD
@@ -114,18 +113,3 @@ class StateStore:
     def delete(self, name: str) -> None:
         shutil.rmtree(self.folder(name), ignore_errors=True)
 
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0): look at its state.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.hostcheck import check_host
+from vmctl.host_probe import check_host
 
 GUESTS = Path(__file__).parent / "guests"
 LOAD_ADDRESS = 0x100000

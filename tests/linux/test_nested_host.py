@@ -23,7 +23,7 @@ import pytest
 
 from vmctl.errors import VmctlError
 from vmctl.nested import NestedHost, NestedHostError, NestedResult, NestedTimeout
-from vmctl.nested.host import NestedStall, Stall
+from vmctl.nested.l1_host import NestedStall, Stall
 from vmctl.nested.detect import FORCE_ENV, nested_problem
 
 ROOT = Path(__file__).resolve().parents[2]

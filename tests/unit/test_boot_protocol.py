@@ -9,7 +9,8 @@ import pytest
 
 from vmctl.arch import gdt, paging
 from vmctl.arch.mptable import build_mptable
-from vmctl.boot import kernel_image, layout, params
+from vmctl.arch import memory_map
+from vmctl.boot import kernel_image, params
 from vmctl.boot.loader import load_linux
 from vmctl.errors import VmctlError
 from vmctl.memory import GuestMemory
@@ -36,7 +37,7 @@ def make_bzimage(path: Path, version: int = 0x020F, xloadflags: int = 1, payload
 
 @pytest.fixture
 def memory():
-    ram = GuestMemory(layout.ram_layout(64 << 20))
+    ram = GuestMemory(memory_map.ram_layout(64 << 20))
     yield ram
     ram.close()
 
@@ -91,7 +92,7 @@ def test_elf_pt_load_segments(tmp_path):
 
 
 def test_e820_map_covers_ram_and_reserves_the_ebda():
-    entries = params.e820_map(layout.ram_layout(4 << 30))
+    entries = params.e820_map(memory_map.ram_layout(4 << 30))
     assert [(e.address, e.size, e.type) for e in entries] == [
         (0, 0x9FC00, params.E820_RAM),
         (0x9FC00, 0x400, params.E820_RESERVED),
@@ -105,13 +106,13 @@ def test_zero_page_from_bzimage_header(tmp_path, memory):
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"\x07" * 10000)
     info = load_linux(memory, kernel, initrd, "console=ttyS0 quiet")
-    page = memory.read(layout.ZERO_PAGE_ADDRESS, 4096)
+    page = memory.read(memory_map.ZERO_PAGE_ADDRESS, 4096)
     assert page[0x202:0x206] == b"HdrS"
     assert struct.unpack_from("<H", page, 0x1FE)[0] == 0xAA55
     assert page[params.TYPE_OF_LOADER] == 0xFF
     assert page[params.LOADFLAGS] & params.LOADED_HIGH
-    assert struct.unpack_from("<I", page, params.CMD_LINE_PTR)[0] == layout.CMDLINE_ADDRESS
-    assert memory.read(layout.CMDLINE_ADDRESS, 20) == b"console=ttyS0 quiet\0"
+    assert struct.unpack_from("<I", page, params.CMD_LINE_PTR)[0] == memory_map.CMDLINE_ADDRESS
+    assert memory.read(memory_map.CMDLINE_ADDRESS, 20) == b"console=ttyS0 quiet\0"
     ramdisk, size = struct.unpack_from("<II", page, params.RAMDISK_IMAGE)
     assert (ramdisk, size) == info.initrd and size == 10000
     assert ramdisk % 4096 == 0 and ramdisk + size <= 64 << 20
@@ -121,7 +122,7 @@ def test_zero_page_from_bzimage_header(tmp_path, memory):
 
 
 def test_initrd_respects_initrd_addr_max(tmp_path):
-    ram = GuestMemory(layout.ram_layout(1 << 30))
+    ram = GuestMemory(memory_map.ram_layout(1 << 30))
     try:
         kernel = make_bzimage(tmp_path / "bzImage")
         data = bytearray(kernel.read_bytes())
@@ -150,15 +151,15 @@ def test_cmdline_too_long(tmp_path, memory):
 
 def test_identity_page_tables_map_4_gib_with_2_mib_pages():
     tables = paging.identity_map_tables()
-    pml4 = struct.unpack("<512Q", tables[layout.PML4_ADDRESS])
-    assert pml4[0] == layout.PDPT_ADDRESS | 0x3 and not any(pml4[1:])
-    pdpt = struct.unpack("<512Q", tables[layout.PDPT_ADDRESS])
-    assert pdpt[:4] == tuple(layout.PD_ADDRESS + i * 4096 | 0x3 for i in range(4))
-    directories = struct.unpack(f"<{4 * 512}Q", tables[layout.PD_ADDRESS])
+    pml4 = struct.unpack("<512Q", tables[memory_map.PML4_ADDRESS])
+    assert pml4[0] == memory_map.PDPT_ADDRESS | 0x3 and not any(pml4[1:])
+    pdpt = struct.unpack("<512Q", tables[memory_map.PDPT_ADDRESS])
+    assert pdpt[:4] == tuple(memory_map.PD_ADDRESS + i * 4096 | 0x3 for i in range(4))
+    directories = struct.unpack(f"<{4 * 512}Q", tables[memory_map.PD_ADDRESS])
     for index in (0, 1, 511, 1535, 2047):
         assert directories[index] == (index << 21) | 0x83
     # The page directories end before the command line.
-    assert layout.PD_ADDRESS + len(tables[layout.PD_ADDRESS]) <= layout.CMDLINE_ADDRESS
+    assert memory_map.PD_ADDRESS + len(tables[memory_map.PD_ADDRESS]) <= memory_map.CMDLINE_ADDRESS
 
 
 def test_gdt_matches_boot_protocol_selectors():
@@ -188,7 +189,7 @@ def test_mp_table_checksums_and_contents(cpus):
     length, revision = struct.unpack_from("<HB", config, 4)
     assert length == len(config) and revision == 4 and _checksum_ok(config)
     entry_count, lapic = struct.unpack_from("<HI", config, 34)
-    assert lapic == layout.LAPIC_ADDRESS
+    assert lapic == memory_map.LAPIC_ADDRESS
     offset, processors, ioapics = 44, [], []
     for _ in range(entry_count):
         kind = config[offset]
@@ -202,7 +203,7 @@ def test_mp_table_checksums_and_contents(cpus):
     assert offset == length
     assert [p[0] for p in processors] == list(range(cpus))
     assert processors[0][2] == 3 and all(p[2] == 1 for p in processors[1:])  # BSP flag on CPU 0
-    assert ioapics == [(2, cpus, 0x11, 1, layout.IOAPIC_ADDRESS)]
+    assert ioapics == [(2, cpus, 0x11, 1, memory_map.IOAPIC_ADDRESS)]
 
 
 def test_mp_table_fits_in_the_ebda_or_says_so():
@@ -217,7 +218,7 @@ def test_real_bzimage_and_vmlinux_of_the_reference_kernel(reference_kernel, memo
     assert len(bz.segments[0].data) == len(raw) - (raw[0x1F1] + 1) * 512
     assert bz.init_size > len(bz.segments[0].data)  # it decompresses past its own end
     info = load_linux(memory, reference_kernel.bzimage, None, "console=ttyS0")
-    page = memory.read(layout.ZERO_PAGE_ADDRESS, 4096)
+    page = memory.read(memory_map.ZERO_PAGE_ADDRESS, 4096)
     assert page[0x1F1 : 0x1F1 + len(bz.setup_header)][0x202 - 0x1F1 :][:4] == b"HdrS"
     assert page[params.TYPE_OF_LOADER] == 0xFF and info.entry == 0x100200
     elf = kernel_image.read_kernel(reference_kernel.vmlinux)

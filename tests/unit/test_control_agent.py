@@ -12,8 +12,9 @@ import threading
 
 import pytest
 
-from vmctl.backends.kvm_prepare import guest_script
-from vmctl.vmm.agent import GUEST_AGENT, AgentChannel
+from vmctl.guest_contract import GUEST_AGENT
+from vmctl.guest_contract import boot_script as guest_script
+from vmctl.vmm.agent import AgentChannel
 
 BUSYBOX = shutil.which("busybox")
 pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox (Debian: busybox-static) runs the guest scripts")

@@ -308,4 +308,4 @@ def test_apt_mirror_from_sources(tmp_path: Path):
         "# deb http://commented.example/debian bookworm main\n"
         "deb [arch=amd64] http://list.example/debian bookworm main\n")
     assert rootfs.apt_mirror(apt) == "http://list.example/debian"
-    assert rootfs.apt_mirror(tmp_path / "none") == rootfs.DEFAULT_MIRROR
+    assert rootfs.apt_mirror(tmp_path / "none") is None

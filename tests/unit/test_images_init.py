@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from vmctl.errors import VmctlError
-from vmctl.images import initargs
-from vmctl.images.initargs import InitArgs
+from vmctl import guest_contract as initargs
+from vmctl.guest_contract import InitArgs
 from vmctl.images.rootfs import INIT_SCRIPT
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from vmctl.errors import VmctlError
-from vmctl.hostcheck import check_host
+from vmctl.host_probe import check_host
 from vmctl.kvm.system import Kvm, KvmFlavour
 
 

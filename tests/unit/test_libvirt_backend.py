@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from vmctl.backends import get_backend
-from vmctl.backends.libvirt.backend import LibvirtBackend, exit_code_in
+from vmctl.backends.libvirt.backend import LibvirtBackend
+from vmctl.guest_contract import exit_code_in
 from vmctl.backends.libvirt.connection import libvirt_module
 from vmctl.disk.qcow2.create import create
 from vmctl.errors import VmctlError

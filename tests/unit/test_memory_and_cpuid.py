@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vmctl.arch.cpuid import cpuid_for_vcpu
-from vmctl.boot import layout
+from vmctl.arch import memory_map
 from vmctl.errors import GuestMemoryError, VmctlError
 from vmctl.kvm.abi import KvmCpuidEntry2
 from vmctl.memory import GuestMemory
@@ -16,7 +16,7 @@ from vmctl.units import format_size, parse_size
 
 @pytest.mark.parametrize("backing", ["anonymous", "memfd"])
 def test_guest_memory_regions_and_bounds(backing):
-    memory = GuestMemory(layout.ram_layout((3 << 30) + (64 << 20)), backing)
+    memory = GuestMemory(memory_map.ram_layout((3 << 30) + (64 << 20)), backing)
     try:
         assert [(r.guest_address, r.size) for r in memory.regions] == [(0, 3 << 30), (1 << 32, 64 << 20)]
         memory.write((1 << 32) + 10, b"high")

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from vmctl.nested.host import _with_hidden_cwd
+from vmctl.nested.l1_host import _with_hidden_cwd
 
 
 def test_a_checkout_under_tmp_is_shared_because_l1_hides_tmp():

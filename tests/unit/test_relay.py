@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.nested.host import NestedHost, NestedResult, NestedStall
+from vmctl.nested.l1_host import NestedHost, NestedResult, NestedStall
 from vmctl.nested.relay import REPORTS_ENV, run_relayed
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,8 @@ import textwrap
 import pytest
 
 from vmctl.errors import VmctlError
-from vmctl.state import MachineRecord, StateStore, pid_alive
+from vmctl.proc import pid_alive
+from vmctl.state import MachineRecord, StateStore
 
 
 def test_records_round_trip_and_are_listed_by_name(tmp_path):

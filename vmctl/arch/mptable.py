@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..boot import layout
+from . import memory_map
 
 SPEC_REVISION = 4
 APIC_VERSION = 0x14
@@ -37,7 +37,7 @@ class MpTable:
     data: bytes
 
 
-def build_mptable(cpus: int, address: int = layout.MPTABLE_ADDRESS) -> MpTable:
+def build_mptable(cpus: int, address: int = memory_map.MPTABLE_ADDRESS) -> MpTable:
     if not 1 <= cpus <= 254:
         raise ValueError(f"the MP table describes 1..254 CPUs, not {cpus}")
     ioapic_id = cpus  # APIC ids 0..cpus-1 belong to the CPUs
@@ -48,7 +48,7 @@ def build_mptable(cpus: int, address: int = layout.MPTABLE_ADDRESS) -> MpTable:
             struct.pack("<BBBBII8x", ENTRY_PROCESSOR, cpu, APIC_VERSION, flags, CPU_SIGNATURE, CPU_FEATURES)
         )
     entries.append(struct.pack("<BB6s", ENTRY_BUS, 0, b"ISA   "))
-    entries.append(struct.pack("<BBBBI", ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1, layout.IOAPIC_ADDRESS))
+    entries.append(struct.pack("<BBBBI", ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1, memory_map.IOAPIC_ADDRESS))
     for pin in range(IOAPIC_PINS):
         # KVM's default routing wires GSI n to IOAPIC pin n; describe exactly that.
         entries.append(struct.pack("<BBHBBBB", ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, pin, ioapic_id, pin))
@@ -62,13 +62,13 @@ def build_mptable(cpus: int, address: int = layout.MPTABLE_ADDRESS) -> MpTable:
         struct.pack(
             "<4sHBB8s12sIHHIHBB",
             b"PCMP", header_size + len(body), SPEC_REVISION, 0, OEM_ID, PRODUCT_ID,
-            0, 0, len(entries), layout.LAPIC_ADDRESS, 0, 0, 0,
+            0, 0, len(entries), memory_map.LAPIC_ADDRESS, 0, 0, 0,
         )
     )
     header[7] = _checksum(bytes(header) + body)
     floating = bytearray(struct.pack("<4sIBBBB4x", b"_MP_", config_address, 1, SPEC_REVISION, 0, 0))
     floating[10] = _checksum(bytes(floating))
     data = bytes(floating) + bytes(header) + body
-    if address + len(data) > layout.LOW_RAM_END:
+    if address + len(data) > memory_map.LOW_RAM_END:
         raise ValueError(f"MP table for {cpus} CPUs ({len(data)} bytes) does not fit below 640 KiB")
     return MpTable(address, data)

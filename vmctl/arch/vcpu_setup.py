@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ..boot import layout
+from . import memory_map
 from ..kvm.abi import KvmFpu, KvmLapicState
 from ..kvm.vcpu import VcpuFd
 from ..memory import GuestMemory
@@ -44,8 +44,8 @@ APIC_MODE_EXTINT = 0x7
 
 def write_boot_tables(memory: GuestMemory) -> int:
     """GDT, empty IDT and identity page tables; returns CR3."""
-    memory.write(layout.GDT_ADDRESS, gdt.gdt_bytes())
-    memory.write_u64(layout.IDT_ADDRESS, 0)
+    memory.write(memory_map.GDT_ADDRESS, gdt.gdt_bytes())
+    memory.write_u64(memory_map.IDT_ADDRESS, 0)
     return paging.write_identity_map(memory)
 
 
@@ -87,9 +87,9 @@ def configure_common(vcpu: VcpuFd) -> None:
 
 def enter_long_mode(vcpu: VcpuFd, cr3: int, entry: int, zero_page: int) -> None:
     sregs = vcpu.get_sregs()
-    sregs.gdt.base = layout.GDT_ADDRESS
+    sregs.gdt.base = memory_map.GDT_ADDRESS
     sregs.gdt.limit = len(gdt.BOOT_GDT) * 8 - 1
-    sregs.idt.base = layout.IDT_ADDRESS
+    sregs.idt.base = memory_map.IDT_ADDRESS
     sregs.idt.limit = 7
     sregs.cs = gdt.segment(gdt.BOOT_CS)
     data = gdt.segment(gdt.BOOT_DS)
@@ -104,6 +104,6 @@ def enter_long_mode(vcpu: VcpuFd, cr3: int, entry: int, zero_page: int) -> None:
     regs = vcpu.get_regs()
     regs.rflags = 0x2  # bit 1 is reserved-set; interrupts off
     regs.rip = entry
-    regs.rsp = regs.rbp = layout.BOOT_STACK_ADDRESS
+    regs.rsp = regs.rbp = memory_map.BOOT_STACK_ADDRESS
     regs.rsi = zero_page
     vcpu.set_regs(regs)

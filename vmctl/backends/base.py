@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ..spec.model import MachineSpec
-from ..state import MachineRecord, StateStore, pid_alive
-from ..vmm.agent import ExecResult
+from ..proc import pid_alive
+from ..state import MachineRecord, StateStore
+from ..guest_contract import ExecResult
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,6 @@ def ssh_target(store: StateStore, record: MachineRecord, probe: bool = True) -> 
     ssh = record.spec.get("ssh") or {}
     key = ssh.get("key")
     return network["guest_ip"], ssh.get("user", "root"), Path(key) if key else None
-
-
-def guest_script(record: MachineRecord, command: list[str]) -> str:
-    """The shell line `exec` runs in the guest: the machine's environment, then the command."""
-    exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec.get("environment", {}).items())
-    return exports + shlex.join(command)
 
 
 def exec_over_ssh(store: StateStore, record: MachineRecord, script: str, timeout: float) -> ExecResult | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,13 @@ from pathlib import Path
 
 from ..errors import VmctlError
 from ..spec.model import MachineSpec
-from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore, pid_alive
-from ..vmm.agent import ExecResult
+from ..proc import pid_alive, reap, send_signal, wait_gone
+from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore
+from ..guest_contract import READY_MARKER_BYTES, ExecResult, exec_script
 from ..vmm.control import request
-from .base import MachineStatus, MarkerScan, Usage, allocated_bytes, exec_over_ssh, guest_script, process_status, ssh_target
+from .base import MachineStatus, MarkerScan, Usage, allocated_bytes, exec_over_ssh, process_status, ssh_target
 from .kvm_prepare import prepare
 
-READY_MARKER = b"VMCTL-READY"
 POLL = 0.05
 
 
@@ -50,7 +49,7 @@ class KvmBackend:
         exits successfully (it ran to completion)."""
         folder = store.folder(record.name)
         start = time.monotonic()
-        console = MarkerScan(folder / CONSOLE, READY_MARKER)
+        console = MarkerScan(folder / CONSOLE, READY_MARKER_BYTES)
         while time.monotonic() - start < timeout:
             if console.found():
                 return time.monotonic() - start
@@ -72,29 +71,29 @@ class KvmBackend:
         """The guest shuts down through its agent; after `timeout` the VM is stopped, then
         the VMM is killed."""
         if not pid_alive(record.pid):
-            _reap(record.pid, block=True)
+            reap(record.pid, block=True)
             return
         control = store.folder(record.name) / CONTROL
         try:
             request(control, "shutdown")
         except VmctlError:
-            _signal(record.pid, signal.SIGTERM)
-        if _wait_gone(record.pid, timeout):
+            send_signal(record.pid, signal.SIGTERM)
+        if wait_gone(record.pid, timeout):
             return
         try:
             request(control, "stop", reason=f"stopped by vmctl down (the guest did not shut down in {timeout:g} s)")
         except VmctlError:
             pass
-        if not _wait_gone(record.pid, 5):
-            _signal(record.pid, signal.SIGKILL)
-            _wait_gone(record.pid, 5)
+        if not wait_gone(record.pid, 5):
+            send_signal(record.pid, signal.SIGKILL)
+            wait_gone(record.pid, 5)
 
     def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
         """Through SSH (paramiko) when the machine has a network and its sshd answers;
         otherwise through the guest agent on COM2."""
         if not pid_alive(record.pid) or store.outcome(record.name) is not None:
             raise VmctlError(f"{record.name}: not running")
-        script = guest_script(record, command)
+        script = exec_script(command, record.spec.get("environment", {}))
         over_ssh = exec_over_ssh(store, record, script, timeout)
         if over_ssh is not None:
             return over_ssh
@@ -117,31 +116,3 @@ class KvmBackend:
             sweep_stale_rules()  # the NAT rule of a VMM killed with -9 (its TAP is gone with it)
         store.delete(record.name)
 
-
-def _signal(pid: int | None, sig: int) -> None:
-    if pid:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_gone(pid: int | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            _reap(pid, block=True)
-            return True
-        _reap(pid)
-        time.sleep(POLL)
-    return not pid_alive(pid)
-
-
-def _reap(pid: int | None, block: bool = False) -> None:
-    """Collect the exit status if the VMM is our own child (so it does not linger as a
-    zombie). `block`: it is known to be exiting; wait for the end of its exit."""
-    if pid:
-        try:
-            os.waitpid(pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            pass

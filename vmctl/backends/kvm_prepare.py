@@ -7,54 +7,13 @@ lives in the machine's state folder (disks/, ssh/), so deleting the folder relea
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from ..disk.qcow2.create import create, create_overlay
 from ..errors import VmctlError
+from ..guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, ROOT_CMDLINE, InitArgs, boot_script, reference_images
 from ..spec.model import MachineSpec
 from ..ssh import generate_key
-from ..vmm.agent import GUEST_AGENT
-from ..vmm.machine import DEFAULT_CMDLINE
-
-ROOT_CMDLINE = "root=/dev/vda rw"
-# The reference kernel registers one legacy UART unless told more (SERIAL_8250_RUNTIME_UARTS=1);
-# the agent needs ttyS1 (COM2).
-AGENT_CMDLINE = "8250.nr_uarts=2"
-LOGIN_SHELL = "exec /bin/busybox setsid /bin/busybox cttyhack /bin/sh -l"
-
-
-def reference_images(profile: str) -> tuple[Path, Path | None, Path | None]:
-    """(kernel, initramfs, root disk) of a reference image profile: busybox boots from its
-    initramfs, debian from its qcow2 root disk. Errors say how to build what is missing."""
-    from ..images import locate
-
-    found = locate(profile)
-    if not found.bzimage.exists():
-        raise VmctlError(f"the reference kernel is not built ({found.bzimage}): run `vmctl image build`")
-    if profile == "busybox":
-        if not found.initramfs.exists():
-            raise VmctlError(f"the busybox initramfs is not built ({found.initramfs}): run `vmctl image build`")
-        return found.bzimage, found.initramfs, None
-    if not found.rootfs_qcow2.exists():
-        raise VmctlError(f"the {profile} root disk is not built ({found.rootfs_qcow2}): "
-                         f"run `vmctl image rootfs --profile {profile}`")
-    return found.bzimage, None, found.rootfs_qcow2
-
-
-def guest_script(command: tuple[str, ...] | list[str], environment: dict[str, str], user: str) -> str:
-    """The `vmctl.cmd` script /init runs: the exec agent in the background, the ssh user,
-    then the machine's command (its status becomes VMCTL-EXIT) or a login shell."""
-    lines = [GUEST_AGENT]
-    if user != "root":
-        # The key /init gave root is also this user's; "*" (not "!") lets sshd accept keys.
-        home = f"/home/{user}"
-        lines.append(f"B=/bin/busybox; $B adduser -D -s /bin/sh {user} 2>/dev/null; $B sed -i 's/^{user}:!/{user}:*/' /etc/shadow; "
-                     f"$B mkdir -p {home}/.ssh && $B cp /root/.ssh/authorized_keys {home}/.ssh/ && $B chown -R {user} {home}/.ssh")
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in environment.items()]
-    lines.append(shlex.join(command) if command else LOGIN_SHELL)
-    return "\n".join(lines)
-
 
 def machine_keys(spec: MachineSpec, folder: Path) -> tuple[str | None, list[str]]:
     """(private key path, authorized_keys lines): a key made for the machine when it has a
@@ -75,8 +34,9 @@ def prepare(spec: MachineSpec, folder: Path) -> dict:
     """Create the machine's disks and key in `folder`; the JSON-safe plan for the VMM."""
     kernel, initrd, root_disk = spec.kernel, spec.initrd, None
     if kernel is None:
-        kernel, default_initrd, root_disk = reference_images(spec.image)
-        initrd = initrd or default_initrd
+        images = reference_images(spec.image)
+        kernel, root_disk = images.kernel, images.root_disk
+        initrd = initrd or images.initrd
     disks_dir = folder / "disks"
     disks: list[dict] = []
     if root_disk is not None:
@@ -102,10 +62,8 @@ def prepare(spec: MachineSpec, folder: Path) -> dict:
 
     private_key, keys = machine_keys(spec, folder)
 
-    from ..images.initargs import InitArgs
-
     words = InitArgs(hostname=spec.name, sshkey="\n".join(keys) if keys else None,
-                     cmd=guest_script(spec.command, spec.environment, spec.ssh.user)).words()
+                     cmd=boot_script(spec.command, spec.environment, spec.ssh.user)).words()
     cmdline = " ".join([spec.cmdline or DEFAULT_CMDLINE, AGENT_CMDLINE, *([ROOT_CMDLINE] if root_disk else []), *words])
     return {
         "cpus": spec.cpus, "memory": spec.memory, "image": spec.image,

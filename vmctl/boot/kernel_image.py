@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import VmctlError
-from . import layout
+from ..arch import memory_map
 
 # Setup header offsets (Documentation/arch/x86/boot.rst), identical in file and zero page.
 SETUP_SECTS = 0x1F1
@@ -119,8 +119,8 @@ def parse_bzimage(path: Path, data: bytes) -> KernelImage:
     return KernelImage(
         path=path,
         kind="bzImage",
-        entry=layout.BZIMAGE_LOAD_ADDRESS + STARTUP_64_OFFSET,
-        segments=[Segment(layout.BZIMAGE_LOAD_ADDRESS, bytes(data[kernel_offset:]), len(data) - kernel_offset)],
+        entry=memory_map.BZIMAGE_LOAD_ADDRESS + STARTUP_64_OFFSET,
+        segments=[Segment(memory_map.BZIMAGE_LOAD_ADDRESS, bytes(data[kernel_offset:]), len(data) - kernel_offset)],
         setup_header=header,
         protocol=version,
         initrd_addr_max=_u32(data, INITRD_ADDR_MAX),

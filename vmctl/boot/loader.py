@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import VmctlError
 from ..memory import GuestMemory
 from ..units import format_size
-from . import layout, params
+from ..arch import memory_map
+from . import params
 from .kernel_image import KernelImage, read_kernel
 
 PAGE = 4096
@@ -28,23 +29,23 @@ def load_linux(memory: GuestMemory, kernel_path: Path, initrd_path: Path | None,
     kernel = read_kernel(kernel_path)
     _load_segments(memory, kernel)
     cmdline_bytes = cmdline.encode() + b"\0"
-    limit = min(kernel.cmdline_size + 1, layout.CMDLINE_MAX_SIZE)
+    limit = min(kernel.cmdline_size + 1, memory_map.CMDLINE_MAX_SIZE)
     if len(cmdline_bytes) > limit:
         raise VmctlError(
             f"kernel command line is {len(cmdline_bytes) - 1} bytes; {kernel_path} accepts at most {limit - 1}"
         )
-    memory.write(layout.CMDLINE_ADDRESS, cmdline_bytes)
+    memory.write(memory_map.CMDLINE_ADDRESS, cmdline_bytes)
     initrd = _load_initrd(memory, kernel, initrd_path) if initrd_path else None
     ram = [(region.guest_address, region.size) for region in memory.regions]
     e820 = params.e820_map(ram)
-    zero_page = params.build_zero_page(kernel.setup_header, layout.CMDLINE_ADDRESS, len(cmdline_bytes) - 1, initrd, e820)
-    memory.write(layout.ZERO_PAGE_ADDRESS, zero_page)
-    return BootInfo(kernel, kernel.entry, layout.ZERO_PAGE_ADDRESS, cmdline, initrd, e820)
+    zero_page = params.build_zero_page(kernel.setup_header, memory_map.CMDLINE_ADDRESS, len(cmdline_bytes) - 1, initrd, e820)
+    memory.write(memory_map.ZERO_PAGE_ADDRESS, zero_page)
+    return BootInfo(kernel, kernel.entry, memory_map.ZERO_PAGE_ADDRESS, cmdline, initrd, e820)
 
 
 def _load_segments(memory: GuestMemory, kernel: KernelImage) -> None:
     lowest = min(segment.guest_address for segment in kernel.segments)
-    if lowest < layout.HIGH_MEMORY_START:
+    if lowest < memory_map.HIGH_MEMORY_START:
         raise VmctlError(f"{kernel.path}: segment at 0x{lowest:x} would overwrite the boot structures below 1 MiB")
     # init_size counts too: a bzImage decompresses in place past its loaded bytes.
     if not memory.contains(lowest, kernel.end - lowest) or not memory.contains(kernel.entry):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from . import kernel_image, layout
+from ..arch import memory_map
+from . import kernel_image
 
 ZERO_PAGE_SIZE = 4096
 ACPI_RSDP_ADDR = 0x070
@@ -52,11 +53,11 @@ class E820Entry:
 def e820_map(ram: list[tuple[int, int]]) -> list[E820Entry]:
     """Usable RAM below 640 KiB (minus the EBDA holding the MP table), and above 1 MiB."""
     entries = [
-        E820Entry(0, layout.EBDA_ADDRESS, E820_RAM),
-        E820Entry(layout.EBDA_ADDRESS, layout.LOW_RAM_END - layout.EBDA_ADDRESS, E820_RESERVED),
+        E820Entry(0, memory_map.EBDA_ADDRESS, E820_RAM),
+        E820Entry(memory_map.EBDA_ADDRESS, memory_map.LOW_RAM_END - memory_map.EBDA_ADDRESS, E820_RESERVED),
     ]
     for address, size in ram:
-        start = max(address, layout.HIGH_MEMORY_START)
+        start = max(address, memory_map.HIGH_MEMORY_START)
         end = address + size
         if end > start:
             entries.append(E820Entry(start, end - start, E820_RAM))

@@ -18,9 +18,9 @@ from .. import __version__
 from ..errors import VmctlError
 
 # Command modules in help order, and the module that registers each command.
-COMMAND_MODULES = ("boot", "hostcheck", "image", "lifecycle", "compare", "share")
+COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "compare", "share")
 COMMAND_MODULE = {
-    "boot": "boot", "host-check": "hostcheck", "image": "image", "compare": "compare", "share": "share",
+    "boot": "boot", "host-check": "hostcheck", "image": "image_cmd", "compare": "compare", "share": "share",
     **dict.fromkeys(("up", "down", "ps", "status", "logs", "rm", "run", "exec", "console", "ssh"), "lifecycle"),
 }
 

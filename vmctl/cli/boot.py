@@ -6,10 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import VmctlError
+from ..guest_contract import DEFAULT_CMDLINE
+from ..limits import MAX_CPUS
 from ..units import parse_size
-from ..virtio.factories import cli_cmdline_words as virtio_cmdline_words
-from ..virtio.factories import cli_devices as virtio_devices
-from ..vmm.machine import DEFAULT_CMDLINE, MAX_CPUS, Machine, MachineConfig, default_console_sinks
+from ..virtio import factories
+from ..virtio.slot import VirtioMmioFactory
+from ..vmm.machine import Machine, MachineConfig, default_console_sinks
 
 EPILOG = f"""\
 exit status:
@@ -60,9 +63,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def parse_disk_option(spec: str) -> VirtioMmioFactory:
+    """`PATH[,ro]` (also `,rw`, `,serial=ID`) from `--disk`."""
+    path, *options = spec.split(",")
+    read_only, serial = False, None
+    for option in options:
+        if option in ("ro", "readonly"):
+            read_only = True
+        elif option == "rw":
+            read_only = False
+        elif option.startswith("serial="):
+            serial = option[len("serial="):]
+        else:
+            raise VmctlError(f"--disk {spec}: unknown option {option!r} (ro, rw, serial=ID)")
+    if not path:
+        raise VmctlError(f"--disk {spec}: no path")
+    if not Path(path).is_file():
+        raise VmctlError(f"--disk {path}: no such file")
+    return factories.block(path, read_only, serial)
+
+
+def virtio_devices(args: argparse.Namespace) -> list[VirtioMmioFactory]:
+    """The virtio slots the options ask for: disks first (slot order = vda, vdb...)."""
+    devices = [parse_disk_option(spec) for spec in args.disk]
+    if args.rng:
+        devices.append(factories.rng())
+    if args.console_channel:
+        devices.append(factories.console(args.console_channel))
+    if args.net and args.net != "none":
+        devices.append(factories.NetFactory(args.net))
+    return devices
+
+
 def run(args: argparse.Namespace) -> int:
     devices = virtio_devices(args)
-    cmdline = " ".join(word for word in [args.cmdline, args.append, *virtio_cmdline_words(devices)] if word).strip()
+    # Kernel parameters the devices need (the guest's `ip=` for a network).
+    net_words = [word for device in devices if isinstance(device, factories.NetFactory) for word in device.cmdline_words()]
+    cmdline = " ".join(word for word in [args.cmdline, args.append, *net_words] if word).strip()
     config = MachineConfig(
         kernel=args.kernel,
         initrd=args.initrd,

@@ -129,7 +129,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
 
 def compare(spec, spec_path: Path, runs: int, kinds: list[str], timeout: float) -> dict:
-    from ..hostcheck import check_host
+    from ..host_probe import check_host
 
     report = check_host()
     result: dict = {"machine": spec.name, "image": spec.image, "cpus": spec.cpus, "memory": spec.memory,
@@ -190,12 +190,12 @@ def measure(kind: str, spec, timeout: float, index: int) -> dict:
             command = time.perf_counter() - start
             folder = store.folder(record.name)
             if kind == "container":
-                from ..backends.container.rootfs import disk_usage
+                from ..backends.container.overlay_root import disk_usage
 
                 pids = _cgroup_pids(record.spec["container_id"]) + [int(p) for p in record.resources["monitor"]]
                 disk = disk_usage(folder / "rootfs" / "upper")
             else:
-                from ..backends.container.rootfs import disk_usage
+                from ..backends.container.overlay_root import disk_usage
 
                 pids = [record.pid]
                 disk = disk_usage(folder / "disks") if (folder / "disks").exists() else 0
@@ -216,7 +216,7 @@ def measure(kind: str, spec, timeout: float, index: int) -> dict:
 def _measure_native(spec) -> dict:
     """The command on the host, chrooted into an overlay of the same base tree (a private
     mount namespace with the host's /dev and a /proc): no namespaces, cgroup or VM."""
-    from ..backends.container.rootfs import Overlay, base_tree, disk_usage
+    from ..backends.container.overlay_root import Overlay, base_tree, disk_usage
 
     folder = Path(tempfile.mkdtemp(prefix="vmctl-compare-native-"))
     overlay = Overlay(base_tree(spec.image), folder)

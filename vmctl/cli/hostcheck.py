@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..hostcheck import check_host, describe
+from ..host_probe import check_host, describe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..backends import get_backend
 from ..errors import VmctlError
+from ..guest_contract import EXIT_PREFIX, READY_MARKER_BYTES
 from ..spec import load_spec
 from ..spec.model import BACKENDS, IMAGE_PROFILES, MachineSpec
 from ..state import CONSOLE, CONSOLE_SOCKET, StateStore
@@ -351,11 +352,11 @@ def _follow_until_exit(store: StateStore, backend, record, timeout: float, show_
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 text = line.rstrip(b"\r")
-                if text.startswith(b"VMCTL-EXIT "):
+                if text.startswith(EXIT_PREFIX.encode()):
                     printing = show_boot
                 if printing:
                     sys.stdout.buffer.write(text + b"\n")
-                if text == b"VMCTL-READY":
+                if text == READY_MARKER_BYTES:
                     printing = True
             sys.stdout.flush()
         if status.state != "running":
@@ -380,7 +381,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from ..vmm.console import ConsoleInput
+    from ..vmm.serial_console import ConsoleInput
 
     store = _store()
     record = store.load(args.name)

@@ -9,9 +9,9 @@ import os
 import threading
 from typing import Sequence
 
-from .backend import (BlockBackend, DiskError, as_bytes_views, chunks, slice_buffers,
+from .block_backend import (BlockBackend, DiskError, as_bytes_views, chunks, slice_buffers,
                       total_length)
-from .qcow2 import lock as lock_mod
+from . import image_lock as lock_mod
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

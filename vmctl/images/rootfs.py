@@ -36,7 +36,6 @@ BENCH_INCLUDE = DEBIAN_INCLUDE + ("sysbench", "fio", "iperf3", "redis-server", "
 BENCH_DATA_DIR = "srv/vmctl-bench"  # relative to the tree's root
 BENCH_DATA_FILES = 8  # files of BENCH_DATA_MIB / BENCH_DATA_FILES MiB each
 BENCH_DATA_MIB = 256
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def key(prof: Profile, mirror: str | None = None) -> str:
     parts: list[str | bytes] = [RECIPE_VERSION, prof.name, INIT_SCRIPT.read_bytes()]
     parts += [f"{p}={dpkg_version(p) or 'missing'}" for p in prof.host_packages]
     if prof.name in ("debian", "bench"):
-        parts += [DEBIAN_SUITE, ",".join(_include(prof)), mirror or apt_mirror()]
+        parts += [DEBIAN_SUITE, ",".join(_include(prof)), mirror or apt_mirror() or "debootstrap default"]
     if prof.name == "bench":
         parts += [f"data={BENCH_DATA_FILES}x{BENCH_DATA_MIB}"]
     return digest(*parts)
@@ -195,12 +194,13 @@ def _fix_mtimes(root: Path) -> None:
 
 # --- debian profile ---
 
-def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
-    """The Debian mirror apt itself uses for the main suite (one-line or deb822 sources)."""
+def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str | None:
+    """The Debian mirror apt itself uses for the main suite (one-line or deb822 sources);
+    None when apt has none (debootstrap then uses its own default)."""
     for uri, suites in _apt_sources(apt_dir):
         if DEBIAN_SUITE in suites and "security" not in uri:
             return uri.rstrip("/")
-    return DEFAULT_MIRROR
+    return None
 
 
 def _apt_sources(apt_dir: Path) -> list[tuple[str, list[str]]]:
@@ -242,10 +242,10 @@ def populate_debian(root: Path, ctx: StepContext, include: tuple[str, ...] = DEB
     if os.geteuid() != 0:
         raise ctx.fail("debootstrap needs root")
     mirror = apt_mirror()
-    ctx.say(f"debootstrap {DEBIAN_SUITE} from {mirror} (minutes)")
+    ctx.say(f"debootstrap {DEBIAN_SUITE} from {mirror or 'its default mirror'} (minutes)")
     try:
         ctx.run(["debootstrap", "--variant=minbase", f"--include={','.join(include)}",
-                 DEBIAN_SUITE, root, mirror], "debootstrap")
+                 DEBIAN_SUITE, root, *([mirror] if mirror else [])], "debootstrap")
     except BaseException:
         inner = root / "debootstrap" / "debootstrap.log"
         if inner.is_file():  # its own log says which package failed: keep it in ours

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import VmctlError
+from ..proc import pid_alive
 
 TMP_MARK = ".tmp-"
 
@@ -112,13 +113,7 @@ def clean_stale(directory: Path) -> None:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # a leftover of an earlier run that happened to get our pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 @contextmanager

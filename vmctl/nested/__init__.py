@@ -6,7 +6,7 @@ command's output and exit code. See docs/nested-host.md.
 """
 
 from .detect import TierPlan, plan_linux_tier
-from .host import NestedHost, NestedHostError, NestedResult, NestedTimeout
+from .l1_host import NestedHost, NestedHostError, NestedResult, NestedTimeout
 from .runner import LinuxRunner, RunResult
 
 __all__ = [

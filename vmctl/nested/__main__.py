@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..errors import VmctlError
 from .detect import plan_linux_tier
-from .host import NestedHost, NestedHostError
+from .l1_host import NestedHost, NestedHostError
 
 HARNESS_FAILED = 125
 

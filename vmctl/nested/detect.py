@@ -16,10 +16,10 @@ import shutil
 from dataclasses import dataclass
 
 from ..errors import VmctlError
-from ..hostcheck import check_host
-from . import kernel
+from ..host_probe import check_host
+from . import l1_kernel
 from .initramfs import find_busybox
-from .qemu import QEMU
+from .l1_qemu import QEMU
 
 FORCE_ENV = "VMCTL_LINUX_TIER"
 MODES = ("direct", "nested", "skip")
@@ -55,7 +55,7 @@ def nested_problem() -> str | None:
         find_busybox()
     except VmctlError as error:
         return str(error)
-    return kernel.obtain_problem()
+    return l1_kernel.obtain_problem()
 
 
 def plan_linux_tier() -> TierPlan:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import VmctlError
-from .kernel import L1Kernel
+from .l1_kernel import L1Kernel
 
-# Console markers the host watches for (vmctl.nested.host parses them).
+# Console markers the host watches for (vmctl.nested.l1_host parses them).
 READY_MARKER = "VMCTL-NESTED-READY"
 EXIT_MARKER = "VMCTL-NESTED-EXIT"
 FAILED_MARKER = "VMCTL-NESTED-SETUP-FAILED"

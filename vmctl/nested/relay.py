@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import pytest
 
 from . import scratch
-from .host import NestedHost, NestedHostError, Stall
+from .l1_host import NestedHost, NestedHostError, Stall
 
 REPORTS_ENV = "VMCTL_RELAY_REPORTS"
 TEST_TIMEOUT_ENV = "VMCTL_RELAY_TEST_TIMEOUT"

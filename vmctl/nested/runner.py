@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import VmctlError
-from .host import NestedHost, command_environment
+from .l1_host import NestedHost, command_environment
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class LinuxRunner:
         env: Mapping[str, str] | None = None,
         timeout: float = 600.0,
     ) -> RunResult:
-        """Same environment rules either way: vmctl.nested.host.command_environment."""
+        """Same environment rules either way: vmctl.nested.l1_host.command_environment."""
         if self.mode == "nested":
             result = self.nested.run(command, cwd=cwd, env=env, timeout=timeout)
             return RunResult(result.exit_code, result.stdout, result.stderr)

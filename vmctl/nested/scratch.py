@@ -2,7 +2,7 @@
 
 Each dir records its owner's pid. A run removes its own dir in a `finally`; a SIGKILLed
 run cannot, so every new dir creation first sweeps same-prefix dirs whose owner is gone.
-(QEMU itself dies with its parent: see qemu.die_with_parent.)
+(QEMU itself dies with its parent: see l1_qemu.die_with_parent.)
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from ..proc import pid_alive
 
 OWNER = ".owner-pid"
 
@@ -28,15 +30,6 @@ def sweep(prefix: str) -> None:
             owner = int((folder / OWNER).read_text())
         except (OSError, ValueError):
             continue  # not ours, or still being created
-        if not _alive(owner):
+        if not pid_alive(owner):
             shutil.rmtree(folder, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True

@@ -30,6 +30,7 @@ from typing import Iterator
 
 from ..errors import VmctlError
 from ..paths import cache_dir
+from ..proc import pid_alive
 from . import digest as dg
 from .manifest import ImageConfig, LayerBlob, Resolved, load_json, resolve
 from .source import open_source
@@ -218,7 +219,7 @@ class ImageStore:
             return
         for entry in folder.iterdir():
             pid = entry.name.split("-", 1)[0]
-            if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
                 shutil.rmtree(entry, ignore_errors=True)
 
     # --- removal ---
@@ -322,16 +323,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def disk_usage(path: Path) -> int:

@@ -15,14 +15,13 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from ..errors import VmctlError
+from ..limits import MAX_CPUS, MIN_MEMORY
 from ..units import parse_size
 from .model import (BACKENDS, IMAGE_PROFILES, LIBVIRT_DOMAIN_TYPES, NETWORK_MODES, DiskSpec, LibvirtSpec, MachineSpec, NetworkSpec,
                     PortForward, SpecFile, SshSpec)
 
-MIN_MEMORY = 16 << 20
 MAX_DISK = 64 << 40  # qemu-img's limit for qcow2 is 64 TiB too
 USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-MAX_CPUS = 32
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -12,7 +12,7 @@ VERSIONS = ("sysbench --version", "fio --version", "iperf3 --version | head -1",
 
 
 def describe(client: Instance | None) -> dict:
-    from ..hostcheck import check_host
+    from ..host_probe import check_host
 
     report = check_host()
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()

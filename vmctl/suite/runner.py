@@ -92,7 +92,7 @@ class Progress:
 
 
 def needs_nested(columns: list[str]) -> bool:
-    from ..hostcheck import check_host
+    from ..host_probe import check_host
 
     if os.environ.get("VMCTL_NESTED") == "1" or not any(c in VM_COLUMNS for c in columns):
         return False

@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..disk.backend import BlockBackend, ByteViews, DiskError, open_disk
+from ..disk.block_backend import BlockBackend, ByteViews, DiskError, open_disk
 from .device import ID_BLOCK, DeviceError, QueueContext, VirtioDevice
 from .queue import DescriptorChain, Virtqueue, split_back, split_front
 

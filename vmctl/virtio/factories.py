@@ -1,10 +1,9 @@
-"""Ready-made `MmioDeviceFactory`s for `MachineConfig.devices` and the CLI."""
+"""Ready-made `MmioDeviceFactory`s for `MachineConfig.devices` (the CLI turns options into these)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import VmctlError
 from .device import VirtioDevice
 from .slot import VirtioMmioFactory
 
@@ -33,44 +32,6 @@ def console(socket_path: str | Path) -> VirtioMmioFactory:
         from .console import ConsoleDevice
         return ConsoleDevice(str(socket_path))
     return VirtioMmioFactory(make, f"console:{socket_path}")
-
-
-def parse_disk_option(spec: str) -> VirtioMmioFactory:
-    """`PATH[,ro]` (also `,rw`, `,serial=ID`) from `vmctl boot --disk`."""
-    path, *options = spec.split(",")
-    read_only, serial = False, None
-    for option in options:
-        if option in ("ro", "readonly"):
-            read_only = True
-        elif option == "rw":
-            read_only = False
-        elif option.startswith("serial="):
-            serial = option[len("serial="):]
-        else:
-            raise VmctlError(f"--disk {spec}: unknown option {option!r} (ro, rw, serial=ID)")
-    if not path:
-        raise VmctlError(f"--disk {spec}: no path")
-    if not Path(path).is_file():
-        raise VmctlError(f"--disk {path}: no such file")
-    return block(path, read_only, serial)
-
-
-def cli_devices(args: object) -> list[VirtioMmioFactory]:
-    """The virtio slots `vmctl boot` options ask for: disks first (slot order = vda, vdb...)."""
-    devices = [parse_disk_option(spec) for spec in getattr(args, "disk", [])]
-    if getattr(args, "rng", False):
-        devices.append(rng())
-    if getattr(args, "console_channel", None):
-        devices.append(console(args.console_channel))
-    net = getattr(args, "net", "none")
-    if net and net != "none":
-        devices.append(NetFactory(net))
-    return devices
-
-
-def cli_cmdline_words(devices: list[VirtioMmioFactory]) -> list[str]:
-    """Kernel parameters the devices need (the guest's `ip=` for a network)."""
-    return [word for device in devices if isinstance(device, NetFactory) for word in device.cmdline_words()]
 
 
 class NetFactory(VirtioMmioFactory):

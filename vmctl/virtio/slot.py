@@ -1,24 +1,42 @@
 """Plugging a virtio device into a machine's virtio-mmio slot.
 
-`VirtioMmioFactory(make_device).attach(machine, base, gsi)` builds the transport, wires each
+`VirtioMmioFactory(make_device).attach(host, base, gsi)` builds the transport, wires each
 queue's notify eventfd to QueueNotify with KVM_IOEVENTFD (datamatch = queue index, so a kick
 never exits to userspace), takes the slot's irqfd line, and starts the device's worker.
+`host` is anything that offers `VirtioHost` (the VMM's `Machine`): virtio does not know the VMM.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
+from ..memory import GuestMemory
 from .device import VirtioDevice
 from .mmio import QUEUE_NOTIFY, VirtioMmioTransport
 from .worker import DeviceWorker
 
-if TYPE_CHECKING:
-    from ..vmm.machine import Machine
-
 log = logging.getLogger(__name__)
+
+
+class InterruptLine(Protocol):
+    """An edge-triggered interrupt: `trigger()` raises it; `eventfd` is the irqfd behind it."""
+
+    @property
+    def eventfd(self) -> int: ...
+
+    def trigger(self) -> None: ...
+
+
+class VirtioHost(Protocol):
+    """What a virtio-mmio slot needs from the machine it is plugged into."""
+
+    def guest_memory(self) -> GuestMemory: ...
+
+    def irq_line(self, gsi: int) -> InterruptLine: ...
+
+    def register_ioeventfd(self, eventfd: int, address: int, length: int, datamatch: int | None = None) -> None: ...
 
 
 class VirtioMmioSlot:
@@ -52,17 +70,17 @@ class VirtioMmioFactory:
     # The slot of the last attach, so callers can inspect the device after the run.
     attached: VirtioMmioSlot | None = field(default=None, init=False, repr=False)
 
-    def attach(self, machine: "Machine", base: int, gsi: int) -> VirtioMmioSlot:
+    def attach(self, host: VirtioHost, base: int, gsi: int) -> VirtioMmioSlot:
         device = self.make()
         try:
-            line = machine.irq_line(gsi)
-            transport = VirtioMmioTransport(device, machine.memory, line.trigger, irq_fd=line.eventfd)
+            line = host.irq_line(gsi)
+            transport = VirtioMmioTransport(device, host.guest_memory(), line.trigger, irq_fd=line.eventfd)
         except BaseException:
             device.close()
             raise
         try:
             for index, fd in enumerate(transport.notify_fds):
-                machine.vm.register_ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index)
+                host.register_ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index)
             worker = DeviceWorker(transport, f"virtio-{device.name}@{base:x}")
         except BaseException:
             transport.close()

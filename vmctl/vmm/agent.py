@@ -1,7 +1,7 @@
 """The exec channel to the guest agent, over a second UART (COM2: 0x2f8, IRQ 3).
 
-It needs no network and no virtio. The guest side is `GUEST_AGENT`, a busybox shell loop that
-the native backend starts in the background of the guest's `vmctl.cmd` (so any image with
+It needs no network and no virtio. The guest side is `vmctl.guest_contract.GUEST_AGENT`, a
+busybox shell loop that every VM backend starts in the background of the guest's `vmctl.cmd` (so any image with
 vmctl's /init has it, with no image change). One line per message, base64 so any bytes survive:
 
     host  -> guest   X <id> <base64 shell script>
@@ -16,34 +16,11 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import VmctlError
-
-# Runs in the guest under busybox sh or dash. The port is put in raw mode without echo so
-# a line of any length arrives whole; each script runs with stdin from /dev/null, one at a
-# time, its output kept in /tmp (a tmpfs under vmctl's /init) until it is sent back.
-GUEST_AGENT = r"""(B=/bin/busybox
-$B stty -F /dev/ttyS1 raw -echo 2>/dev/null || exit 0
-exec </dev/ttyS1 >/dev/ttyS1 2>/dev/null
-echo 'A ready'
-while read -r k i d; do
-[ "$k" = X ] || continue
-t=/tmp/.vmctl-agent-$i
-echo "$d" | $B base64 -d >$t.sh
-/bin/sh $t.sh </dev/null >$t.o 2>$t.e
-c=$?
-echo "R $i $c $($B base64 -w0 <$t.o) $($B base64 -w0 <$t.e)"
-$B rm -f $t.sh $t.o $t.e
-done) &"""
+from ..guest_contract import ExecResult
 
 COM2_PORT = 0x2F8
 COM2_IRQ = 3
 MAX_LINE = 64 << 20  # a reply larger than this is cut off rather than held
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
 
 
 @dataclass

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from ..errors import VmctlError
+from ..guest_contract import SHUTDOWN_SCRIPT
+from ..proc import write_json_atomic
 from ..state import CONSOLE, CONSOLE_SOCKET, CONTROL, NETWORK, OUTCOME, RECORD, VMM_LOG, MachineRecord
 from .control import ControlServer
 from .console_server import ConsoleServer
@@ -30,7 +32,6 @@ from .machine import Machine, MachineConfig
 from .outcome import Outcome
 
 log = logging.getLogger("vmctl.vmm")
-SHUTDOWN_SCRIPT = "sync; /bin/busybox reboot -f"
 
 
 class MachineProcess:
@@ -65,7 +66,7 @@ class MachineProcess:
             cmdline = " ".join([cmdline, *self.net.cmdline_words()])
             host = self.net.network
             info = host.describe() | {"forwards": network.get("forwards", [])}
-            _write_json(self.folder / NETWORK, info)
+            write_json_atomic(self.folder / NETWORK, info)
             for host_port, guest_port, protocol in network.get("forwards", []):
                 self.forwarders.append(Forwarder(host_port, host.guest_ip, guest_port, protocol))
         config = MachineConfig(
@@ -146,14 +147,8 @@ def serve(folder: Path) -> int:
     return outcome.exit_code
 
 
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data))
-    temporary.replace(path)
-
-
 def _write_outcome(folder: Path, outcome: Outcome, started: float) -> None:
-    _write_json(folder / OUTCOME, {"exit_code": outcome.exit_code, "reason": outcome.reason,
+    write_json_atomic(folder / OUTCOME, {"exit_code": outcome.exit_code, "reason": outcome.reason,
                                    "crashed": outcome.crashed, "started": started, "ended": time.time()})
 
 

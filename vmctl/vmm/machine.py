@@ -18,34 +18,30 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 from ..arch import vcpu_setup
 from ..arch.cpuid import cpuid_for_vcpu
 from ..arch.mptable import build_mptable
-from ..boot import layout
+from ..arch import memory_map
 from ..boot.loader import BootInfo, load_linux
 from ..devices import simple
 from ..devices.bus import Bus
 from ..devices.serial import COM1_IRQ, COM1_PORT, Serial
 from ..errors import VmctlError
+from ..guest_contract import DEFAULT_CMDLINE, EXIT_LINE
 from ..kvm.system import Kvm
 from ..kvm.vcpu import VcpuFd
 from ..kvm.vm import VmFd
+from ..limits import MAX_CPUS, MIN_MEMORY
 from ..memory import GuestMemory
 from ..units import format_size
 from .agent import COM2_IRQ, COM2_PORT, AgentChannel
-from .console import ConsoleInput, ConsoleOutput
+from .serial_console import ConsoleInput, ConsoleOutput
 from .outcome import EXIT_TIMEOUT, Outcome
 from .vcpu_thread import VcpuThread, install_kick_handler
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # virtio is imported only when a VM gets a virtio device
     from ..snapshot.format import SnapshotFile
+    from ..virtio.slot import VirtioHost
 
 log = logging.getLogger(__name__)
 
-# `quiet`: every console byte is a VM exit into Python (a few thousand for a full boot log,
-# which costs seconds under nested virtualization); warnings, errors and panics still show.
-# Drop it, or add `loglevel=7 earlyprintk=serial,ttyS0`, to watch the whole boot.
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet i8042.noaux i8042.nomux i8042.dumbkbd"
-MAX_CPUS = 32
-# The busybox image's /init reports the command's status with this line before it reboots.
-EXIT_MARKER = re.compile(r"^VMCTL-EXIT (\d+)\s*$")
 PANIC_MARKER = re.compile(r"Kernel panic - not syncing: (.*)")
 
 
@@ -60,10 +56,10 @@ class MmioDevice(Protocol):
 
 
 class MmioDeviceFactory(Protocol):
-    """Creates a device once the VM exists: it gets the machine (memory, irq lines,
-    ioeventfds), its slot's base address and its interrupt line (GSI)."""
+    """Creates a device once the VM exists: it gets the machine (as a `VirtioHost`: memory,
+    irq lines, ioeventfds), its slot's base address and its interrupt line (GSI)."""
 
-    def attach(self, machine: "Machine", base: int, gsi: int) -> MmioDevice: ...
+    def attach(self, host: VirtioHost, base: int, gsi: int) -> MmioDevice: ...
 
 
 VIRTIO_FIRST_GSI = 5  # ISA IRQs 0-4 are the PIT, keyboard, cascade, COM2 and COM1
@@ -87,8 +83,8 @@ class MachineConfig:
     def validate(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
             raise VmctlError(f"cpus: {self.cpus} is out of range 1..{MAX_CPUS}")
-        if self.memory < layout.MIN_MEMORY:
-            raise VmctlError(f"memory: {format_size(self.memory)} is below the minimum of {format_size(layout.MIN_MEMORY)}")
+        if self.memory < MIN_MEMORY:
+            raise VmctlError(f"memory: {format_size(self.memory)} is below the minimum of {format_size(MIN_MEMORY)}")
         if self.memory % 4096:
             raise VmctlError(f"memory: {self.memory} bytes is not a multiple of 4 KiB")
         if len(self.devices) > MAX_MMIO_DEVICES:
@@ -223,12 +219,12 @@ class Machine:
         config = self.config
         self.kvm = Kvm()
         self.vm = VmFd(self.kvm)
-        self.vm.set_tss_address(layout.KVM_TSS_ADDRESS)
-        self.vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
+        self.vm.set_tss_address(memory_map.KVM_TSS_ADDRESS)
+        self.vm.set_identity_map_address(memory_map.KVM_IDENTITY_MAP_ADDRESS)
         self.vm.create_irqchip()
         self.vm.create_pit()
 
-        self.memory = GuestMemory(layout.ram_layout(config.memory), config.memory_backing)
+        self.memory = GuestMemory(memory_map.ram_layout(config.memory), config.memory_backing)
         for region in self.memory.regions:
             self.vm.add_memory_slot(region.guest_address, region.size, region.host_address)
 
@@ -253,6 +249,15 @@ class Machine:
             self.boot.kernel.kind, config.kernel, config.cpus, format_size(config.memory), self.boot.entry,
         )
 
+    # --- VirtioHost: what a virtio slot uses ---------------------------------------------------
+    def guest_memory(self) -> GuestMemory:
+        assert self.memory is not None, "the machine is not built"
+        return self.memory
+
+    def register_ioeventfd(self, eventfd: int, address: int, length: int, datamatch: int | None = None) -> None:
+        assert self.vm is not None, "the machine is not built"
+        self.vm.register_ioeventfd(eventfd, address, length, datamatch=datamatch)
+
     def irq_line(self, gsi: int) -> "IrqLine":
         """An edge-triggered interrupt line: writing the eventfd injects `gsi` in the kernel."""
         fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -265,11 +270,11 @@ class Machine:
         that declare them (virtio_mmio.device=<size>@<base>:<irq>)."""
         words = []
         for index, factory in enumerate(self.config.devices):
-            base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SLOT_SIZE
+            base = memory_map.VIRTIO_MMIO_BASE + index * memory_map.VIRTIO_MMIO_SLOT_SIZE
             gsi = VIRTIO_FIRST_GSI + index
             device = factory.attach(self, base, gsi)
             self.mmio_devices.append(device)
-            self.mmio.register(base, layout.VIRTIO_MMIO_SLOT_SIZE, device)
+            self.mmio.register(base, memory_map.VIRTIO_MMIO_SLOT_SIZE, device)
             words.append(f"virtio_mmio.device=4K@0x{base:x}:{gsi}")
         return words
 
@@ -293,7 +298,7 @@ class Machine:
         self.stop(Outcome.guest_status(value, f"exit port 0x{simple.EXIT_PORT:x}"))
 
     def _watch_console(self, line: str) -> None:
-        if match := EXIT_MARKER.match(line):
+        if match := EXIT_LINE.match(line):
             self._guest_status = int(match.group(1)) & 0xFF
         elif match := PANIC_MARKER.search(line):
             self._panic = match.group(1).strip()

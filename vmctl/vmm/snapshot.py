@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..arch.cpuid import cpuid_for_vcpu
-from ..boot import layout
+from ..arch import memory_map
 from ..devices.serial import SerialState
 from ..errors import VmctlError
 from ..kvm.codec import StateError
@@ -134,8 +134,8 @@ def build_restored(machine: "Machine", snapshot: SnapshotFile) -> None:
     if snapshot.state.get("xsave_size", 4096) > xsave_size(machine.vm):
         raise SnapshotError(f"{state_path}: saved XSAVE area of {snapshot.state['xsave_size']} bytes is larger "
                             f"than this host's {xsave_size(machine.vm)}")
-    machine.vm.set_tss_address(layout.KVM_TSS_ADDRESS)
-    machine.vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
+    machine.vm.set_tss_address(memory_map.KVM_TSS_ADDRESS)
+    machine.vm.set_identity_map_address(memory_map.KVM_IDENTITY_MAP_ADDRESS)
     machine.vm.create_irqchip()
     machine.vm.create_pit()
 
@@ -197,7 +197,7 @@ def _parse(snapshot: SnapshotFile, machine: "Machine") -> dict[str, Any]:
             raise SnapshotError(f"{state_path}: the guest was saved with {saved_cpus} vCPU(s), this machine has "
                                 f"{config.cpus}")
         saved_layout = _layout(shape.get("regions"), state["memory_file"]["size"])
-        if saved_layout != sorted(layout.ram_layout(config.memory)):
+        if saved_layout != sorted(memory_map.ram_layout(config.memory)):
             raise StateError("machine.regions: not the memory map of this vmctl for this memory size")
         raw_devices = state.get("devices")
         if not isinstance(raw_devices, list):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.images import READY_MARKER, exit_code, locate
+from vmctl.guest_contract import READY_MARKER, exit_code
+from vmctl.images import locate
 
 MIB = 1 << 20
 

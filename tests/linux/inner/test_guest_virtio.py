@@ -28,7 +28,8 @@ import pytest
 
 from vmctl.disk.qcow2.create import create_overlay
 from vmctl.disk.qcow2.ops import convert
-from vmctl.images import READY_MARKER, exit_code, locate
+from vmctl.guest_contract import READY_MARKER, exit_code
+from vmctl.images import locate
 from vmctl.virtio.mmio import VENDOR_ID
 
 TOKEN = "written-by-the-guest-" + os.urandom(6).hex()
@@ -74,7 +75,7 @@ class GuestRun:
 
 
 def _ensure_tun() -> None:
-    """/dev/net/tun: the nested host loads tun.ko (vmctl.nested.kernel.NEEDED_MODULES)."""
+    """/dev/net/tun: the nested host loads tun.ko (vmctl.nested.l1_kernel.NEEDED_MODULES)."""
     if not Path("/sys/class/misc/tun").exists():
         pytest.skip("no tun driver in this kernel (the nested host loads tun.ko from its kernel cache; "
                     "an L1 kernel cache made before 'tun' joined NEEDED_MODULES lacks it: delete it)")

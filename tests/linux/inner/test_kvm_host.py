@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vmctl.hostcheck import check_host
+from vmctl.host_probe import check_host
 from vmctl.kvm.system import KvmFlavour
 
 

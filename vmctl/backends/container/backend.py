@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shlex
 import signal
 import subprocess
 import sys
@@ -23,15 +22,15 @@ from pathlib import Path
 
 from ...errors import VmctlError
 from ...spec.model import LibvirtSpec, MachineSpec
-from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore, pid_alive
-from ...vmm.agent import ExecResult
+from ...guest_contract import READY_MARKER_BYTES, ExecResult, exec_script
+from ...proc import pid_alive, reap, send_signal
+from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
 from ..base import MachineStatus, MarkerScan, Usage, allocated_bytes, process_status
 from .bundle import build_config
 from .monitor import PLAN, Plan, paths, release
-from .rootfs import base_tree
+from .overlay_root import base_tree
 from .runtime import CGROUP_PARENT, Runtime, cgroup_dirs, check_controllers, choose
 
-READY_MARKER = b"VMCTL-READY"
 MONITOR_LOG = "monitor.log"
 START_TIMEOUT = 60.0
 POLL = 0.05
@@ -111,7 +110,7 @@ class ContainerBackend:
         """A started container is ready (its command runs); this only confirms it, and
         fails like a VM would if it already ended unsuccessfully."""
         start = time.monotonic()
-        console = MarkerScan(store.folder(record.name) / CONSOLE, READY_MARKER)
+        console = MarkerScan(store.folder(record.name) / CONSOLE, READY_MARKER_BYTES)
         while time.monotonic() - start < timeout:
             outcome = store.outcome(record.name)
             if outcome is not None and outcome["exit_code"] != 0:
@@ -140,7 +139,7 @@ class ContainerBackend:
             try:
                 runtime.kill(record.name, oci, plan.container_id, sig)
             except VmctlError:
-                _signal(record.pid, sig)  # the runtime lost its state: signal the init directly
+                send_signal(record.pid, sig)  # the runtime lost its state: signal the init directly
             deadline = time.monotonic() + wait
             while pid_alive(record.pid) and time.monotonic() < deadline:
                 time.sleep(POLL)
@@ -157,9 +156,9 @@ class ContainerBackend:
             raise VmctlError(f"{record.name}: not running")
         folder = store.folder(record.name)
         plan = Plan.load(folder)
-        exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in record.spec.get("environment", {}).items())
+        script = exec_script(command, record.spec.get("environment", {}))
         return Runtime(plan.runtime, plan.binary).exec(record.name, paths(folder)["oci"], plan.container_id,
-                                                        ["/bin/sh", "-c", exports + shlex.join(command)], timeout)
+                                                        ["/bin/sh", "-c", script], timeout)
 
     def usage(self, store: StateStore, record: MachineRecord) -> Usage:
         """The container's cgroup processes plus vmctl's monitor, and its overlay upper dir."""
@@ -181,7 +180,7 @@ class ContainerBackend:
         if (folder / PLAN).exists():
             self.stop(store, record, timeout=5)
             for pid in record.resources.get("monitor", []):
-                _signal(int(pid), signal.SIGKILL)
+                send_signal(int(pid), signal.SIGKILL)
             problems = release(folder, Plan.load(folder))
             if problems:  # never delete the folder through a mount that is still there
                 raise VmctlError(f"{record.name}: not removed: {'; '.join(problems)}")
@@ -244,17 +243,5 @@ def _wait_monitor(record: MachineRecord, timeout: float) -> None:
 def _reap_monitor(record: MachineRecord) -> None:
     """Collect the monitor's exit status if it is our child (in a long-lived process such
     as pytest), so it does not linger as a zombie."""
-    pid = _monitor_pid(record)
-    if pid:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    reap(_monitor_pid(record))
 
-
-def _signal(pid: int | None, sig: int) -> None:
-    if pid:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import VmctlError
+from ...guest_contract import EXIT_PREFIX, READY_MARKER_BYTES
+from ...proc import write_json_atomic
 from ...state import CONSOLE, NETWORK, OUTCOME
 from .network import ContainerNetwork
-from .rootfs import Overlay
+from .overlay_root import Overlay
 from .runtime import Runtime, remove_cgroups
 
 PLAN = "container.json"
@@ -75,12 +77,6 @@ def release(folder: Path, plan: Plan, network: ContainerNetwork | None = None) -
     return problems
 
 
-def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value))
-    os.replace(temporary, path)
-
-
 def _describe(status: int) -> tuple[int, str]:
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
@@ -103,8 +99,8 @@ def run(folder: Path, report: int) -> int:
         pid = int(where["pid"].read_text())
         if plan.network != "none":
             network = ContainerNetwork(plan.network).open(pid)
-            _write_json(folder / NETWORK, network.describe())
-        console.write(b"VMCTL-READY\n")
+            write_json_atomic(folder / NETWORK, network.describe())
+        console.write(READY_MARKER_BYTES + b"\n")
         runtime.start(plan.machine, where["oci"], plan.container_id)
     except BaseException as error:
         release(folder, plan, network)
@@ -132,8 +128,8 @@ def run(folder: Path, report: int) -> int:
         if reaped == pid:
             break
     code, reason = _describe(status) if status >= 0 else (255, "lost track of the container's init")
-    console.write(f"VMCTL-EXIT {code}\n".encode())
-    _write_json(folder / OUTCOME, {"exit_code": code, "reason": reason, "crashed": False})
+    console.write(f"{EXIT_PREFIX}{code}\n".encode())
+    write_json_atomic(folder / OUTCOME, {"exit_code": code, "reason": reason, "crashed": False})
     for problem in release(folder, plan, network):
         print(f"vmctl monitor: {problem}", file=sys.stderr)
     return 0

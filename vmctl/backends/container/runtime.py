@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from ...errors import VmctlError
-from ...vmm.agent import ExecResult
+from ...guest_contract import ExecResult
 
 PREFERENCE = ("crun", "runc")
 CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 from ...errors import VmctlError
 from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
-from ...vmm.agent import AgentChannel, ExecResult
-from ...vmm.machine import EXIT_MARKER
-from ..base import MachineStatus, Usage, allocated_bytes, ended_status, exec_over_ssh, guest_script, ssh_target
+from ...guest_contract import READY_MARKER_BYTES, ExecResult, exec_script, exit_code_in
+from ...vmm.agent import AgentChannel
+from ..base import MachineStatus, Usage, allocated_bytes, ended_status, exec_over_ssh, ssh_target
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
@@ -32,7 +32,6 @@ from .plan import (
     boot_for, check_network, default_mac, domain_name, domain_plan, root_image, uses_vmctl_tap,
 )
 
-READY_MARKER = b"VMCTL-READY"
 DOMAIN_XML = "domain.xml"
 POLL = 0.1
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
@@ -46,16 +45,6 @@ SHUTOFF_REASONS = {1: "shut down", 2: "stopped (destroyed)", 3: "crashed", 5: "s
 def domain_type_for(uri: str, wanted: str) -> str:
     """The test driver only knows its own domain type."""
     return "test" if urlsplit(uri).scheme.startswith("test") else wanted
-
-
-def exit_code_in(console: bytes) -> int | None:
-    """The status the reference /init printed (VMCTL-EXIT n), the last one wins."""
-    code = None
-    for line in console.splitlines():
-        match = EXIT_MARKER.match(line.decode(errors="replace").rstrip("\r"))
-        if match:
-            code = int(match.group(1))
-    return code
 
 
 class LibvirtBackend:
@@ -150,7 +139,7 @@ class LibvirtBackend:
         """vmctl's own TAP and /30 (NAT for `nat`), handed to QEMU by name, and an SSH key:
         (the TAP's name, the guest's `ip=` and `vmctl.sshkey=` words). The network is saved
         in the state folder before anything else can fail, so a failed start removes it."""
-        from ...images.initargs import InitArgs
+        from ...guest_contract import InitArgs
         from ...net.host import HostNetwork
         from ..kvm_prepare import machine_keys
 
@@ -291,7 +280,7 @@ class LibvirtBackend:
         """Ready = the console shows VMCTL-READY, or the guest already ended successfully."""
         start = time.monotonic()
         while time.monotonic() - start < timeout:
-            if READY_MARKER in self._console(store, record):
+            if READY_MARKER_BYTES in self._console(store, record):
                 return time.monotonic() - start
             status = self.status(store, record)
             if status.state != "running":
@@ -401,7 +390,7 @@ class LibvirtBackend:
         as for native guests; otherwise through the guest agent on COM2 (local URIs)."""
         if self.status(store, record).state != "running":
             raise VmctlError(f"{record.name}: not running")
-        script = guest_script(record, command)
+        script = exec_script(command, record.spec.get("environment", {}))
         over_ssh = exec_over_ssh(store, record, script, timeout)
         if over_ssh is not None:
             return over_ssh

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import VmctlError
+from ...proc import pid_alive
 from .connection import libvirt_module
 
 # Started in this order (libvirtd hands serial logs to virtlogd), stopped in reverse.
@@ -36,20 +37,13 @@ class StartedDaemons:
             except ProcessLookupError:
                 continue
             deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.pids.clear()
 
 
-def _alive(pid: int) -> bool:
-    """Running and not a zombie (in the nested host nobody may reap a daemonized process)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def missing_reason() -> str | None:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 
 from ...errors import VmctlError
+from ...guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, ROOT_CMDLINE, InitArgs, boot_script, reference_images
 from ...spec.model import MachineSpec
-from ...images.initargs import InitArgs
-from ..kvm_prepare import AGENT_CMDLINE, ROOT_CMDLINE, guest_script, reference_images
-from ...vmm.machine import DEFAULT_CMDLINE
 from .domain_xml import DiskPlan, DomainPlan, NicPlan
 
 DOMAIN_PREFIX = "vmctl-"
@@ -66,7 +64,7 @@ def root_image(spec: MachineSpec) -> str | None:
     if spec.kernel is not None:
         return None
     try:
-        _, _, root = reference_images(spec.image)
+        root = reference_images(spec.image).root_disk
     except VmctlError as error:
         raise VmctlError(f"{spec.name}: {error}") from None
     return str(root) if root else None
@@ -86,13 +84,14 @@ def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
     root = None
     if kernel is None:
         try:
-            kernel, reference_initrd, root = reference_images(spec.image)
+            images = reference_images(spec.image)
         except VmctlError as error:
             raise VmctlError(f"{spec.name}: {error}") from None
-        initrd = initrd or reference_initrd
+        kernel, root = images.kernel, images.root_disk
+        initrd = initrd or images.initrd
     # The native backend's contract with vmctl's /init: the exec agent on COM2 (a unix socket
     # in the domain XML), then the command with its environment, or a login shell.
-    script = guest_script(spec.command, spec.environment, spec.ssh.user)
+    script = boot_script(spec.command, spec.environment, spec.ssh.user)
     words = InitArgs(hostname=spec.name, cmd=script).words()
     cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *([ROOT_CMDLINE] if root else []),
                         *extra_words, *words])

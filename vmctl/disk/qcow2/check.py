@@ -14,7 +14,7 @@ from array import array
 from dataclasses import dataclass, field
 from itertools import compress
 
-from ..backend import DiskError, DiskFormatError
+from ..block_backend import DiskError, DiskFormatError
 from . import constants as C
 from . import overlap as ol
 from .image import Qcow2Image

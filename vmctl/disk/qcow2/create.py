@@ -7,7 +7,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..backend import DiskError, probe_format
+from ..block_backend import DiskError, probe_format
 from . import constants as C
 from .header import Header, parse
 from .refcounts import RefcountBlock

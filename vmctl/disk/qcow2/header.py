@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from ..backend import DiskFormatError, UnsupportedFeatureError
+from ..block_backend import DiskFormatError, UnsupportedFeatureError
 from . import constants as C
 
 _V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes

@@ -20,12 +20,12 @@ import zlib
 from array import array
 from typing import Sequence
 
-from ..backend import (BlockBackend, DiskError, DiskFormatError, ImageCorruptError,
-                       UnsupportedFeatureError, as_bytes_views, chunks, slice_buffers,
-                       total_length)
+from .. import image_lock as lock_mod
+from ..block_backend import (BlockBackend, DiskError, DiskFormatError, ImageCorruptError,
+                             UnsupportedFeatureError, as_bytes_views, chunks, slice_buffers,
+                             total_length)
 from . import constants as C
 from . import header as header_mod
-from . import lock as lock_mod
 from . import overlap as ol
 from .refcounts import Refcounts
 from .tables import TableCache, decode_u64, encode_u64
@@ -231,7 +231,7 @@ class Qcow2Image(BlockBackend):
             self.sync()
 
     def _open_backing(self, chain: tuple[str, ...]) -> BlockBackend:
-        from ..backend import open_disk
+        from ..block_backend import open_disk
 
         name = self.header.backing_file or ""
         base_dir = os.path.dirname(os.path.abspath(self.path))

@@ -6,7 +6,7 @@ import errno
 import os
 from typing import Iterator
 
-from ..backend import BlockBackend, DiskError, open_disk, probe_format
+from ..block_backend import BlockBackend, DiskError, open_disk, probe_format
 from ..raw import RawDisk
 from . import constants as C
 from .create import CreateOptions, create, describe_base, _unlink_quietly

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from array import array
-from ..backend import DiskFormatError
+from ..block_backend import DiskFormatError
 from . import constants as C
 from . import overlap as ol
 from .tables import TableCache, decode_u64, encode_u64

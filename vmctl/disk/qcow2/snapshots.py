@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..backend import DiskFormatError
+from ..block_backend import DiskFormatError
 from . import constants as C
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes, then extra data, id, name, padding to 8

@@ -102,14 +102,14 @@ def _check(name: str, image: str) -> None:
     if os.geteuid() != 0:
         raise ColumnUnavailable(f"{name}: needs root")
     if name == "container":
-        from ...backends.container.rootfs import base_tree
+        from ...backends.container.overlay_root import base_tree
         from ...backends.container.runtime import choose
 
         choose()
         base_tree(image)
         return
     from ...backends.kvm_prepare import reference_images
-    from ...hostcheck import check_host
+    from ...host_probe import check_host
 
     reference_images(image)
     report = check_host()

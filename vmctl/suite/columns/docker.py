@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ...backends.container.rootfs import base_tree
+from ...backends.container.overlay_root import base_tree
 from ...errors import VmctlError
 from .base import ColumnUnavailable, InstanceSpec, Output
 

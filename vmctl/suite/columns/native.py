@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ...backends.base import allocated_bytes
-from ...backends.container.rootfs import Overlay, base_tree
+from ...backends.container.overlay_root import Overlay, base_tree
 from ...errors import VmctlError
 from .base import ColumnUnavailable, InstanceSpec, Output
 

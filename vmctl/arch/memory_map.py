@@ -41,9 +41,6 @@ LAPIC_ADDRESS = 0xFEE0_0000
 KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
 KVM_TSS_ADDRESS = 0xFFFB_D000
 
-# Smallest RAM vmctl accepts: room for the boot structures, a kernel and its page tables.
-MIN_MEMORY = 16 << 20
-
 
 def ram_layout(memory_size: int) -> list[tuple[int, int]]:
     """RAM regions (guest_address, size): RAM from 0, with the part past 3 GiB moved above 4 GiB."""

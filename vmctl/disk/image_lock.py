@@ -15,7 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..backend import DiskError
+from .block_backend import DiskError
 
 PERM_BASE = 100
 SHARED_BASE = 200

@@ -23,8 +23,8 @@ from typing import Callable, Mapping, Sequence
 from ..errors import VmctlError
 from . import initramfs, scratch
 from .initramfs import EXIT_MARKER, FAILED_MARKER, READY_MARKER, Share
-from .kernel import L1Kernel, ensure_kernel
-from .qemu import L1Machine, die_with_parent, monitor_command
+from .l1_kernel import L1Kernel, ensure_kernel
+from .l1_qemu import L1Machine, die_with_parent, monitor_command
 
 # Host variables a command inside L1 inherits (besides VMCTL_*): enough to find the same
 # tools and caches, nothing tied to this particular process.

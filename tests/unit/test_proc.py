@@ -1,0 +1,49 @@
+"""vmctl.proc: the one liveness check, signals, waits and atomic JSON writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmctl.proc import pid_alive, process_state, send_signal, wait_gone, write_json_atomic
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_process_named_with_a_parenthesis_is_alive(tmp_path: Path):
+    # /proc/PID/stat is "PID (COMM) STATE ..."; a COMM of "a) Z b" fooled a split at the
+    # first ") " into reading state "Z" (a zombie) for a running process.
+    program = tmp_path / "a) Z b"
+    shutil.copy(shutil.which("sleep"), program)
+    child = subprocess.Popen([str(program), "30"])
+    try:
+        assert process_state(child.pid) in ("S", "R")
+        assert pid_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_signal_and_wait_end_a_child_and_reap_it():
+    child = subprocess.Popen(["sleep", "30"])
+    assert send_signal(child.pid, signal.SIGTERM)
+    assert wait_gone(child.pid, 5)
+    assert process_state(child.pid) is None  # reaped: no zombie left behind
+    assert not send_signal(child.pid, signal.SIGTERM)
+    assert not pid_alive(None) and wait_gone(None, 0)  # nothing to wait for
+
+
+def test_write_json_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path: Path):
+    target = tmp_path / "outcome.json"
+    write_json_atomic(target, {"exit_code": 1})
+    write_json_atomic(target, {"exit_code": 0, "reason": "done"}, indent=2)
+    assert json.loads(target.read_text()) == {"exit_code": 0, "reason": "done"}
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"bad": object()})
+    assert json.loads(target.read_text())["exit_code"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["outcome.json"]

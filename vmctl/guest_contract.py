@@ -1,0 +1,203 @@
+"""The contract between vmctl and the guests it boots, in one place.
+
+Every backend, the VMM, the CLI and the tests build the guest side from here and read it
+back with these functions, so a marker or an argument is never spelled twice:
+
+- the kernel command line vmctl's /init reads (`vmctl.*` words, `InitArgs`; see
+  images/data/init and docs/images.md) and the words every backend adds to it;
+- the console markers /init prints (`VMCTL-READY`, `VMCTL-EXIT <code>`);
+- the guest agent (a shell loop on ttyS1, the host side is `vmctl.vmm.agent`) and the
+  scripts /init and `exec` run;
+- the reference images a machine without its own kernel boots;
+- `ExecResult`, what running a command in any guest returns.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VmctlError
+
+# --- console markers ----------------------------------------------------------------------
+READY_MARKER = "VMCTL-READY"  # /init: mounts, network and sshd are up
+READY_MARKER_BYTES = READY_MARKER.encode()
+EXIT_PREFIX = "VMCTL-EXIT "  # /init: the command ended with this status, a reset follows
+EXIT_LINE = re.compile(r"^VMCTL-EXIT (\d+)\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
+
+
+def exit_code(line: str) -> int | None:
+    """The command's exit code from a console line `VMCTL-EXIT <code>`, else None."""
+    match = EXIT_LINE.match(line.strip("\r\n"))
+    return int(match.group(1)) if match else None
+
+
+def exit_code_in(console: bytes) -> int | None:
+    """The status /init printed in a whole console log (VMCTL-EXIT n), the last one wins."""
+    code = None
+    for line in console.splitlines():
+        found = exit_code(line.decode(errors="replace"))
+        if found is not None:
+            code = found
+    return code
+
+
+# --- kernel command line ------------------------------------------------------------------
+# `quiet`: every console byte is a VM exit into Python (a few thousand for a full boot log,
+# which costs seconds under nested virtualization); warnings, errors and panics still show.
+# Drop it, or add `loglevel=7 earlyprintk=serial,ttyS0`, to watch the whole boot.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 quiet i8042.noaux i8042.nomux i8042.dumbkbd"
+ROOT_CMDLINE = "root=/dev/vda rw"  # a profile that boots from its root disk (debian)
+# The reference kernel registers one legacy UART unless told more (SERIAL_8250_RUNTIME_UARTS=1);
+# the agent needs ttyS1 (COM2).
+AGENT_CMDLINE = "8250.nr_uarts=2"
+
+
+@dataclass(frozen=True)
+class InitArgs:
+    """What /init should do. `cmd` is a shell string or an argv list (quoted for sh)."""
+
+    ip: str | None = None  # "10.0.2.15/24"
+    gw: str | None = None
+    dns: str | None = None
+    iface: str | None = None  # default eth0
+    hostname: str | None = None  # default vmctl
+    sshkey: str | None = None  # one authorized_keys line
+    cmd: str | Sequence[str] | None = None
+    read_only: bool = False
+
+    def words(self) -> list[str]:
+        """Kernel command-line words, validated (a bad value would be silently ignored)."""
+        out: list[str] = []
+        if self.ip is not None:
+            ip = self.ip
+            _check(lambda: ipaddress.IPv4Interface(ip), "vmctl.ip", ip)
+            if "/" not in ip:
+                raise VmctlError(f"vmctl.ip needs a prefix length: {ip!r} (e.g. /24)")
+            out.append(f"vmctl.ip={ip}")
+        for name, value in (("gw", self.gw), ("dns", self.dns)):
+            if value is not None:
+                address = value
+                _check(lambda: ipaddress.IPv4Address(address), f"vmctl.{name}", address)
+                out.append(f"vmctl.{name}={value}")
+        for name, value in (("iface", self.iface), ("hostname", self.hostname)):
+            if value is not None:
+                if not _NAME.match(value):
+                    raise VmctlError(f"vmctl.{name}: invalid name {value!r}")
+                out.append(f"vmctl.{name}={value}")
+        if self.sshkey is not None:
+            out.append(f"vmctl.sshkey={encode(self.sshkey.strip())}")
+        if self.cmd is not None:
+            text = self.cmd if isinstance(self.cmd, str) else shlex.join(self.cmd)
+            out.append(f"vmctl.cmd={encode(text)}")
+        if self.read_only:
+            out.append("ro")
+        return out
+
+    def cmdline(self) -> str:
+        return " ".join(self.words())
+
+
+def _check(parse: Callable[[], object], name: str, value: str) -> None:
+    try:
+        parse()
+    except ValueError:
+        raise VmctlError(f"{name}: not an IPv4 value: {value!r}") from None
+
+
+def encode(text: str) -> str:
+    """Base64 without newlines: survives the kernel's space-separated command line."""
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def decode(word: str) -> str:
+    return base64.b64decode(word.encode("ascii"), validate=True).decode()
+
+
+# --- scripts the guest runs ---------------------------------------------------------------
+# The guest agent. Runs under busybox sh or dash. The port is put in raw mode without echo so
+# a line of any length arrives whole; each script runs with stdin from /dev/null, one at a
+# time, its output kept in /tmp (a tmpfs under vmctl's /init) until it is sent back. The
+# protocol (one line per message, base64 so any bytes survive):
+#     host  -> guest   X <id> <base64 shell script>
+#     guest -> host    R <id> <exit code> <base64 stdout> <base64 stderr>
+#     guest -> host    A ready                (once, when the agent starts)
+GUEST_AGENT = r"""(B=/bin/busybox
+$B stty -F /dev/ttyS1 raw -echo 2>/dev/null || exit 0
+exec </dev/ttyS1 >/dev/ttyS1 2>/dev/null
+echo 'A ready'
+while read -r k i d; do
+[ "$k" = X ] || continue
+t=/tmp/.vmctl-agent-$i
+echo "$d" | $B base64 -d >$t.sh
+/bin/sh $t.sh </dev/null >$t.o 2>$t.e
+c=$?
+echo "R $i $c $($B base64 -w0 <$t.o) $($B base64 -w0 <$t.e)"
+$B rm -f $t.sh $t.o $t.e
+done) &"""
+LOGIN_SHELL = "exec /bin/busybox setsid /bin/busybox cttyhack /bin/sh -l"
+# What `vmctl down` asks the agent to run: sync, then the i8042 reset `reboot=k` gives.
+SHUTDOWN_SCRIPT = "sync; /bin/busybox reboot -f"
+
+
+def boot_script(command: Sequence[str], environment: Mapping[str, str], user: str) -> str:
+    """The `vmctl.cmd` script /init runs: the exec agent in the background, the ssh user,
+    then the machine's command (its status becomes VMCTL-EXIT) or a login shell."""
+    lines = [GUEST_AGENT]
+    if user != "root":
+        # The key /init gave root is also this user's; "*" (not "!") lets sshd accept keys.
+        home = f"/home/{user}"
+        lines.append(f"B=/bin/busybox; $B adduser -D -s /bin/sh {user} 2>/dev/null; $B sed -i 's/^{user}:!/{user}:*/' /etc/shadow; "
+                     f"$B mkdir -p {home}/.ssh && $B cp /root/.ssh/authorized_keys {home}/.ssh/ && $B chown -R {user} {home}/.ssh")
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in environment.items()]
+    lines.append(shlex.join(command) if command else LOGIN_SHELL)
+    return "\n".join(lines)
+
+
+def exec_script(command: Sequence[str], environment: Mapping[str, str]) -> str:
+    """The shell line `vmctl exec` runs in a guest: the machine's environment, then the command."""
+    exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in environment.items())
+    return exports + shlex.join(command)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A command run in a guest (over SSH, the agent, or the container runtime)."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+# --- reference images ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReferenceImages:
+    """What a machine without its own kernel boots: busybox from its initramfs, debian from
+    its qcow2 root disk (then `ROOT_CMDLINE` goes on the command line)."""
+
+    kernel: Path
+    initrd: Path | None
+    root_disk: Path | None
+
+
+def reference_images(profile: str) -> ReferenceImages:
+    """The built reference images of an image profile. Errors say how to build what is missing."""
+    from .images.layout import locate
+
+    found = locate(profile)
+    if not found.bzimage.exists():
+        raise VmctlError(f"the reference kernel is not built ({found.bzimage}): run `vmctl image build`")
+    if profile == "busybox":
+        if not found.initramfs.exists():
+            raise VmctlError(f"the busybox initramfs is not built ({found.initramfs}): run `vmctl image build`")
+        return ReferenceImages(found.bzimage, found.initramfs, None)
+    if not found.rootfs_qcow2.exists():
+        raise VmctlError(f"the {profile} root disk is not built ({found.rootfs_qcow2}): "
+                         f"run `vmctl image rootfs --profile {profile}`")
+    return ReferenceImages(found.bzimage, None, found.rootfs_qcow2)
