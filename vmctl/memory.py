@@ -17,7 +17,9 @@ from .errors import GuestMemoryError
 from .kvm.ioctl import libc
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MADV_MERGEABLE = 12
 _MADV_HUGEPAGE = 14
+_MADV_NOHUGEPAGE = 15
 _MADV_DONTDUMP = 16
 _HUGE_PAGE = 2 << 20
 
@@ -111,6 +113,19 @@ class GuestMemory:
     @property
     def size(self) -> int:
         return sum(region.size for region in self.regions)
+
+    def make_mergeable(self) -> None:
+        """Offer the RAM to the host's KSM (`memory_merge: true`): identical pages of guests
+        (the same files in their page caches, zeroed pages) are merged copy-on-write.
+        Anonymous RAM only; 4 KiB pages, since KSM merges base pages, not huge ones."""
+        madvise = libc().madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        for region in self.regions:
+            madvise(region.host_address, region.size, _MADV_NOHUGEPAGE)
+            if madvise(region.host_address, region.size, _MADV_MERGEABLE) != 0:
+                errno = ctypes.get_errno()
+                raise OSError(errno, f"memory_merge: madvise(MADV_MERGEABLE): {os.strerror(errno)} "
+                                     "(a kernel without CONFIG_KSM, or RAM that is not anonymous)")
 
     def close(self) -> None:
         munmap = libc().munmap

@@ -86,3 +86,28 @@ def test_bad_suite_column_and_instances_are_one_line_errors():
                           (lambda: parse_instances("a,b"), "not a list of numbers")):
         with pytest.raises(VmctlError, match=message):
             call()
+
+
+def test_memory_merge_marks_guest_ram_mergeable(tmp_path):
+    """`memory_merge: true` parses, and GuestMemory.make_mergeable sets KSM's flag (VmFlags mg)."""
+    from vmctl.memory import GuestMemory
+    from vmctl.spec import load_spec
+
+    path = tmp_path / "m.yaml"
+    path.write_text("machines:\n  a:\n    memory_merge: true\n  b: {}\n")
+    a, b = load_spec(path).machines
+    assert a.memory_merge and not b.memory_merge
+    path.write_text("machines:\n  a:\n    memory_merge: often\n")
+    with pytest.raises(VmctlError, match="machines.a.memory_merge: expected true or false"):
+        load_spec(path)
+
+    memory = GuestMemory([(0, 4 << 20)])
+    try:
+        memory.make_mergeable()
+        start = memory.regions[0].host_address
+        smaps = open("/proc/self/smaps").read().split("\n")
+        index = next(i for i, line in enumerate(smaps) if line.startswith(f"{start:x}-"))
+        flags = next(line for line in smaps[index:] if line.startswith("VmFlags:"))
+        assert " mg" in flags and " nh" in flags
+    finally:
+        memory.close()

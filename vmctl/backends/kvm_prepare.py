@@ -66,7 +66,7 @@ def prepare(spec: MachineSpec, folder: Path) -> dict:
                      cmd=boot_script(spec.command, spec.environment, spec.ssh.user)).words()
     cmdline = " ".join([spec.cmdline or DEFAULT_CMDLINE, AGENT_CMDLINE, *([ROOT_CMDLINE] if root_disk else []), *words])
     return {
-        "cpus": spec.cpus, "memory": spec.memory, "image": spec.image,
+        "cpus": spec.cpus, "memory": spec.memory, "memory_merge": spec.memory_merge, "image": spec.image,
         "kernel": str(kernel), "initrd": str(initrd) if initrd else None, "cmdline": cmdline,
         "command": list(spec.command), "environment": dict(spec.environment),
         "disks": disks,

@@ -67,6 +67,7 @@ class MachineSpec:
     environment: dict[str, str] = field(default_factory=dict)
     command: tuple[str, ...] = ()
     ephemeral: bool = False
+    memory_merge: bool = False  # kvm: guest RAM MADV_MERGEABLE, for the host's KSM to merge
     libvirt: LibvirtSpec = field(default_factory=LibvirtSpec)
     source: str = ""  # "file:line" where the machine was declared, for messages
 

@@ -241,6 +241,7 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
         "environment": environment,
         "command": command,
         "ephemeral": lambda node, where: c.scalar(node, where, bool),
+        "memory_merge": lambda node, where: c.scalar(node, where, bool),
         "libvirt": lambda node, where: _libvirt(c, node, where),
     }
 

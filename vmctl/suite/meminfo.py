@@ -44,3 +44,15 @@ def slope(x: list[int], y: list[float]) -> float | None:
         return None
     mx, my = sum(x) / len(x), sum(y) / len(y)
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
+def resident_bytes(files: list[Path]) -> int:
+    """Bytes of these files in the host's page cache (util-linux fincore, mincore(2))."""
+    import subprocess
+
+    existing = [str(f) for f in files if f.exists()]
+    if not existing:
+        return 0
+    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *existing],
+                          capture_output=True, text=True)
+    return sum(int(v) for v in done.stdout.split() if v.isdigit())

@@ -1,13 +1,17 @@
 """pagecache: every instance reads the same base files; what each extra reader costs the host.
 
-Instances are started first and left to settle; then all read the files (BENCH_DATA_DIR of
-the bench image) and the host's used memory (MemTotal - MemFree: the page cache counts, it
-is exactly what is or is not shared) is compared before and after. Containers share one
-page cache of the lower layer; each VM reads into its own guest page cache (guest RAM) on top
-of the host's cache of the base image.
+Instances are started first and left to settle; then each reads the files (BENCH_DATA_DIR of
+the bench image). The cost of the reads is counted where it lands, not from host-wide free
+memory (the machine is shared; other jobs move that by hundreds of MiB):
+- the host page cache of the files behind the shared data (the tree's files for native and
+  container, Docker's copy in its image layer, a VM's base disk image): fincore(1), before
+  and after;
+- plus the growth of the instances' PSS (a VM's guest page cache is guest RAM, i.e. the VMM's
+  memory; a container's reads leave its processes' memory as it was).
+Containers share one page cache of the lower layer; each VM pays again in its own RAM.
 
 VM lever measured here: `memory_merge` (guest RAM MADV_MERGEABLE, merged by the host's KSM):
-after the reads, KSM runs until its merge count settles and the cost is read again.
+after the reads KSM runs until its merge count settles, and the PSS is read again.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ import time
 from pathlib import Path
 
 from ..images.rootfs import BENCH_DATA_DIR, BENCH_DATA_FILES, BENCH_DATA_MIB
-from .columns.base import InstanceSpec, Runner, check_ok
+from .columns.base import Instance, InstanceSpec, Runner, check_ok
 from .fleet import Fleet
-from .meminfo import drop_caches, meminfo, pss, slope
+from .meminfo import drop_caches, pss, resident_bytes, slope
 from .model import Series, SuiteRun
 
 MIB = 1 << 20
 KSM = Path("/sys/kernel/mm/ksm")
-KSM_WAIT_S = 240.0
+KSM_WAIT_S = 300.0
 
 
 def read_script(quick: bool) -> str:
@@ -36,44 +40,47 @@ def data_mib(quick: bool) -> int:
     return BENCH_DATA_MIB // BENCH_DATA_FILES if quick else BENCH_DATA_MIB
 
 
-def _used() -> int:
-    info = meminfo()
-    return info["MemTotal"] - info["MemFree"]
+def _pss(instances: list[Instance]) -> int:
+    return pss([p for i in instances for p in i.host_pids()])
 
 
 def run_pagecache(run: SuiteRun, column_key: str, column: Runner, fleet: Fleet, counts: list[int],
                   spec: InstanceSpec, quick: bool, say, merge: bool = False) -> None:
     label = f"{column_key}+ksm" if merge else column_key
+    backing = column.backing_files(BENCH_DATA_DIR)
     costs: list[float] = []
     merged_costs: list[float] = []
     for count in counts:
         say(f"pagecache{' (memory_merge)' if merge else ''}: {count} instance{'s' if count > 1 else ''}")
-        drop_caches()
         instances, _ = fleet.start_many(column, spec, count)
         try:
             time.sleep(2.0)
-            before = _used()
+            drop_caches()
+            cache_before, pss_before = resident_bytes(backing), _pss(instances)
             for instance in instances:
                 check_ok("read the shared files", instance.run(read_script(quick)))
-            time.sleep(1.0)
-            costs.append((_used() - before) / MIB)
+            cache = resident_bytes(backing) - cache_before
+            costs.append((cache + _pss(instances) - pss_before) / MIB)
+            run.add("pagecache_host_cache_mib", label, cache / MIB, instances=count)
             if merge:
                 sharing = _ksm_settle(say)
-                merged_costs.append((_used() - before) / MIB)
+                merged_costs.append((resident_bytes(backing) - cache_before + _pss(instances) - pss_before) / MIB)
                 run.add("pagecache_ksm_merged_mib", label, sharing * 4096 / MIB, instances=count)
-            run.add("pagecache_pss_mib", label, pss([p for i in instances for p in i.host_pids()]) / MIB,
-                    instances=count)
         finally:
             fleet.remove(instances)
+            if merge:
+                ksm_stop()
     run.series.append(Series("pagecache", label, "read_cost_mib", list(counts), costs))
     marginal = slope(counts, costs)
     run.add("pagecache_first_reader_mib", label, costs[0])
     run.add("pagecache_extra_reader_mib", label, marginal if marginal is not None else costs[0])
     if merge:
-        run.series.append(Series("pagecache", f"{label} after merge", "read_cost_mib", list(counts), merged_costs))
+        run.series.append(Series("pagecache", f"{label} after KSM", "read_cost_mib", list(counts), merged_costs))
         marginal = slope(counts, merged_costs)
         run.add("pagecache_extra_reader_merged_mib", label, marginal if marginal is not None else merged_costs[0])
-    run.notes.append(f"pagecache: each instance read {data_mib(quick)} MiB of the same base files.")
+    note = f"pagecache: each instance read the same {data_mib(run.quick)} MiB of base files."
+    if note not in run.notes:
+        run.notes.append(note)
 
 
 def _ksm_settle(say) -> int:
@@ -97,6 +104,6 @@ def ksm_available() -> bool:
 
 
 def ksm_stop() -> None:
-    """Unmerge and stop (run=2), as the host had it before (KSM is off by default)."""
+    """Unmerge and stop (run=2): KSM is off by default and stays so after the run."""
     if ksm_available():
         (KSM / "run").write_text("2\n")

@@ -57,6 +57,8 @@ ROWS: tuple[Row, ...] = (
     Row("density_memavailable_per_instance_mib", "density", "host MemAvailable per extra instance", "MiB", LOWER),
     Row("density_pss_per_instance_mib", "density", "PSS per extra instance", "MiB", LOWER),
     Row("density_disk_per_instance_mib", "density", "disk per extra instance", "MiB", LOWER),
+    Row("pagecache_host_cache_mib", "pagecache", "host page cache of the shared files after all read (largest N)",
+        "MiB", LOWER),
     Row("pagecache_first_reader_mib", "pagecache", "host memory for the first reader of the shared files", "MiB",
         LOWER),
     Row("pagecache_extra_reader_mib", "pagecache", "host memory per extra reader of the same files", "MiB", LOWER),

@@ -167,17 +167,14 @@ def run_here(options: Options, names: list[str]) -> SuiteRun:
                 run_density(result, column.key, runner, fleet, options.instances, spec, progress.say)
                 progress.finish_step()
             if "pagecache" in options.suites:
-                from .pagecache import ksm_available, ksm_stop, run_pagecache
+                from .pagecache import ksm_available, run_pagecache
 
                 progress.step(f"pagecache · {column.key}")
                 run_pagecache(result, column.key, runner, fleet, options.instances, spec, options.quick, progress.say)
-                if column.name in VM_COLUMNS and column.name == "vm" and ksm_available():
+                if column.name == "vm" and ksm_available():
                     merge = InstanceSpec(image=options.image, memory_mib=options.memory_mib, memory_merge=True)
-                    try:
-                        run_pagecache(result, column.key, runner, fleet, options.instances, merge, options.quick,
-                                      progress.say, merge=True)
-                    finally:
-                        ksm_stop()
+                    run_pagecache(result, column.key, runner, fleet, options.instances, merge, options.quick,
+                                  progress.say, merge=True)
                 progress.finish_step()
         return result
     finally:

@@ -71,7 +71,8 @@ class MachineProcess:
                 self.forwarders.append(Forwarder(host_port, host.guest_ip, guest_port, protocol))
         config = MachineConfig(
             kernel=Path(spec["kernel"]), initrd=Path(spec["initrd"]) if spec.get("initrd") else None, cmdline=cmdline,
-            cpus=spec["cpus"], memory=spec["memory"], console_sinks=[self.console_file, self.console_server],
+            cpus=spec["cpus"], memory=spec["memory"], memory_merge=spec.get("memory_merge", False),
+            console_sinks=[self.console_file, self.console_server],
             agent=True, devices=devices,
         )
         self.machine = Machine(config)

@@ -74,6 +74,7 @@ class MachineConfig:
     cpus: int = 1
     memory: int = 256 << 20
     memory_backing: str = "anonymous"
+    memory_merge: bool = False  # guest RAM MADV_MERGEABLE: the host's KSM may merge identical pages
     console_sinks: list[BinaryIO] = field(default_factory=list)
     interactive: bool = False  # forward stdin to the serial console
     timeout: float | None = None
@@ -225,6 +226,8 @@ class Machine:
         self.vm.create_pit()
 
         self.memory = GuestMemory(memory_map.ram_layout(config.memory), config.memory_backing)
+        if config.memory_merge:
+            self.memory.make_mergeable()
         for region in self.memory.regions:
             self.vm.add_memory_slot(region.guest_address, region.size, region.host_address)
 

@@ -42,6 +42,7 @@ def check_spec(spec: MachineSpec) -> None:
         ("kernel", spec.kernel is not None), ("initrd", spec.initrd is not None), ("cmdline", spec.cmdline is not None),
         ("disks", bool(spec.disks)), ("network.forwards", bool(spec.network.forwards)),
         ("libvirt", spec.libvirt != LibvirtSpec()),
+        ("memory_merge", spec.memory_merge),
     ]
     for field, given in unused:
         if given:

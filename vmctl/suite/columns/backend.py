@@ -78,6 +78,16 @@ class BackendColumn:
             raise
         return instance
 
+    def backing_files(self, relative: str) -> list[Path]:
+        if self.name == "container":
+            from ...backends.container.rootfs import base_tree
+
+            return sorted((base_tree(self.image) / relative).glob("*"))
+        from ...backends.kvm_prepare import reference_images
+
+        _, _, disk = reference_images(self.image)
+        return [disk] if disk else []
+
     def close(self) -> None:
         shutil.rmtree(self.state, ignore_errors=True)
 

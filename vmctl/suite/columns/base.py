@@ -58,6 +58,10 @@ class Runner(Protocol):
     def start(self, spec: InstanceSpec, index: int) -> Instance:
         """Start an instance and return once it can run commands."""
 
+    def backing_files(self, relative: str) -> list[Path]:
+        """Host files whose page cache holds the image's `relative` directory when an instance
+        reads it (the tree's own files, Docker's copy of them, or a VM's base disk image)."""
+
     def close(self) -> None: ...
 
 

@@ -207,6 +207,12 @@ class DockerColumn:
             instance.address = instance._inspect()["NetworkSettings"]["IPAddress"] or None
         return instance
 
+    def backing_files(self, relative: str) -> list[Path]:
+        """`docker import` copied the tree into the image's one layer: those are the files."""
+        done = subprocess.run(self.docker("image", "inspect", self.image), capture_output=True, text=True)
+        layer = json.loads(done.stdout)[0].get("GraphDriver", {}).get("Data", {}).get("UpperDir") if done.returncode == 0 else None
+        return sorted((Path(layer) / relative).glob("*")) if layer else []
+
     def close(self) -> None:
         subprocess.run(self.docker("rmi", "--force", self.image), capture_output=True)
         if self.daemon is not None:

@@ -121,5 +121,8 @@ class NativeColumn:
     def start(self, spec: InstanceSpec, index: int) -> NativeInstance:
         return NativeInstance(self.tree, self.work / f"native-{index}", f"native-{index}").start()
 
+    def backing_files(self, relative: str) -> list[Path]:
+        return sorted((self.tree / relative).glob("*"))
+
     def close(self) -> None:
         pass
