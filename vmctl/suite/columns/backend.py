@@ -83,9 +83,9 @@ class BackendColumn:
             from ...backends.container.rootfs import base_tree
 
             return sorted((base_tree(self.image) / relative).glob("*"))
-        from ...backends.kvm_prepare import reference_images
+        from ...guest_contract import reference_images
 
-        _, _, disk = reference_images(self.image)
+        disk = reference_images(self.image).root_disk
         return [disk] if disk else []
 
     def close(self) -> None:
@@ -118,7 +118,7 @@ def _check(name: str, image: str) -> None:
         choose()
         base_tree(image)
         return
-    from ...backends.kvm_prepare import reference_images
+    from ...guest_contract import reference_images
     from ...host_probe import check_host
 
     reference_images(image)
