@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..disk.qcow2.create import create, create_overlay
 from ..errors import VmctlError
-from ..guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, ROOT_CMDLINE, InitArgs, boot_script, reference_images
+from ..guest_contract import (AGENT_CMDLINE, DEFAULT_CMDLINE, GUEST_AGENT, ROOT_CMDLINE, InitArgs, boot_script,
+                              reference_images)
 from ..spec.model import MachineSpec
 from ..ssh import generate_key
 
@@ -30,15 +31,50 @@ def machine_keys(spec: MachineSpec, folder: Path) -> tuple[str | None, list[str]
     return private_key, keys
 
 
+def oci_boot(spec: MachineSpec, folder: Path) -> tuple[Path, Path, list[dict], list[str], str]:
+    """`image: oci:…` as a VM (vmctl/oci/vm.py): (kernel, first-stage initramfs, disks: one
+    read-only ext4 per layer then this machine's qcow2 upper, cmdline words, vmctl.cmd script).
+    Records the layers in the folder so `vmctl image rm` keeps them while the machine exists."""
+    import json
+
+    from ..oci import vm
+    from ..oci.runconfig import open_image, process
+    from ..oci.store import USES_FILE, ImageStore
+
+    kernel = spec.kernel or reference_images("busybox").kernel
+    store = ImageStore()
+    image = open_image(spec.image, store)
+    vm.check_layers(image)
+    proc = process(image, spec.command, spec.environment)
+    (folder / USES_FILE).write_text(json.dumps({"image": image.ref, "diff_ids": image.diff_ids}))
+    with store.locked():
+        layers = [vm.layer_disk(store, diff_id) for diff_id in image.diff_ids]
+        upper_base = vm.upper_base(store)
+        initrd = vm.initramfs(store)
+    (folder / "disks").mkdir(parents=True, exist_ok=True)
+    upper = folder / "disks" / "upper.qcow2"
+    create_overlay(str(upper_base), str(upper), absolute=True, durable=False)
+    disks = [{"path": str(path), "read_only": True, "created": False} for path in layers]
+    disks.append({"path": str(upper), "read_only": False, "created": True})
+    return kernel, initrd, disks, [f"vmctl.layers={len(layers)}"], vm.guest_script(image, proc, GUEST_AGENT)
+
+
 def prepare(spec: MachineSpec, folder: Path) -> dict:
     """Create the machine's disks and key in `folder`; the JSON-safe plan for the VMM."""
+    from ..oci.runconfig import is_oci
+
     kernel, initrd, root_disk = spec.kernel, spec.initrd, None
+    oci_disks: list[dict] = []
+    oci_words: list[str] = []
+    oci_script = None
+    if is_oci(spec.image):
+        kernel, initrd, oci_disks, oci_words, oci_script = oci_boot(spec, folder)
     if kernel is None:
         images = reference_images(spec.image)
         kernel, root_disk = images.kernel, images.root_disk
         initrd = initrd or images.initrd
     disks_dir = folder / "disks"
-    disks: list[dict] = []
+    disks: list[dict] = list(oci_disks)
     if root_disk is not None:
         disks_dir.mkdir(parents=True, exist_ok=True)
         overlay = disks_dir / "root.qcow2"
@@ -62,9 +98,10 @@ def prepare(spec: MachineSpec, folder: Path) -> dict:
 
     private_key, keys = machine_keys(spec, folder)
 
-    words = InitArgs(hostname=spec.name, sshkey="\n".join(keys) if keys else None,
-                     cmd=boot_script(spec.command, spec.environment, spec.ssh.user)).words()
-    cmdline = " ".join([spec.cmdline or DEFAULT_CMDLINE, AGENT_CMDLINE, *([ROOT_CMDLINE] if root_disk else []), *words])
+    script = oci_script or boot_script(spec.command, spec.environment, spec.ssh.user)
+    words = InitArgs(hostname=spec.name, sshkey="\n".join(keys) if keys else None, cmd=script).words()
+    cmdline = " ".join([spec.cmdline or DEFAULT_CMDLINE, AGENT_CMDLINE, *([ROOT_CMDLINE] if root_disk else []),
+                        *oci_words, *words])
     return {
         "cpus": spec.cpus, "memory": spec.memory, "memory_merge": spec.memory_merge, "image": spec.image,
         "kernel": str(kernel), "initrd": str(initrd) if initrd else None, "cmdline": cmdline,

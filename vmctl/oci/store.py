@@ -85,7 +85,9 @@ def default_name(source: Path) -> str:
 
 class ImageStore:
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root or cache_dir() / "oci"
+        # $VMCTL_OCI_DIR: a store outside the cache (it must be a file system with trusted.*
+        # xattrs and device nodes, e.g. not overlayfs: the nested host's tests use a tmpfs)
+        self.root = root or Path(os.environ.get("VMCTL_OCI_DIR") or cache_dir() / "oci")
 
     # --- paths ---
     def blob(self, digest: str) -> Path:
