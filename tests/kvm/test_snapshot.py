@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vmctl.snapshot.format import MEMORY_FILE, SnapshotError, read_snapshot
+from vmctl.snapshot.snapshot_file import MEMORY_FILE, SnapshotError, read_snapshot
 from vmctl.vmm.machine import Machine, MachineConfig
 from vmctl.vmm.vcpu_thread import install_kick_handler
 
@@ -97,7 +97,7 @@ def test_restore_with_other_memory_size_is_refused(counting_snapshot):
 
 def _copy_with_state(summary, tmp_path, change):
     """A copy of the snapshot whose JSON `change` edited (re-checksummed, memory hard-linked)."""
-    from vmctl.snapshot import format as fmt
+    from vmctl.snapshot import snapshot_file as fmt
 
     source = read_snapshot(summary["path"])
     state = source.state

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from vmctl.memory import GuestMemory
-from vmctl.snapshot import format as fmt
+from vmctl.snapshot import snapshot_file as fmt
 
 REGION = 4 << 20
 
@@ -19,16 +19,15 @@ def snapshot(tmp_path):
     memory = GuestMemory([(0, REGION)])
     memory.write(0x1000, b"page one")
     memory.write(0x300000, b"\xff" * 100)
-    partial = fmt.partial_path(tmp_path / "snap")
-    partial.mkdir()
-    writer = fmt.MemoryWriter(partial / fmt.MEMORY_FILE)
+    folder = tmp_path / "snap"
+    folder.mkdir()
+    writer = fmt.MemoryWriter(folder / fmt.MEMORY_FILE)
     region = memory.regions[0]
     assert writer.write_region(region.host_address, region.view) == 0
     size, digest = writer.finish()
     memory.close()
-    fmt.write_state(partial, {"machine": {"memory": REGION}, "memory_file": {"size": size, "sha256": digest}})
-    fmt.commit(partial, tmp_path / "snap")
-    return tmp_path / "snap"
+    fmt.write_state(folder, {"machine": {"memory": REGION}, "memory_file": {"size": size, "sha256": digest}})
+    return folder
 
 
 def test_round_trip_and_sparse_memory(snapshot):
@@ -39,7 +38,7 @@ def test_round_trip_and_sparse_memory(snapshot):
     assert memory_file.stat().st_blocks * 512 <= 2 * fmt.CHUNK  # two non-zero chunks, the rest holes
     data = memory_file.read_bytes()
     assert data[0x1000:0x1008] == b"page one" and data[0x300000:0x300064] == b"\xff" * 100
-    assert not list(snapshot.parent.glob("*.partial-*"))
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted([fmt.MEMORY_FILE, fmt.STATE_FILE, fmt.VERIFIED_STAMP])
 
 
 def test_checksum_does_not_depend_on_holes(snapshot, tmp_path):
@@ -99,8 +98,7 @@ def test_missing_parts(snapshot, tmp_path):
         fmt.read_snapshot(tmp_path / "nothing")
 
 
-def test_commit_refuses_to_replace_a_snapshot(snapshot):
-    partial = fmt.partial_path(snapshot)
-    partial.mkdir()
-    with pytest.raises(fmt.SnapshotError, match="already exists"):
-        fmt.commit(partial, snapshot)
+def test_a_snapshot_without_its_state_file_is_incomplete(snapshot):
+    (snapshot / fmt.STATE_FILE).rename(snapshot / f"{fmt.STATE_FILE}.tmp")  # as a crash mid-save leaves it
+    with pytest.raises(fmt.SnapshotError, match="state: missing .not a complete snapshot."):
+        fmt.read_snapshot(snapshot)

@@ -28,6 +28,8 @@ def ended_status(backend: str, store: StateStore, record: MachineRecord) -> Mach
     if outcome is None:
         return None
     state = "crashed" if outcome.get("crashed") else "exited"
+    if (store.folder(record.name) / "stopped").exists():  # `vmctl stop`: kept, to be started again
+        state = "stopped"
     return MachineStatus(record.name, backend, state, None, outcome["reason"], outcome["exit_code"])
 
 

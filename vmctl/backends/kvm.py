@@ -31,13 +31,7 @@ class KvmBackend:
             record.spec = prepare(spec, folder)
             record.resources = {"disks": [d["path"] for d in record.spec["disks"] if d["created"]]}
             store.save(record)
-            with open(folder / VMM_LOG, "ab") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "vmctl.vmm.daemon", str(folder)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-                )
-            record.pid = process.pid
-            store.save(record)
+            spawn(store, record)
         except BaseException:
             store.delete(spec.name)  # nothing half-made stays behind
             raise
@@ -46,12 +40,16 @@ class KvmBackend:
     def wait_ready(self, store: StateStore, record: MachineRecord, timeout: float) -> float:
         """Ready = the console shows VMCTL-READY (vmctl's /init prints it once mounts, network
         and sshd are up); a guest that exits first is an error, except a short-lived one that
-        exits successfully (it ran to completion)."""
+        exits successfully (it ran to completion). A guest restored from a snapshot booted
+        long ago: it is ready once restored and told its new identity (the VMM says so)."""
         folder = store.folder(record.name)
         start = time.monotonic()
         console = MarkerScan(folder / CONSOLE, READY_MARKER_BYTES)
+        restored = bool(record.spec.get("restore"))
         while time.monotonic() - start < timeout:
-            if console.found():
+            if restored and _restored_ready(folder):
+                return time.monotonic() - start
+            if not restored and console.found():
                 return time.monotonic() - start
             outcome = store.outcome(record.name)
             if outcome is not None:
@@ -116,3 +114,24 @@ class KvmBackend:
             sweep_stale_rules()  # the NAT rule of a VMM killed with -9 (its TAP is gone with it)
         store.delete(record.name)
 
+
+
+def spawn(store: StateStore, record: MachineRecord) -> None:
+    """Start the machine's VMM daemon, detached, on its recorded plan."""
+    folder = store.folder(record.name)
+    with open(folder / VMM_LOG, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vmctl.vmm.daemon", str(folder)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+        )
+    record.pid = process.pid
+    store.save(record)
+
+
+def _restored_ready(folder: Path) -> bool:
+    if not (folder / CONTROL).exists():
+        return False
+    try:
+        return bool(request(folder / CONTROL, "status", timeout=2).get("ready"))
+    except VmctlError:
+        return False

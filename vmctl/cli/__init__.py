@@ -18,10 +18,11 @@ from .. import __version__
 from ..errors import VmctlError
 
 # Command modules in help order, and the module that registers each command.
-COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "compare", "share")
+COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "snapshot_cmd", "compare", "share")
 COMMAND_MODULE = {
     "boot": "boot", "host-check": "hostcheck", "image": "image_cmd", "compare": "compare", "share": "share",
     **dict.fromkeys(("up", "down", "ps", "status", "logs", "rm", "run", "exec", "console", "ssh"), "lifecycle"),
+    **dict.fromkeys(("snapshot", "stop", "start"), "snapshot_cmd"),
 }
 
 

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("names", nargs="*", help="only these machines (default: all)")
     up.add_argument("--no-wait", action="store_true", help="return as soon as the VMMs started")
     up.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default 300)")
+    up.add_argument("--from-snapshot", metavar="SNAP", help="start a new machine (--name) from a snapshot instead of "
+                    "a spec: a memory snapshot's guest continues where it was saved (docs/snapshots.md)")
+    up.add_argument("--name", help="the new machine's name, with --from-snapshot")
     up.set_defaults(func=cmd_up)
 
     down = subparsers.add_parser(
@@ -121,6 +124,12 @@ def _selected(specs: list[MachineSpec], names: list[str], file: Path) -> list[Ma
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.from_snapshot or args.name:
+        if not (args.from_snapshot and args.name):
+            raise VmctlError("--from-snapshot SNAP and --name NAME go together")
+        from .snapshot_cmd import clone_from_snapshot
+
+        return clone_from_snapshot(args.from_snapshot, args.name, args.no_wait, args.timeout)
     spec_file = load_spec(args.file)
     store = _store()
     started = []

@@ -47,6 +47,8 @@ class MachineProcess:
         self.console_server: ConsoleServer | None = None
         self.machine: Machine | None = None
         self.shutdown_requested = threading.Event()
+        self.restore = record.spec.get("restore")  # {"snapshot": folder, "hostname": ...} for a clone
+        self.ready = threading.Event()  # a restored guest: restored and told its identity
 
     def _type(self, data: bytes) -> None:
         if self.machine is not None and self.machine.serial is not None:
@@ -75,7 +77,12 @@ class MachineProcess:
             console_sinks=[self.console_file, self.console_server],
             agent=True, devices=devices,
         )
-        self.machine = Machine(config)
+        restore_from = None
+        if self.restore:
+            from ..snapshot.snapshot_file import read_snapshot
+
+            restore_from = read_snapshot(Path(self.restore["snapshot"]))
+        self.machine = Machine(config, restore_from=restore_from)
         return self.machine
 
     # --- control requests ---------------------------------------------------------------------
@@ -83,7 +90,36 @@ class MachineProcess:
         machine = self.machine
         agent = machine.agent is not None and machine.agent.ready.is_set() if machine else False
         return {"state": "running", "pid": os.getpid(), "uptime": time.time() - self.started,
-                "exits": machine.exits if machine else 0, "agent": agent}
+                "exits": machine.exits if machine else 0, "agent": agent, "restored": bool(self.restore),
+                "ready": self.ready.is_set()}
+
+    def snapshot(self, message: dict) -> dict:
+        """Pause the guest; freeze each overlay vmctl made into a read-only layer in `folder`
+        (the machine goes on over a new overlay); with `memory`, save the whole machine too."""
+        from ..disk.backend import open_disk
+        from ..snapshot.disk_layers import freeze_overlay
+
+        folder = Path(str(message["folder"]))
+        layers: list[dict] = []
+
+        def switch_disks() -> None:
+            for index, disk in enumerate(self.record.spec.get("disks", [])):
+                if not disk.get("created") or disk.get("read_only"):
+                    continue
+                device = self.machine.mmio_devices[index].transport.device
+                device.backend.flush()
+                device.backend.close()
+                layer = folder / f"disk{index}.qcow2"
+                try:
+                    freeze_overlay(Path(disk["path"]), layer)
+                finally:
+                    device.backend = open_disk(disk["path"])  # the new overlay (or the old one, on failure)
+                info = layer.stat()
+                layers.append({"index": index, "path": str(layer), "size": info.st_size, "mtime_ns": info.st_mtime_ns})
+
+        summary = self.machine.snapshot(folder, then=str(message.get("then", "resume")), while_paused=switch_disks,
+                                        save_memory=bool(message.get("memory")))
+        return {**summary, "layers": layers}
 
     def stop(self, message: dict) -> dict:
         self.machine.stop(Outcome(0, str(message.get("reason", "stopped by vmctl"))))
@@ -106,6 +142,21 @@ class MachineProcess:
         return {"exit_code": result.exit_code, "stdout": base64.b64encode(result.stdout).decode(),
                 "stderr": base64.b64encode(result.stderr).decode()}
 
+    def take_identity(self) -> None:
+        """A clone runs the saved guest, which still believes it is the source: through the
+        agent (if it was up when saved) give it its name, address, MAC and the time. The
+        machine is ready once that is done, or at once when there is no agent to tell."""
+        agent = self.machine.agent
+        try:
+            if agent is not None and agent.ready.is_set():
+                result = agent.exec(identity_script(self.restore.get("hostname"), self.net), 60)
+                if result.exit_code:
+                    log.warning("clone identity: exit %d: %s", result.exit_code, result.stderr.decode(errors="replace"))
+        except VmctlError as error:
+            log.warning("clone identity: %s", error)
+        finally:
+            self.ready.set()
+
     # --- the end ------------------------------------------------------------------------------
     def close(self) -> None:
         for forwarder in self.forwarders:
@@ -127,13 +178,16 @@ def serve(folder: Path) -> int:
         try:
             machine = process.build()
             server = ControlServer(folder / CONTROL, {"status": process.status, "stop": process.stop,
-                                                      "shutdown": process.shutdown, "exec": process.exec})
+                                                      "shutdown": process.shutdown, "exec": process.exec,
+                                                      "snapshot": process.snapshot})
         except VmctlError as error:
             outcome = Outcome(1, str(error))
         else:
             server.start()
             # SIGTERM (from `vmctl down`'s fallback) ends the guest like a stop request.
             signal.signal(signal.SIGTERM, lambda *_: machine.stop(Outcome(143, "terminated (SIGTERM)")))
+            if process.restore:
+                threading.Thread(target=process.take_identity, name="identity", daemon=True).start()
             try:
                 outcome = machine.run()
             except VmctlError as error:
@@ -146,6 +200,27 @@ def serve(folder: Path) -> int:
         process.close()
     _write_outcome(folder, outcome, process.started)
     return outcome.exit_code
+
+
+def identity_script(hostname: str | None, net) -> str:
+    """Shell for a restored guest: its new hostname, clock, and (with a network) the MAC and
+    address of its own TAP's /30, the host's end as gateway."""
+    lines = ["B=/bin/busybox", f"$B date -s @{int(time.time())} >/dev/null 2>&1"]
+    if hostname:
+        lines.append(f"$B hostname {hostname}; echo {hostname} >/etc/hostname 2>/dev/null")
+    if net is not None:
+        host = net.network
+        lines += [
+            "if [ -e /sys/class/net/eth0 ]; then",
+            f"$B ip link set eth0 address {host.mac}",
+            "$B ip addr flush dev eth0",
+            f"$B ip addr add {host.guest_ip}/30 dev eth0",
+            "$B ip link set eth0 up",
+            f"$B ip route replace default via {host.host_ip} dev eth0",
+            "fi",
+        ]
+    lines.append("true")
+    return "\n".join(lines)
 
 
 def _write_outcome(folder: Path, outcome: Outcome, started: float) -> None:

@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Callable, Protocol
 
 from ..arch import vcpu_setup
 from ..arch.cpuid import cpuid_for_vcpu
@@ -37,7 +37,7 @@ from .outcome import EXIT_TIMEOUT, Outcome
 from .vcpu_thread import VcpuThread, install_kick_handler
 
 if TYPE_CHECKING:  # virtio is imported only when a VM gets a virtio device
-    from ..snapshot.format import SnapshotFile
+    from ..snapshot.snapshot_file import SnapshotFile
     from ..virtio.slot import VirtioHost
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class MachineConfig:
 
 class Machine:
     def __init__(self, config: MachineConfig, restore_from: "SnapshotFile | None" = None) -> None:
-        """`restore_from`: a checked snapshot (`vmctl.snapshot.format.read_snapshot`): the machine
+        """`restore_from`: a checked snapshot (`vmctl.snapshot.snapshot_file.read_snapshot`): the machine
         continues that guest instead of booting `config.kernel` (devices still come from
         `config`, slot by slot as saved: a clone gets its own disks and network)."""
         if restore_from is None:
@@ -180,7 +180,7 @@ class Machine:
         if self.kvm:
             self.kvm.close()
 
-    # --- pause, snapshot (vmm/snapshot.py does the saving) -------------------------------------
+    # --- pause, snapshot (vmm/save_restore.py does the saving) -------------------------------------
     def pause(self, timeout: float = 10.0) -> None:
         """Park every vCPU outside KVM_RUN with its state complete; raises when one does not
         park (the machine is then resumed)."""
@@ -199,12 +199,15 @@ class Machine:
         for thread in self.threads:
             thread.resume()
 
-    def snapshot(self, path: Path, extra: dict | None = None, then: str = "resume") -> dict:
+    def snapshot(self, path: Path, extra: dict | None = None, then: str = "resume",
+                 while_paused: "Callable[[], None] | None" = None, save_memory: bool = True) -> dict:
         """Save the whole running machine into the snapshot directory `path` (see
-        vmctl/snapshot/format.py); `then` is "resume" or "stop". Returns a summary."""
-        from .snapshot import save_machine
+        vmctl/snapshot/snapshot_file.py); `then` is "resume" or "stop". `while_paused` runs with the
+        guest paused and the devices quiesced (disk layer switches); without `save_memory`
+        only that happens. Returns a summary."""
+        from .save_restore import save_machine
 
-        return save_machine(self, Path(path), extra or {}, then)
+        return save_machine(self, Path(path), extra or {}, then, while_paused, save_memory)
 
     @property
     def exits(self) -> int:
@@ -213,7 +216,7 @@ class Machine:
     # --- construction ----------------------------------------------------------------------
     def _build(self) -> None:
         if self.restore_from is not None:
-            from .snapshot import build_restored
+            from .save_restore import build_restored
 
             build_restored(self, self.restore_from)
             return

@@ -14,8 +14,9 @@
                    Its checksum is SHA-256 over (offset, bytes) of every non-zero chunk, so
                    it does not depend on whether a copy kept the holes.
 
-A snapshot is written into `SNAP.partial-<pid>` and renamed into place last: a crash while
-saving never leaves a directory that looks complete. Reading checks, in order: the header, the
+The state file is written last, to `state.tmp` and renamed: a crash while saving leaves a
+directory without `state`, which every reader refuses as incomplete (and `vmctl snapshot
+delete` removes). Reading checks, in order: the header, the
 format version, the length, the JSON checksum, the JSON, the memory file's size and (unless a
 stamp says this very file was checked) its checksum; each failure is one line naming the file.
 """
@@ -97,33 +98,30 @@ class MemoryWriter:
         return self.offset, self.digest.hexdigest()
 
 
-def partial_path(final: Path) -> Path:
-    return final.with_name(f"{final.name}.partial-{os.getpid()}")
-
-
 def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """The state file, made visible in one step (rename) once it and the memory file are on
+    disk: its presence is what makes the snapshot complete."""
     body = json.dumps(state, separators=(",", ":")).encode()
     header = HEADER.pack(MAGIC, FORMAT_VERSION, HEADER.size, len(body), hashlib.sha256(body).digest())
-    with open(folder / STATE_FILE, "xb") as file:
+    temporary = folder / f"{STATE_FILE}.tmp"
+    with open(temporary, "wb") as file:
         file.write(header + body)
         file.flush()
         os.fsync(file.fileno())
+    os.rename(temporary, folder / STATE_FILE)
+    sync_directory(folder)
 
 
-def commit(partial: Path, final: Path) -> None:
-    """Make the snapshot visible in one step (rename), durable (fsync of the parent)."""
-    if final.exists():
-        raise SnapshotError(f"{final}: already exists")
-    os.rename(partial, final)
-    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+def sync_directory(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def discard(partial: Path) -> None:
-    shutil.rmtree(partial, ignore_errors=True)
+def discard(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -14,22 +14,21 @@ import logging
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
 from ..arch.cpuid import cpuid_for_vcpu
 from ..arch import memory_map
 from ..devices.serial import SerialState
 from ..errors import VmctlError
-from ..kvm.codec import StateError
-from ..kvm.state import VcpuState, VmState, msrs_to_save, xsave_size
+from ..kvm.state_json import StateError
+from ..kvm.saved_state import VcpuState, VmState, msrs_to_save, xsave_size
 from ..kvm.system import Kvm
 from ..kvm.vcpu import VcpuFd
 from ..kvm.vm import VmFd
 from ..memory import GuestMemory
 from ..snapshot.cpu_check import missing_features
-from ..snapshot.format import (MEMORY_FILE, STATE_FILE, MemoryWriter, SnapshotError, SnapshotFile, commit, discard,
-                               partial_path, write_state)
+from ..snapshot.snapshot_file import MEMORY_FILE, STATE_FILE, MemoryWriter, SnapshotError, SnapshotFile, discard, write_state
 from ..state_codec import StateFieldError, state_from_json, state_to_json
 from ..units import format_size
 from ..virtio.mmio import TransportState, TransportStateError
@@ -53,10 +52,14 @@ def _transports(machine: "Machine") -> list:
     return transports
 
 
-def save_machine(machine: "Machine", path: Path, extra: dict[str, Any], then: str) -> dict[str, Any]:
+def save_machine(machine: "Machine", path: Path, extra: dict[str, Any], then: str,
+                 while_paused: Callable[[], None] | None = None, save_memory: bool = True) -> dict[str, Any]:
+    """`path` is created (it must not exist, or be an empty directory); `while_paused` runs with
+    the vCPUs parked and the devices quiesced, before anything is saved (the daemon switches
+    the disks to new overlays there, so the saved guest and its disk layers match)."""
     if then not in ("resume", "stop"):
         raise ValueError(f"then={then!r}")
-    if path.exists():
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SnapshotError(f"{path}: already exists")
     if not path.parent.is_dir():
         raise SnapshotError(f"{path.parent}: no such directory")
@@ -64,7 +67,7 @@ def save_machine(machine: "Machine", path: Path, extra: dict[str, Any], then: st
     started = time.monotonic()
     machine.pause()
     paused = time.monotonic()
-    partial = partial_path(path)
+    created = not path.exists()
     try:
         with ExitStack() as locks:
             for transport in transports:
@@ -72,12 +75,19 @@ def save_machine(machine: "Machine", path: Path, extra: dict[str, Any], then: st
             try:
                 for transport in transports:
                     transport.quiesce()
-                summary = _write(machine, transports, partial, path, extra)
+                path.mkdir(exist_ok=True)
+                if while_paused is not None:
+                    while_paused()
+                summary = _write(machine, transports, path, extra) if save_memory else {"path": str(path)}
             finally:
                 for transport in transports:
                     transport.resume()
     except BaseException:
-        discard(partial)
+        if created:
+            discard(path)
+        else:
+            for child in (path / MEMORY_FILE, path / f"{STATE_FILE}.tmp"):
+                child.unlink(missing_ok=True)
         machine.resume()
         raise
     saved = time.monotonic()
@@ -87,13 +97,12 @@ def save_machine(machine: "Machine", path: Path, extra: dict[str, Any], then: st
     else:
         machine.resume()
     summary.update(pause_seconds=saved - paused, total_seconds=time.monotonic() - started)
-    log.info("snapshot %s: %s of memory file, vCPUs paused %.3f s", path, format_size(summary["memory_bytes"]),
+    log.info("snapshot %s: %s of memory file, vCPUs paused %.3f s", path, format_size(summary.get("memory_bytes", 0)),
              summary["pause_seconds"])
     return summary
 
 
-def _write(machine: "Machine", transports: list, partial: Path, final: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    partial.mkdir()
+def _write(machine: "Machine", transports: list, folder: Path, extra: dict[str, Any]) -> dict[str, Any]:
     vm, kvm = machine.vm, machine.kvm
     area = xsave_size(vm)
     msrs = msrs_to_save(kvm.msr_index_list())
@@ -109,16 +118,15 @@ def _write(machine: "Machine", transports: list, partial: Path, final: Path, ext
         "devices": [state_to_json(transport.save_state()) for transport in transports],
         "extra": extra,
     }
-    writer = MemoryWriter(partial / MEMORY_FILE)
+    writer = MemoryWriter(folder / MEMORY_FILE)
     regions = [[region.guest_address, region.size, writer.write_region(region.host_address, region.view)]
                for region in machine.memory.regions]
     size, digest = writer.finish()
     state["machine"] = {"cpus": len(machine.vcpus), "memory": machine.memory.size, "regions": regions}
     state["memory_file"] = {"size": size, "sha256": digest}
-    write_state(partial, state)
-    commit(partial, final)
-    allocated = (final / MEMORY_FILE).stat().st_blocks * 512
-    return {"path": str(final), "memory_bytes": allocated, "memory_size": size}
+    write_state(folder, state)
+    allocated = (folder / MEMORY_FILE).stat().st_blocks * 512
+    return {"path": str(folder), "memory_bytes": allocated, "memory_size": size}
 
 
 # --- restore -------------------------------------------------------------------------------

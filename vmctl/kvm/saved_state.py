@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import abi
-from .codec import StateError, decode, encode, from_hex, to_hex
+from .state_json import StateError, decode, encode, from_hex, to_hex
 from .vcpu import VcpuFd
 from .vm import VmFd
 

@@ -1,0 +1,196 @@
+"""Snapshots, stop/start and clones of native (kvm) machines, on top of the VMM daemon.
+
+- take: a running machine's VMM pauses the guest, freezes each overlay vmctl made into a
+  read-only layer of the snapshot (the machine goes on over a new overlay) and, for a memory
+  snapshot, saves the whole machine; a stopped machine's overlays are frozen in place.
+- restore: the stopped machine's overlays are replaced by new ones over the snapshot's
+  layers; from a memory snapshot the machine then continues the saved guest.
+- clone: a new machine from a snapshot: the source's plan, its own overlays over the layers,
+  its own TAP, MAC and address; the VMM tells the restored guest its new identity.
+- restart (`vmctl start`): the stopped machine's VMM again, booting from its own disks.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+from ..errors import VmctlError
+from ..snapshot.disk_layers import backing_of, freeze_overlay, merge_layer_into, overlay_on
+from ..snapshot.snapshot_file import SnapshotError, discard, read_snapshot
+from ..snapshot.snapshot_store import Layer, SnapshotMeta, SnapshotStore
+from ..proc import pid_alive
+from ..state import CONTROL, OUTCOME, MachineRecord, StateStore
+from ..vmm.control import request
+from .kvm import spawn
+
+STOPPED = "stopped"  # marker file: stopped by `vmctl stop`, to be started again
+
+
+def running(store: StateStore, record: MachineRecord) -> bool:
+    return pid_alive(record.pid) and store.outcome(record.name) is None
+
+
+def take(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, name: str, memory: bool) -> SnapshotMeta:
+    live = running(store, record)
+    if memory and not live:
+        raise VmctlError(f"{record.name}: not running: a memory snapshot saves a running guest "
+                         f"(vmctl snapshot create {record.name} {name} saves its disks)")
+    folder = snapshots.new_folder(name)
+    try:
+        if live:
+            answer = request(store.folder(record.name) / CONTROL, "snapshot", timeout=600, folder=str(folder),
+                             memory=memory)
+            layers = [Layer(**layer) for layer in answer["layers"]]
+            memory_bytes = int(answer.get("memory_bytes", 0))
+        else:
+            layers = []
+            for index, disk in _own_disks(record):
+                layer = folder / f"disk{index}.qcow2"
+                freeze_overlay(Path(disk["path"]), layer)
+                layers.append(Layer.of(index, layer))
+            memory_bytes = 0
+        plan = {key: value for key, value in record.spec.items() if key != "restore"}
+        meta = SnapshotMeta(name, record.name, record.backend, "memory" if memory else "disk", layers, plan,
+                            memory_bytes=memory_bytes)
+        snapshots.save(meta)
+    except BaseException:
+        discard(folder)
+        raise
+    return meta
+
+
+def _own_disks(record: MachineRecord) -> list[tuple[int, dict]]:
+    """The disks whose overlay vmctl made (the ones a snapshot freezes), by slot index."""
+    return [(index, disk) for index, disk in enumerate(record.spec.get("disks", []))
+            if disk.get("created") and not disk.get("read_only")]
+
+
+def _layer_for(meta: SnapshotMeta, index: int) -> Path:
+    for layer in meta.layers:
+        if layer.index == index:
+            return Path(layer.path)
+    raise SnapshotError(f"snapshot {meta.name!r} has no layer for disk {index}")
+
+
+def _check_usable(snapshots: SnapshotStore, meta: SnapshotMeta) -> None:
+    snapshots.check_layers(meta)
+    if meta.kind == "memory":
+        read_snapshot(snapshots.folder(meta.name))  # header, checksums, memory file: refused here, in one line
+
+
+def restore(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, meta: SnapshotMeta) -> bool:
+    """Put the stopped machine back to `meta`; True when it was started (memory snapshot)."""
+    if meta.machine != record.name:
+        raise VmctlError(f"snapshot {meta.name!r} is of machine {meta.machine!r}, not {record.name!r} "
+                         f"(vmctl up --from-snapshot {meta.name} --name NEW makes a new machine from it)")
+    if running(store, record):
+        raise VmctlError(f"{record.name}: running: vmctl stop {record.name} first")
+    _check_usable(snapshots, meta)
+    for index, disk in _own_disks(record):
+        overlay_on(_layer_for(meta, index), Path(disk["path"]))
+    if meta.kind != "memory":
+        return False
+    record.spec["restore"] = {"snapshot": str(snapshots.folder(meta.name)), "hostname": record.name}
+    _start(store, record)
+    return True
+
+
+def clone(store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta, name: str,
+          spec_file: str | None = None) -> MachineRecord:
+    """A new machine `name` from the snapshot (started; a memory snapshot continues its guest)."""
+    _check_usable(snapshots, meta)
+    plan = copy.deepcopy(meta.plan)
+    for index, disk in enumerate(plan.get("disks", [])):
+        if not disk.get("read_only") and not disk.get("created"):
+            raise VmctlError(f"snapshot {meta.name!r}: disk {index} ({disk['path']}) is written in place by "
+                             f"{meta.machine}: a clone cannot share it (give it overlay: true)")
+    record = MachineRecord(name=name, backend="kvm", spec={}, spec_file=spec_file)
+    folder = store.create(record)
+    try:
+        for index, disk in _own_disks(MachineRecord(name, "kvm", plan)):
+            own = folder / "disks" / f"disk{index}.qcow2"
+            own.parent.mkdir(parents=True, exist_ok=True)
+            overlay_on(_layer_for(meta, index), own)
+            disk["path"] = str(own)
+        network = plan.get("network") or {"mode": "none"}
+        if network.get("forwards"):
+            network["forwards"] = []  # the host ports are the source's
+        network["mac"] = None  # a new one
+        key = (plan.get("ssh") or {}).get("key")
+        if key and Path(key).exists():  # the guest trusts the source's key: the clone keeps a copy
+            (folder / "ssh").mkdir(mode=0o700, exist_ok=True)
+            plan["ssh"]["key"] = str(shutil.copy2(key, folder / "ssh" / Path(key).name))
+        if meta.kind == "memory":
+            plan["restore"] = {"snapshot": str(snapshots.folder(meta.name)), "hostname": name}
+        record.spec = plan
+        record.resources = {"disks": [d["path"] for d in plan.get("disks", []) if d.get("created")]}
+        record.spec["snapshot"] = meta.name  # what it came from (deleting that snapshot is refused)
+        store.save(record)
+        spawn(store, record)
+    except BaseException:
+        store.delete(name)
+        raise
+    return record
+
+
+def stop(store: StateStore, record: MachineRecord, backend, timeout: float) -> None:
+    backend.stop(store, record, timeout)
+    (store.folder(record.name) / STOPPED).touch()
+
+
+def restart(store: StateStore, record: MachineRecord) -> None:
+    """`vmctl start`: the VMM again on the machine's own disks (a clone boots them too)."""
+    if running(store, record):
+        raise VmctlError(f"{record.name}: already running")
+    record.spec.pop("restore", None)
+    _start(store, record)
+
+
+def _start(store: StateStore, record: MachineRecord) -> None:
+    folder = store.folder(record.name)
+    for leftover in (OUTCOME, STOPPED):
+        (folder / leftover).unlink(missing_ok=True)
+    store.save(record)
+    spawn(store, record)
+
+
+def dependents(store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta) -> tuple[list[str], list[tuple[MachineRecord, Path]]]:
+    """(what blocks deleting `meta`, the source machine's overlays that can be merged instead)."""
+    layers = {str(Path(layer.path)) for layer in meta.layers}
+    blocking: list[str] = []
+    mergeable: list[tuple[MachineRecord, Path]] = []
+    for other in snapshots.list():
+        if other.name != meta.name and any(backing_of(Path(l.path)) in layers for l in other.layers):
+            blocking.append(f"snapshot {other.name}")
+    for name in store.names():
+        record = store.load(name)
+        if record.backend != "kvm":
+            continue
+        disks = [Path(d["path"]) for d in record.spec.get("disks", [])]
+        used = [disk for disk in disks if backing_of(disk) in layers]
+        if not used:
+            continue
+        if name == meta.machine and not running(store, record):
+            mergeable += [(record, disk) for disk in used]
+        else:
+            blocking.append(f"machine {name}" + (" (running)" if running(store, record) else ""))
+    return blocking, mergeable
+
+
+def delete(store: StateStore, snapshots: SnapshotStore, name: str) -> str:
+    folder = snapshots.folder(name)
+    if folder.is_dir() and name in snapshots.incomplete():
+        discard(folder)
+        return "incomplete snapshot removed"
+    meta = snapshots.load(name)
+    blocking, mergeable = dependents(store, snapshots, meta)
+    if blocking:
+        raise VmctlError(f"snapshot {name!r}: {', '.join(blocking)} still read(s) its disk layers "
+                         "(remove those first)")
+    for _, overlay in mergeable:
+        layer = Path(backing_of(overlay))
+        merge_layer_into(overlay, layer)  # the machine's disk keeps what it read from the layer
+    snapshots.remove(name)
+    return f"{len(mergeable)} overlay(s) of {meta.machine} merged" if mergeable else "removed"

@@ -1,0 +1,169 @@
+"""`vmctl snapshot create|list|restore|delete`, `vmctl stop`, `vmctl start`, and the clone
+half of `vmctl up --from-snapshot` (docs/snapshots.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..backends import get_backend
+from ..errors import VmctlError
+from ..state import StateStore
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    snapshot = subparsers.add_parser(
+        "snapshot", help="disk and memory snapshots of native machines",
+        description="Snapshots of native (kvm) machines. A disk snapshot freezes each overlay vmctl made for "
+        "the machine into a read-only layer (the machine goes on over a new overlay; no data is copied); "
+        "--memory also saves the running guest (vCPUs, devices, RAM), so `vmctl up --from-snapshot` "
+        "starts clones that continue it in milliseconds instead of booting.",
+        epilog="examples:\n  vmctl snapshot create --memory db ready\n  vmctl up --from-snapshot ready --name db2\n"
+        "  vmctl snapshot list\n  vmctl stop db && vmctl snapshot restore db ready\n  vmctl snapshot delete ready",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = snapshot.add_subparsers(dest="verb", metavar="VERB", required=True)
+    create = verbs.add_parser("create", help="snapshot a machine's disks (and, with --memory, its running guest)")
+    create.add_argument("name", help="machine")
+    create.add_argument("snapshot", help="snapshot name (letters, digits, - _ .)")
+    create.add_argument("--memory", action="store_true", help="also save the running guest (memory, vCPUs, devices)")
+    create.set_defaults(func=cmd_create)
+    listing = verbs.add_parser("list", help="list snapshots")
+    listing.add_argument("name", nargs="?", help="only this machine's")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_list)
+    restore = verbs.add_parser("restore", help="put a stopped machine back to a snapshot (a memory snapshot restarts it)")
+    restore.add_argument("name")
+    restore.add_argument("snapshot")
+    restore.set_defaults(func=cmd_restore)
+    delete = verbs.add_parser("delete", help="delete a snapshot (refused while clones or later snapshots read it)")
+    delete.add_argument("snapshot")
+    delete.set_defaults(func=cmd_delete)
+
+    stop = subparsers.add_parser(
+        "stop", help="stop machines, keeping their disks to start them again",
+        description="Shut each guest down (through its agent; the VM is stopped after --timeout), keeping its "
+        "overlays and state: `vmctl ps` shows it stopped, `vmctl start` boots it again from the same disks.")
+    stop.add_argument("names", nargs="+")
+    stop.add_argument("--timeout", type=float, default=10, help="seconds before the VM is stopped (default 10)")
+    stop.set_defaults(func=cmd_stop)
+    start = subparsers.add_parser("start", help="start stopped machines again",
+                                  description="Boot stopped machines again from their own disks.")
+    start.add_argument("names", nargs="+")
+    start.add_argument("--no-wait", action="store_true")
+    start.add_argument("--timeout", type=float, default=300)
+    start.set_defaults(func=cmd_start)
+
+
+def _stores():
+    from ..snapshot.snapshot_store import SnapshotStore
+
+    return StateStore(), SnapshotStore()
+
+
+def _kvm_record(store: StateStore, name: str):
+    record = store.load(name)
+    if record.backend != "kvm":
+        raise VmctlError(f"{name}: snapshots, stop and start are for native (kvm) machines; this one is {record.backend}")
+    return record
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from ..backends.kvm_snapshot import take
+
+    store, snapshots = _stores()
+    with store.locked():
+        record = _kvm_record(store, args.name)
+        started = time.monotonic()
+        meta = take(store, record, snapshots, args.snapshot, args.memory)
+    size = f", {meta.memory_bytes >> 20} MiB of memory" if meta.kind == "memory" else ""
+    print(f"{args.snapshot}: {meta.kind} snapshot of {args.name} ({len(meta.layers)} disk layer(s){size}) "
+          f"in {time.monotonic() - started:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    _, snapshots = _stores()
+    found = [m for m in snapshots.list() if not args.name or m.machine == args.name]
+    if args.json:
+        print(json.dumps([{"name": m.name, "machine": m.machine, "kind": m.kind, "created": m.created,
+                           "layers": len(m.layers), "memory_bytes": m.memory_bytes} for m in found], indent=2))
+        return 0
+    print(f"{'SNAPSHOT':20} {'MACHINE':16} {'KIND':7} {'LAYERS':>6} {'MEMORY':>8}  CREATED")
+    for meta in found:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.created))
+        memory = f"{meta.memory_bytes >> 20}M" if meta.kind == "memory" else "-"
+        print(f"{meta.name:20} {meta.machine:16} {meta.kind:7} {len(meta.layers):>6} {memory:>8}  {created}")
+    for name in snapshots.incomplete():
+        print(f"{name:20} {'?':16} {'broken':7} {'-':>6} {'-':>8}  (interrupted: vmctl snapshot delete {name})")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from ..backends.kvm_snapshot import restore
+
+    store, snapshots = _stores()
+    with store.locked():
+        record = _kvm_record(store, args.name)
+        started = restore(store, record, snapshots, snapshots.load(args.snapshot))
+    print(f"{args.name}: restored to {args.snapshot}" + (" and started" if started else " (vmctl start boots it)"),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from ..backends.kvm_snapshot import delete
+
+    store, snapshots = _stores()
+    with store.locked():
+        print(f"{args.snapshot}: {delete(store, snapshots, args.snapshot)}", file=sys.stderr)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from ..backends.kvm_snapshot import stop
+
+    store, _ = _stores()
+    with store.locked():
+        for name in args.names:
+            record = _kvm_record(store, name)
+            stop(store, record, get_backend(record.backend), args.timeout)
+            print(f"{name}: stopped (vmctl start {name} boots it again)", file=sys.stderr)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from ..backends.kvm_snapshot import restart
+
+    store, _ = _stores()
+    records = []
+    with store.locked():
+        for name in args.names:
+            record = _kvm_record(store, name)
+            restart(store, record)
+            records.append(record)
+            print(f"{name}: started (pid {record.pid})", file=sys.stderr)
+    if not args.no_wait:
+        for record in records:
+            seconds = get_backend(record.backend).wait_ready(store, record, args.timeout)
+            print(f"{record.name}: ready in {seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def clone_from_snapshot(snapshot: str, name: str, no_wait: bool, timeout: float) -> int:
+    """`vmctl up --from-snapshot SNAP --name NAME`."""
+    from ..backends.kvm_snapshot import clone
+
+    store, snapshots = _stores()
+    started = time.monotonic()
+    with store.locked():
+        if store.exists(name):
+            raise VmctlError(f"machine {name!r} already exists (vmctl rm {name} first)")
+        record = clone(store, snapshots, snapshots.load(snapshot), name)
+    print(f"{name}: started from snapshot {snapshot} (pid {record.pid})", file=sys.stderr)
+    if not no_wait:
+        get_backend(record.backend).wait_ready(store, record, timeout)
+        print(f"{name}: ready in {time.monotonic() - started:.2f} s", file=sys.stderr)
+    return 0
