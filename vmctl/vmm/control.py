@@ -8,6 +8,7 @@ the VMM process; `request()` is the client every `vmctl` command uses.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -16,6 +17,7 @@ from typing import Callable
 
 from ..errors import VmctlError
 
+log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
 
 
@@ -93,6 +95,9 @@ class ControlServer:
             response = {"ok": False, "error": f"bad request: {error}"}
         except VmctlError as error:
             response = {"ok": False, "error": str(error)}
+        except Exception as error:  # a VMM bug: the client gets a line, the log the traceback
+            log.exception("control request failed")
+            response = {"ok": False, "error": f"VMM error: {error} (see vmm.log)"}
         connection.sendall(json.dumps(response).encode() + b"\n")
 
 

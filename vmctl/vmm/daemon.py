@@ -96,7 +96,7 @@ class MachineProcess:
     def snapshot(self, message: dict) -> dict:
         """Pause the guest; freeze each overlay vmctl made into a read-only layer in `folder`
         (the machine goes on over a new overlay); with `memory`, save the whole machine too."""
-        from ..disk.backend import open_disk
+        from ..disk.block_backend import open_disk
         from ..snapshot.disk_layers import freeze_overlay
 
         folder = Path(str(message["folder"]))
