@@ -53,7 +53,10 @@ class _Context:
     def scalar(self, node: yaml.Node, where: str, kind: type) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(node, where, f"expected a {_kind_name(kind)}, got a {_node_name(node)}")
-        value = yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
+        try:
+            value = yaml.safe_load(yaml.serialize(node)) if node.tag != "tag:yaml.org,2002:str" else node.value
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError):  # e.g. "!!int x" (fuzzing)
+            raise self.error(node, where, f"cannot read {node.value!r} as a {_kind_name(kind)}") from None
         if kind is str:
             if value is None or isinstance(value, (list, dict)):
                 raise self.error(node, where, "expected a string")
