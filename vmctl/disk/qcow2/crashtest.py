@@ -39,7 +39,7 @@ class Outcome:
 
 def child(path: str, log_path: str, seed: int, fault: str) -> None:
     """Write until killed (or until injected faults stop the image)."""
-    from ..backend import DiskError, open_disk
+    from ..block_backend import DiskError, open_disk
 
     rng = random.Random(seed)
     if fault in ("ENOSPC", "EIO"):
@@ -145,7 +145,7 @@ def _verify(path: str, log_path: str, size: int, outcome: Outcome) -> None:
     if done.returncode not in (0, 3):
         outcome.problems.append(f"qemu-img check exit {done.returncode}: "
                                 f"{(done.stdout + done.stderr).strip()[-300:]}")
-    from ..backend import open_disk
+    from ..block_backend import open_disk
     with open_disk(path, read_only=True) as disk:
         data = disk.read(0, size)
     step = 65536

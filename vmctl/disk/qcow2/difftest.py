@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from ..backend import open_disk
+from ..block_backend import open_disk
 from . import check as check_mod
 from .create import CreateOptions, create, create_overlay
 
