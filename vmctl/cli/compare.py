@@ -188,21 +188,10 @@ def measure(kind: str, spec, timeout: float, index: int) -> dict:
             start = time.perf_counter()
             outcome = backend.exec(store, record, ["/bin/sh", "-c", _script(spec)], timeout)
             command = time.perf_counter() - start
-            folder = store.folder(record.name)
-            if kind == "container":
-                from ..backends.container.overlay_root import disk_usage
-
-                pids = _cgroup_pids(record.spec["container_id"]) + [int(p) for p in record.resources["monitor"]]
-                disk = disk_usage(folder / "rootfs" / "upper")
-            else:
-                from ..backends.container.overlay_root import disk_usage
-
-                pids = [record.pid]
-                disk = disk_usage(folder / "disks") if (folder / "disks").exists() else 0
-            sample = {"ready_s": ready, "command_s": command, "pss_bytes": _pss(pids), "disk_bytes": disk,
-                      "exit_code": outcome.exit_code, "runtime": record.spec.get("runtime")}
-            if kind == "container":  # how much of it is vmctl's monitor (a Python process)
-                sample["pss_monitor_bytes"] = _pss([int(p) for p in record.resources["monitor"]])
+            usage = backend.usage(store, record)
+            sample = {"ready_s": ready, "command_s": command, "pss_bytes": _pss(list(usage.pids)),
+                      "disk_bytes": usage.disk_bytes, "exit_code": outcome.exit_code,
+                      "runtime": _runtime_name() if kind == "container" else None}
         finally:
             with store.locked():
                 backend.remove(store, record)
@@ -238,16 +227,11 @@ def _measure_native(spec) -> dict:
     return {"ready_s": 0.0, "command_s": elapsed, "pss_bytes": 0, "disk_bytes": disk, "exit_code": 0, "runtime": None}
 
 
-def _cgroup_pids(container_id: str) -> list[int]:
-    from ..backends.container.runtime import cgroup_dirs
+def _runtime_name() -> str:
+    """The OCI runtime the container backend picks here (the same choice it made)."""
+    from ..backends.container.runtime import choose
 
-    pids: set[int] = set()
-    for path in cgroup_dirs(container_id):
-        try:
-            pids.update(int(p) for p in (path / "cgroup.procs").read_text().split())
-        except OSError:
-            continue
-    return sorted(pids)
+    return choose().name
 
 
 def _pss(pids: list[int]) -> int:

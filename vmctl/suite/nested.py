@@ -21,7 +21,7 @@ TIMEOUT_S = {True: 3600.0, False: 4 * 3600.0}  # quick, full
 
 def run_in_nested_host(options, columns: list[str]) -> SuiteRun:
     from ..nested import NestedHost, scratch
-    from ..nested.host import Stall
+    from ..nested.l1_host import Stall
 
     inner_columns = ["native", "container"] + columns
     exchange = scratch.make("vmctl-suite-nested-")

@@ -80,7 +80,7 @@ class BackendColumn:
 
     def backing_files(self, relative: str) -> list[Path]:
         if self.name == "container":
-            from ...backends.container.rootfs import base_tree
+            from ...backends.container.overlay_root import base_tree
 
             return sorted((base_tree(self.image) / relative).glob("*"))
         from ...guest_contract import reference_images
