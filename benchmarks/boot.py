@@ -5,7 +5,9 @@ For each VMM, N times (alternating, so load changes hit both alike):
          microvm -accel kvm …`) to the guest's userspace marker VMCTL-READY on the serial
          console (printed by the reference initramfs's /init just before its command runs)
   idle   the guest's command is `sleep IDLE`; halfway through, the VMM process's VmRSS
-         (/proc/PID/status) and Pss (/proc/PID/smaps_rollup) are sampled
+         (/proc/PID/status) and Pss (/proc/PID/smaps_rollup) are sampled, and its smaps
+         split into the guest-RAM mapping and the rest: the VMM's own overhead
+         (RSS minus the guest RAM it touched, vmctl.procmem)
   exits  when /sys/kernel/debug/kvm is there: KVM's exit counters (all VMs of this host,
          nothing else runs a VM here) before start, at VMCTL-READY and after the VM ended
 Same guest for both: the reference bzImage and busybox initramfs, 1 vCPU, 256 MiB,
@@ -40,7 +42,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from vmctl.procmem import vmm_memory  # noqa: E402
+
 READY = "VMCTL-READY"
+GUEST_MEMORY = 256 << 20  # both VMMs' guests: --memory 256M / -m 256M
 KVM_STATS = Path("/sys/kernel/debug/kvm")
 # KVM's debugfs counters worth reading: all exits, and those that reached the VMM process.
 EXIT_COUNTERS = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "signal_exits")
@@ -56,6 +61,9 @@ class Sample:
     total_seconds: float
     rss_kib: int | None
     pss_kib: int | None
+    guest_rss_kib: int | None = None  # resident pages of the guest-RAM mapping
+    overhead_rss_kib: int | None = None  # RSS minus guest RAM: the VMM's own memory
+    overhead_pss_kib: int | None = None
     exits_to_ready: dict[str, int] = field(default_factory=dict)
     exits_total: dict[str, int] = field(default_factory=dict)
 
@@ -128,6 +136,7 @@ def measure(command: list[str], idle: float, timeout: float) -> Sample:
         time.sleep(idle / 2)
         rss = status_kib(process.pid, "status", "VmRSS")
         pss = status_kib(process.pid, "smaps_rollup", "Pss")
+        use = vmm_memory(process.pid, GUEST_MEMORY)
         returncode = process.wait(timeout=idle + timeout)
         end = time.monotonic()
         thread.join(timeout=10)
@@ -138,13 +147,19 @@ def measure(command: list[str], idle: float, timeout: float) -> Sample:
     if returncode != 0 or not any(line.strip() == "VMCTL-EXIT 0" for line in lines):
         raise RuntimeError(f"{command[0]}: guest did not end cleanly (exit {returncode}):\n" + "\n".join(lines[-20:]))
     return Sample(ready_at[0] - start, end - start, rss, pss,
-                  delta(counters_ready[0], counters_start), delta(kvm_counters(), counters_start))
+                  use.guest_rss_kib if use else None, use.overhead_rss_kib if use else None,
+                  use.overhead_pss_kib if use else None,
+                  exits_to_ready=delta(counters_ready[0], counters_start),
+                  exits_total=delta(kvm_counters(), counters_start))
 
 
 def summarize(samples: list[Sample]) -> dict:
     def median(values: list) -> float | None:
         values = [value for value in values if value is not None]
         return statistics.median(values) if values else None
+
+    def mib(kib: float | None) -> float | None:
+        return None if kib is None else round(kib / 1024, 1)
 
     ready = [s.ready_seconds for s in samples]
     out = {
@@ -154,6 +169,9 @@ def summarize(samples: list[Sample]) -> dict:
         "ready_max_ms": round(max(ready) * 1000, 1),
         "rss_median_mib": round(median([s.rss_kib for s in samples]) / 1024, 1),
         "pss_median_mib": round(median([s.pss_kib for s in samples]) / 1024, 1),
+        "guest_rss_median_mib": mib(median([s.guest_rss_kib for s in samples])),
+        "overhead_rss_median_mib": mib(median([s.overhead_rss_kib for s in samples])),
+        "overhead_pss_median_mib": mib(median([s.overhead_pss_kib for s in samples])),
         "samples": [asdict(s) for s in samples],
     }
     if samples[0].exits_to_ready:
@@ -164,13 +182,16 @@ def summarize(samples: list[Sample]) -> dict:
 
 def table(result: dict) -> str:
     ours, qemu = result["vmctl"], result["qemu"]
-    rows = ["| VMM | runs | start → VMCTL-READY, median (min–max) | idle VmRSS | idle Pss |", "|---|---|---|---|---|"]
+    rows = ["| VMM | runs | start → VMCTL-READY, median (min–max) | idle VmRSS | idle Pss "
+            "| guest RAM touched | VMM overhead (RSS − guest) |", "|---|---|---|---|---|---|---|"]
     for name, r in (("vmctl boot (native VMM)", ours), ("QEMU microvm", qemu)):
         rows.append(f"| {name} | {r['runs']} | {r['ready_median_ms'] / 1000:.2f} s "
                     f"({r['ready_min_ms'] / 1000:.2f}–{r['ready_max_ms'] / 1000:.2f}) | "
-                    f"{r['rss_median_mib']} MiB | {r['pss_median_mib']} MiB |")
+                    f"{r['rss_median_mib']} MiB | {r['pss_median_mib']} MiB | "
+                    f"{r.get('guest_rss_median_mib')} MiB | {r.get('overhead_rss_median_mib')} MiB |")
+    overhead = f"**{result['ratio_overhead']:.2f}x**" if result.get("ratio_overhead") else "–"
     rows.append(f"| **vmctl / QEMU** | | **{result['ratio_boot']:.2f}x** | **{result['ratio_rss']:.2f}x** | "
-                f"**{result['ratio_pss']:.2f}x** |")
+                f"**{result['ratio_pss']:.2f}x** | | {overhead} |")
     if "exits_to_ready_median" in ours:
         rows += ["", "| KVM exits, start → VMCTL-READY (median) | " + " | ".join(EXIT_COUNTERS) + " |",
                  "|---|" + "---|" * len(EXIT_COUNTERS)]
@@ -333,6 +354,9 @@ def main() -> int:
     result["ratio_boot"] = round(result["vmctl"]["ready_median_ms"] / result["qemu"]["ready_median_ms"], 2)
     result["ratio_rss"] = round(result["vmctl"]["rss_median_mib"] / result["qemu"]["rss_median_mib"], 2)
     result["ratio_pss"] = round(result["vmctl"]["pss_median_mib"] / result["qemu"]["pss_median_mib"], 2)
+    if result["vmctl"]["overhead_rss_median_mib"] and result["qemu"]["overhead_rss_median_mib"]:
+        result["ratio_overhead"] = round(result["vmctl"]["overhead_rss_median_mib"]
+                                         / result["qemu"]["overhead_rss_median_mib"], 2)
     if args.breakdown:
         result["breakdown"] = breakdown(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)

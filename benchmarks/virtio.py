@@ -46,12 +46,14 @@ RESULTS = HERE / "results" / "virtio.json"
 DISK_MIB = 256
 SEQ_MIB = 64
 RANDREAD_SECONDS = 5
+QUEUE_DEPTH = 32  # the second random-read test: this many requests in flight (Linux AIO)
 TCP_MIB = 64
 SINK_PORT, SOURCE_PORT = 5001, 5002
 QEMU_TAP = "vmctlbq0"
 QEMU_NET = ("172.31.255.1", "172.31.255.2")
 BENCH_LINE = re.compile(r"^BENCH (\S+) ([0-9.]+) (\S+)(?: (\d+))?$")
 TESTS = [("seqwrite_1m", "MB/s"), ("seqread_1m", "MB/s"), ("randread_4k", "IOPS"),
+         (f"randread_4k_qd{QUEUE_DEPTH}", "IOPS"),
          ("tcp_guest_to_host", "MB/s"), ("tcp_host_to_guest", "MB/s")]
 
 INIT = """#!/bin/busybox sh
@@ -64,11 +66,13 @@ H=$(echo $IPSPEC | cut -d: -f3)
 echo MARK; /vbench seqwrite /dev/vda %(seq)d
 echo MARK; /vbench seqread /dev/vda %(seq)d
 echo MARK; /vbench randread /dev/vda %(rand)d
+echo MARK; /vbench randread /dev/vda %(rand)d %(depth)d
 echo MARK; /vbench tcpsend $H %(sink)d %(tcp)d
 echo MARK; /vbench tcprecv $H %(source)d
 echo VMCTL-EXIT 0
 reboot -f
-""" % {"seq": SEQ_MIB, "rand": RANDREAD_SECONDS, "sink": SINK_PORT, "source": SOURCE_PORT, "tcp": TCP_MIB}
+""" % {"seq": SEQ_MIB, "rand": RANDREAD_SECONDS, "sink": SINK_PORT, "source": SOURCE_PORT, "tcp": TCP_MIB,
+     "depth": QUEUE_DEPTH}
 
 
 def progress(message: str) -> None:

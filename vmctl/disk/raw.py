@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import threading
@@ -23,7 +22,8 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
     filesystem cannot do it (the caller then writes zeros)."""
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        from ..kvm.ioctl import libc  # glibc, loaded once without `ldconfig -p`
+        _libc = libc()
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
     if _libc.fallocate(fd, mode, offset, length) == 0:

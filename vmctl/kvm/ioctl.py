@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# glibc's soname, not ctypes.util.find_library("c"): that runs `ldconfig -p` in a
+# subprocess (and imports subprocess, tempfile, shutil...) on every VMM start-up.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _libc.ioctl.restype = ctypes.c_int
 

@@ -68,6 +68,10 @@ class VirtioDevice(abc.ABC):
         """The device-specific configuration space (little-endian struct)."""
         return b""
 
+    def fit_machine(self, cpus: int) -> None:
+        """Before the transport is built: size per-vCPU resources (queues) for a machine
+        of `cpus` vCPUs. The default has nothing to size."""
+
     def write_config(self, offset: int, data: bytes) -> None:
         """Drivers rarely write config; the default ignores it."""
 

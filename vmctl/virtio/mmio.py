@@ -86,6 +86,9 @@ class VirtioMmioTransport:
         # Set by the worker: stop (False) or resume (True) waiting on the queues' notify fds.
         self.watch_queues: Callable[[bool], None] | None = None
         self.kernel_queues = False  # the device handed its queues to the kernel (vhost)
+        # Set by the slot when an ioeventfd absorbs the driver's InterruptACK of the
+        # used-buffer bit in the kernel (no exit to us): that bit then reads as always set.
+        self.used_ack_in_kernel = False
         self.lock = threading.RLock()
         self.queues = [Virtqueue(memory, size) for size in device.queue_sizes]
         # One eventfd per queue: the ioeventfd target, and what a trapped QueueNotify writes.
@@ -153,7 +156,9 @@ class VirtioMmioTransport:
                 # The kernel raises used-buffer interrupts straight through the irqfd and
                 # cannot set this bit: report it always (a vring check with nothing new is
                 # harmless to the driver).
-                return self._interrupt_status | (INT_USED_BUFFER if self.kernel_queues else 0)
+                # Likewise when its ACK never reaches us (`used_ack_in_kernel`).
+                sticky = self.kernel_queues or self.used_ack_in_kernel
+                return self._interrupt_status | (INT_USED_BUFFER if sticky else 0)
         with self.lock:
             queue = self._selected_queue()
             if offset == MAGIC_VALUE:

@@ -260,6 +260,9 @@ class Machine:
         assert self.memory is not None, "the machine is not built"
         return self.memory
 
+    def vcpu_count(self) -> int:
+        return self.config.cpus
+
     def register_ioeventfd(self, eventfd: int, address: int, length: int, datamatch: int | None = None) -> None:
         assert self.vm is not None, "the machine is not built"
         self.vm.register_ioeventfd(eventfd, address, length, datamatch=datamatch)
