@@ -146,17 +146,51 @@ LOGIN_SHELL = "exec /bin/busybox setsid /bin/busybox cttyhack /bin/sh -l"
 SHUTDOWN_SCRIPT = "sync; /bin/busybox reboot -f"
 
 
+# Console markers of the set-up the command script does before the command (the ssh user):
+# `up` waits for SETUP_DONE instead of VMCTL-READY when there is set-up to wait for, and a
+# SETUP_FAILED line fails the boot with its message (the script then exits 1).
+SETUP_DONE = "VMCTL-SETUP-DONE"
+SETUP_FAILED = "VMCTL-SETUP-FAILED"
+
+
+def has_setup(user: str) -> bool:
+    """Whether the command script sets something up (and prints SETUP_DONE or SETUP_FAILED)."""
+    return user != "root"
+
+
+def user_setup(user: str) -> str:
+    """Shell lines that create `user` with the image's own tool (useradd on debian; on an
+    image without one, such as busybox-static's, which has no adduser applet, by appending
+    to /etc/passwd, /etc/group and /etc/shadow) and give it root's authorized keys. Any
+    failure prints SETUP_FAILED with the tool's message and ends the script with status 1.
+    Terse on purpose: it travels base64-encoded on a kernel command line of 2047 bytes."""
+    return "\n".join([
+        f'B=/bin/busybox;u={user};h=/home/$u;f(){{ echo "{SETUP_FAILED} $*";exit 1;}}',
+        'if $B grep -q "^$u:" /etc/passwd;then :',
+        # "*" (not "!", which useradd leaves) unlocks the account for key logins only.
+        "elif command -v useradd >/dev/null;then o=$(useradd -m -s /bin/bash $u 2>&1&&usermod -p '*' $u 2>&1)"
+        '||f "useradd $u: $o"',
+        'else i=1000;while $B grep -q "^[^:]*:[^:]*:$i:" /etc/passwd /etc/group;do i=$((i+1));done',
+        'o=$({ echo "$u:x:$i:$i::$h:/bin/sh">>/etc/passwd&&echo "$u:x:$i:">>/etc/group&&'
+        '{ [ ! -e /etc/shadow ]||echo "$u:*:1:0:99999:7:::">>/etc/shadow;};} 2>&1)||f "cannot add $u: $o"',
+        "fi",
+        # Numeric ids: a static busybox may not resolve names through the image's NSS.
+        'o=$($B mkdir -p $h/.ssh 2>&1&&{ [ ! -e /root/.ssh/authorized_keys ]||$B cp /root/.ssh/authorized_keys $h/.ssh 2>&1;}'
+        "&&$B chown -R $($B awk -F: -v u=$u '$1==u{print $3\":\"$4}' /etc/passwd) $h 2>&1)||f \"home of $u: $o\"",
+        f"echo {SETUP_DONE}",
+    ])
+
+
 def boot_script(command: Sequence[str], environment: Mapping[str, str], user: str) -> str:
     """The `vmctl.cmd` script /init runs: the exec agent in the background, the ssh user,
     then the machine's command (its status becomes VMCTL-EXIT) or a login shell."""
     lines = [GUEST_AGENT]
-    if user != "root":
-        # The key /init gave root is also this user's; "*" (not "!") lets sshd accept keys.
-        home = f"/home/{user}"
-        lines.append(f"B=/bin/busybox; $B adduser -D -s /bin/sh {user} 2>/dev/null; $B sed -i 's/^{user}:!/{user}:*/' /etc/shadow; "
-                     f"$B mkdir -p {home}/.ssh && $B cp /root/.ssh/authorized_keys {home}/.ssh/ && $B chown -R {user} {home}/.ssh")
+    if has_setup(user):
+        lines.append(user_setup(user))
     lines += [f"export {name}={shlex.quote(value)}" for name, value in environment.items()]
-    lines.append(shlex.join(command) if command else LOGIN_SHELL)
+    # Like `docker run` without -i: the command reads EOF, never the console (which would
+    # wait for keystrokes that no one types).
+    lines.append(f"{shlex.join(command)} </dev/null" if command else LOGIN_SHELL)
     return "\n".join(lines)
 
 

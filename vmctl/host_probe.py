@@ -97,3 +97,41 @@ def describe(report: HostReport) -> list[str]:
     )
     lines.append(f"{'boots linux':18} {verdict}")
     return lines
+
+
+# A paravirtual KVM (kvm_pvm) emulates guest kernel code and stops a stock Linux kernel with
+# "KVM internal error ... emulation failure" after minutes (/work/shared/HOST-KVM.md). Saying so
+# before anything starts is the only useful answer; this variable lets one try anyway.
+TRY_ANYWAY_ENV = "VMCTL_TRY_LINUX_ON_PARAVIRT_KVM"
+NESTED_HINT = ("run Linux guests in the nested host instead: `vmctl run --nested …`, or "
+               "`python -m vmctl.nested -- vmctl …` for any command (docs/nested-host.md)")
+
+
+def is_linux_kernel(path: str | os.PathLike) -> bool:
+    """A bzImage (its 'HdrS' setup header), or an ELF that says "Linux version" (a vmlinux;
+    the tiny test guests are ELF files without it)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(0x206)
+            if head[0x202:0x206] == b"HdrS":
+                return True
+            if not head.startswith(b"\x7fELF"):
+                return False
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return data.find(b"Linux version ") >= 0
+    except (OSError, ValueError):
+        return False
+
+
+def linux_guest_problem(kernel: str | os.PathLike | None) -> str | None:
+    """Why a Linux guest (the reference kernel when `kernel` is None) cannot boot on this
+    host's /dev/kvm, with the next step; None when it can (or might: only kvm_pvm is known)."""
+    if os.environ.get(TRY_ANYWAY_ENV) or os.environ.get("VMCTL_NESTED"):
+        return None
+    flavour = KvmFlavour.detect()
+    if flavour.module != "kvm_pvm" or (kernel is not None and not is_linux_kernel(kernel)):
+        return None
+    return (f"this host's /dev/kvm is paravirtual ({flavour.module}): it emulates guest kernel code and a "
+            f"Linux guest stops with a KVM emulation failure (`vmctl host-check`); {NESTED_HINT}")

@@ -54,8 +54,10 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def exec_ssh(host: str, user: str, key: Path | None, command: str, timeout: float, port: int = 22) -> ExecResult:
-    """Run `command` through the guest's sshd; its exit code, stdout and stderr."""
+def exec_ssh(host: str, user: str, key: Path | None, command: str, timeout: float, port: int = 22,
+             stdin: bytes | None = None) -> ExecResult:
+    """Run `command` through the guest's sshd; its exit code, stdout and stderr. It reads
+    `stdin`, then EOF (none: EOF at once, like /dev/null)."""
     import paramiko
 
     client = paramiko.SSHClient()
@@ -65,6 +67,8 @@ def exec_ssh(host: str, user: str, key: Path | None, command: str, timeout: floa
                        look_for_keys=key is None, allow_agent=key is None, timeout=CONNECT_TIMEOUT,
                        banner_timeout=CONNECT_TIMEOUT * 2, auth_timeout=CONNECT_TIMEOUT * 2)
         _, stdout, stderr = client.exec_command(command, timeout=timeout)
+        if stdin:
+            stdout.channel.sendall(stdin)
         stdout.channel.shutdown_write()
         out = stdout.read()
         err = stderr.read()

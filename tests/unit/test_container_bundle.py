@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 
@@ -100,15 +102,24 @@ def test_denied_syscalls_are_real_syscall_names():
         assert f"__NR_{name} " in headers, name
 
 
-@pytest.mark.parametrize("field, value", [
-    ("disks", [{"size": "1G"}]), ("cmdline", "console=ttyS0"), ("libvirt", {"domain_type": "qemu"}),
-    ("network", {"mode": "nat", "forwards": ["8080:80"]}),
+@pytest.mark.parametrize("field, value, where", [
+    ("disks", "[{size: 1G}]", "machines.box.disks"), ("cmdline", "console=ttyS0", "machines.box.cmdline"),
+    ("libvirt", "{domain_type: qemu}", "machines.box.libvirt"),
+    ("network", "{mode: nat, forwards: ['8080:80']}", "machines.box.network.forwards"),
 ])
-def test_fields_a_container_cannot_use_are_errors(field, value):
-    spec = parse_spec({"name": "box", "backend": "container", field: value}).machines[0]
-    named = "network.forwards" if field == "network" else field
-    with pytest.raises(VmctlError, match=f"{named}: not supported with backend: container"):
-        check_spec(spec)
+def test_fields_a_container_cannot_use_are_errors_at_their_line_and_column(field, value, where):
+    text = f"machines:\n  box:\n    backend: container\n    {field}: {value}\n"
+    column = 5 if field != "network" else 5 + len("network: {mode: nat, ")
+    with pytest.raises(VmctlError, match=f"^c1.yaml:4:{column}: {where}: not supported with backend: container"):
+        parse_spec(text, source="c1.yaml")
+
+
+def test_the_backend_still_refuses_what_a_container_cannot_use():
+    from vmctl.spec.model import DiskSpec
+
+    spec = parse_spec({"name": "box", "backend": "container"}).machines[0]
+    with pytest.raises(VmctlError, match="disks: not supported with backend: container"):
+        check_spec(dataclasses.replace(spec, disks=(DiskSpec(image=None, size=1 << 30),)))
 
 
 # Runtime choice and cgroup checks, against fake /sys/fs/cgroup layouts.

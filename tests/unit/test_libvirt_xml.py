@@ -78,7 +78,7 @@ def test_direct_kernel_boot(files):
     words = cmdline.split()
     assert words[:5] == ["console=ttyS0", "quiet", "8250.nr_uarts=2", "vmctl.hostname=web", words[4]]
     script = decode(words[4].removeprefix("vmctl.cmd="))  # the exec agent on COM2, then the command
-    assert script.startswith(GUEST_AGENT) and script.endswith("export GREETING=hello\nuname -a")
+    assert script.startswith(GUEST_AGENT) and script.endswith("export GREETING=hello\nuname -a </dev/null")
     assert root.find("os/boot") is None
     assert [root.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
     consoles = root.findall("devices/serial")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ..spec.model import MachineSpec
+from ..errors import VmctlError
+from ..guest_contract import ExecResult
 from ..proc import pid_alive
 from ..state import MachineRecord, StateStore
-from ..guest_contract import ExecResult
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,35 @@ def process_status(
         detail = ", ".join(part for part in (running, where) if part)
         return MachineStatus(record.name, backend, "running", record.pid, detail)
     return MachineStatus(record.name, backend, "dead", record.pid, gone)
+
+
+def ready_marker(record: MachineRecord) -> bytes:
+    """What `up` waits for on a VM's console: VMCTL-READY from /init, or the end of the
+    command script's set-up (the ssh user) when it has one (guest_contract.user_setup)."""
+    from ..guest_contract import SETUP_DONE, has_setup
+
+    user = (record.spec.get("ssh") or {}).get("user", "root")
+    return SETUP_DONE.encode() if has_setup(user) else b"VMCTL-READY"
+
+
+def setup_failure(console: bytes) -> str | None:
+    """The message of a VMCTL-SETUP-FAILED line on the console, if the set-up failed."""
+    from ..guest_contract import SETUP_FAILED
+
+    marker = SETUP_FAILED.encode() + b" "
+    at = console.rfind(marker)
+    if at < 0:
+        return None
+    return console[at + len(marker):].split(b"\n", 1)[0].rstrip(b"\r").decode(errors="replace")
+
+
+def read_tail(path: Path, size: int = 65536) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - size))
+            return handle.read()
+    except FileNotFoundError:
+        return b""
 
 
 class MarkerScan:
@@ -91,7 +123,8 @@ def ssh_target(store: StateStore, record: MachineRecord, probe: bool = True) -> 
     return network["guest_ip"], ssh.get("user", "root"), Path(key) if key else None
 
 
-def exec_over_ssh(store: StateStore, record: MachineRecord, script: str, timeout: float) -> ExecResult | None:
+def exec_over_ssh(store: StateStore, record: MachineRecord, script: str, timeout: float,
+                  stdin: bytes | None = None) -> ExecResult | None:
     """Run `script` through SSH when the machine is on vmctl's network and its sshd answers;
     None when it is not (the caller falls back to its guest agent)."""
     target = ssh_target(store, record)
@@ -100,7 +133,25 @@ def exec_over_ssh(store: StateStore, record: MachineRecord, script: str, timeout
     from ..ssh import exec_ssh
 
     host, user, key = target
-    return exec_ssh(host, user, key, script, timeout)
+    return exec_ssh(host, user, key, script, timeout, stdin=stdin)
+
+
+STDIN_CHUNK = 24 * 1024  # base64 twice (here and on the agent's line) stays under the UART's 64 KiB buffer
+
+
+def exec_with_input(run: Callable[[str], ExecResult], script: str, stdin: bytes | None) -> ExecResult:
+    """`exec -i` through a channel that cannot stream (the guest agent): the bytes go to a file
+    in the guest's /tmp first, then the script reads it as its stdin. Without input the
+    script's stdin is /dev/null (the agent's own rule)."""
+    if stdin is None:
+        return run(script)
+    path = f"/tmp/.vmctl-stdin-{uuid.uuid4().hex[:12]}"
+    for start in range(0, max(len(stdin), 1), STDIN_CHUNK):
+        chunk = base64.b64encode(stdin[start:start + STDIN_CHUNK]).decode()
+        written = run(f"echo '{chunk}' | /bin/busybox base64 -d >> {path}")
+        if written.exit_code:
+            raise VmctlError(f"cannot pass stdin to the guest: {written.stderr.decode(errors='replace').strip()}")
+    return run(f"({script}) < {path}; s=$?; rm -f {path}; exit $s")
 
 
 @dataclass(frozen=True)
@@ -139,8 +190,10 @@ class Backend(Protocol):
     def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
         """Ask the machine to stop, then kill it after `timeout` seconds."""
 
-    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
-        """Run a command in the guest; its exit code and output."""
+    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float,
+             stdin: bytes | None = None) -> ExecResult:
+        """Run a command in the guest; its exit code and output. Its stdin is `stdin` (`exec -i`),
+        else /dev/null."""
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         """Stop it if needed and release everything it holds (processes, disks, taps, state)."""

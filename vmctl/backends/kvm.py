@@ -9,13 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+from .. import signals
 from ..errors import VmctlError
 from ..spec.model import MachineSpec
 from ..proc import pid_alive, reap, send_signal, wait_gone
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore
 from ..guest_contract import READY_MARKER_BYTES, ExecResult, exec_script
 from ..vmm.control import request
-from .base import MachineStatus, MarkerScan, Usage, allocated_bytes, exec_over_ssh, process_status, ssh_target
+from .base import (MachineStatus, MarkerScan, Usage, allocated_bytes, exec_over_ssh, exec_with_input,
+                   process_status, read_tail, ready_marker, setup_failure, ssh_target)
 from .kvm_prepare import prepare
 
 POLL = 0.05
@@ -25,6 +27,11 @@ class KvmBackend:
     name = "kvm"
 
     def start(self, store: StateStore, spec: MachineSpec, spec_file: str | None) -> MachineRecord:
+        from ..host_probe import linux_guest_problem
+
+        problem = linux_guest_problem(spec.kernel)
+        if problem:
+            raise VmctlError(f"{spec.name}: {problem}")
         record = MachineRecord(name=spec.name, backend=self.name, spec={}, spec_file=spec_file, ephemeral=spec.ephemeral)
         folder = store.create(record)
         try:
@@ -39,12 +46,14 @@ class KvmBackend:
 
     def wait_ready(self, store: StateStore, record: MachineRecord, timeout: float) -> float:
         """Ready = the console shows VMCTL-READY (vmctl's /init prints it once mounts, network
-        and sshd are up); a guest that exits first is an error, except a short-lived one that
-        exits successfully (it ran to completion). A guest restored from a snapshot booted
-        long ago: it is ready once restored and told its new identity (the VMM says so)."""
+        and sshd are up), and the set-up of the command script (the ssh user) is done; a
+        guest that exits first is an error, except a short-lived one that exits successfully
+        (it ran to completion). A failed set-up is an error with its message. A guest
+        restored from a snapshot booted long ago: it is ready once restored and told its new
+        identity (the VMM says so)."""
         folder = store.folder(record.name)
         start = time.monotonic()
-        console = MarkerScan(folder / CONSOLE, READY_MARKER_BYTES)
+        console = MarkerScan(folder / CONSOLE, ready_marker(record))
         restored = bool(record.spec.get("restore"))
         while time.monotonic() - start < timeout:
             if restored and _restored_ready(folder):
@@ -55,9 +64,13 @@ class KvmBackend:
             if outcome is not None:
                 if outcome["exit_code"] == 0 and not outcome["crashed"]:
                     return time.monotonic() - start
+                failed = setup_failure(read_tail(folder / CONSOLE))
+                if failed:
+                    raise VmctlError(f"{record.name}: the guest's set-up failed: {failed} (vmctl rm {record.name})")
                 raise VmctlError(f"{record.name}: guest ended before it was ready: {outcome['reason']} (vmctl logs {record.name})")
             if not pid_alive(record.pid):
                 raise VmctlError(f"{record.name}: the VMM process died before the guest was ready (see {folder / VMM_LOG})")
+            signals.check()  # a signal whose exception Python dropped
             time.sleep(POLL)
         raise VmctlError(f"{record.name}: not ready after {timeout:g} s (vmctl logs {record.name})")
 
@@ -86,17 +99,23 @@ class KvmBackend:
             send_signal(record.pid, signal.SIGKILL)
             wait_gone(record.pid, 5)
 
-    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
+    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float,
+             stdin: bytes | None = None) -> ExecResult:
         """Through SSH (paramiko) when the machine has a network and its sshd answers;
         otherwise through the guest agent on COM2."""
         if not pid_alive(record.pid) or store.outcome(record.name) is not None:
             raise VmctlError(f"{record.name}: not running")
         script = exec_script(command, record.spec.get("environment", {}))
-        over_ssh = exec_over_ssh(store, record, script, timeout)
+        over_ssh = exec_over_ssh(store, record, script, timeout, stdin)
         if over_ssh is not None:
             return over_ssh
-        answer = request(store.folder(record.name) / CONTROL, "exec", timeout=timeout + 5, script=script, timeout_seconds=timeout)
-        return ExecResult(answer["exit_code"], base64.b64decode(answer["stdout"]), base64.b64decode(answer["stderr"]))
+
+        def agent(text: str) -> ExecResult:
+            answer = request(store.folder(record.name) / CONTROL, "exec", timeout=timeout + 5, script=text,
+                             timeout_seconds=timeout)
+            return ExecResult(answer["exit_code"], base64.b64decode(answer["stdout"]), base64.b64decode(answer["stderr"]))
+
+        return exec_with_input(agent, script, stdin)
 
     def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
         return ssh_target(store, record, probe)

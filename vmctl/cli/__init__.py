@@ -53,6 +53,40 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; no traceback reaches the user for a signal or a closed stdout."""
+    from .. import signals
+
+    signals.install()  # first: SIGTERM/SIGHUP clean up like Ctrl-C from here on
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as interrupt:  # signals.Interrupted too
+        print(f"vmctl: interrupted{_by(interrupt)}", file=sys.stderr)
+        return signals.exit_status(interrupt)
+    except BrokenPipeError:
+        # The reader went away (`vmctl ps | head -1`): say nothing more, like a tool killed
+        # by SIGPIPE; stdout is pointed at /dev/null so the interpreter's last flush is quiet.
+        _silence_stdout()
+        return 128 + 13
+
+
+def _by(interrupt: KeyboardInterrupt) -> str:
+    from ..signals import Interrupted
+
+    return f" ({interrupt.args[0]})" if isinstance(interrupt, Interrupted) and interrupt.signum != 2 else ""
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first "--" is a guest command (vmctl run -- CMD), never our options.
     passthrough: list[str] = []
@@ -68,13 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed stdout is a BrokenPipeError here, not at exit
+        return code
     except VmctlError as error:
         print(f"vmctl: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vmctl: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

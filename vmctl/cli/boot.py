@@ -96,6 +96,11 @@ def virtio_devices(args: argparse.Namespace) -> list[VirtioMmioFactory]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..host_probe import linux_guest_problem
+
+    problem = linux_guest_problem(args.kernel)
+    if problem:
+        raise VmctlError(f"{args.kernel}: {problem}")
     devices = virtio_devices(args)
     # Kernel parameters the devices need (the guest's `ip=` for a network).
     net_words = [word for device in devices if isinstance(device, factories.NetFactory) for word in device.cmdline_words()]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from .. import signals
 from ..backends import get_backend
 from ..errors import VmctlError
 from ..guest_contract import EXIT_PREFIX, READY_MARKER_BYTES
@@ -76,14 +78,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     exec_parser = subparsers.add_parser(
         "exec", help="run a command in a running machine",
-        usage="vmctl exec NAME [--timeout S] -- COMMAND [ARG...]",
+        usage="vmctl exec NAME [-i] [--timeout S] -- COMMAND [ARG...]",
         description="Run COMMAND in the running machine NAME and exit with its status. It goes through "
         "SSH (paramiko, the machine's own key) when the machine has a network and its sshd answers, "
         "otherwise through the guest agent on the second serial port (no network needed). The "
-        "machine's `environment` is set.",
-        epilog="example: vmctl exec web -- cat /etc/os-release",
+        "machine's `environment` is set. Like `docker exec`, COMMAND's stdin is empty (/dev/null) "
+        "unless -i is given.",
+        epilog="examples:\n  vmctl exec web -- cat /etc/os-release\n  echo hello | vmctl exec -i web -- tr a-z A-Z",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     exec_parser.add_argument("name")
+    exec_parser.add_argument("-i", "--interactive", action="store_true",
+                             help="give COMMAND this command's stdin (read to its end first)")
     exec_parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for the command (default 60)")
     exec_parser.set_defaults(func=cmd_exec)
 
@@ -132,26 +138,38 @@ def cmd_up(args: argparse.Namespace) -> int:
         return clone_from_snapshot(args.from_snapshot, args.name, args.no_wait, args.timeout)
     spec_file = load_spec(args.file)
     store = _store()
-    started = []
-    with store.locked():
-        for spec in _selected(list(spec_file.machines), args.names, args.file):
-            if store.exists(spec.name):
-                record = store.load(spec.name)
-                state = get_backend(record.backend).status(store, record).state
-                if state == "running":
-                    print(f"{spec.name}: already running", file=sys.stderr)
-                    continue
-                raise VmctlError(f"{spec.name}: a stopped machine of that name exists ({state}): vmctl rm {spec.name}")
-            backend = get_backend(spec.backend)
-            started.append((backend, backend.start(store, spec, str(args.file))))
-            print(f"{spec.name}: started ({spec.backend}, pid {started[-1][1].pid})", file=sys.stderr)
-    if args.no_wait:
-        return 0
-    for backend, record in started:
-        with _Progress(f"{record.name}: waiting for the guest (up to {args.timeout:g} s)"):
-            seconds = backend.wait_ready(store, record, args.timeout)
-        print(f"{record.name}: ready in {seconds:.2f} s", file=sys.stderr)
+    started: list = []
+    try:
+        with store.locked():
+            for spec in _selected(list(spec_file.machines), args.names, args.file):
+                if store.exists(spec.name):
+                    record = store.load(spec.name)
+                    state = get_backend(record.backend).status(store, record).state
+                    if state == "running":
+                        print(f"{spec.name}: already running", file=sys.stderr)
+                        continue
+                    raise VmctlError(f"{spec.name}: a stopped machine of that name exists ({state}): vmctl rm {spec.name}")
+                backend = get_backend(spec.backend)
+                started.append((backend, backend.start(store, spec, str(args.file))))
+                print(f"{spec.name}: started ({spec.backend}, pid {started[-1][1].pid})", file=sys.stderr)
+        if args.no_wait:
+            return 0
+        for backend, record in started:
+            with _Progress(f"{record.name}: waiting for the guest (up to {args.timeout:g} s)"):
+                seconds = backend.wait_ready(store, record, args.timeout)
+            print(f"{record.name}: ready in {seconds:.2f} s", file=sys.stderr)
+    except KeyboardInterrupt:
+        if started:
+            _say_still_running([record.name for _, record in started])
+        raise
     return 0
+
+
+def _say_still_running(names: list[str]) -> None:
+    """After Ctrl-C in `up`: the machines are detached and keep running; say so and how to stop them."""
+    listed = " ".join(names)
+    print(f"\rvmctl: {', '.join(names)} {'keeps' if len(names) == 1 else 'keep'} running in the background "
+          f"(vmctl ps; stop with vmctl down {listed}, remove with vmctl rm {listed})", file=sys.stderr)
 
 
 class _Progress:
@@ -187,18 +205,29 @@ class _Progress:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """Each line says what really happened: stopped by the guest, killed after the timeout,
+    or not running in the first place (then how it had ended)."""
     store = _store()
     with store.locked():
         names = args.names or store.names()
         for name in names:
             record = store.load(name)
             backend = get_backend(record.backend)
-            backend.stop(store, record, args.timeout)
+            before = backend.status(store, record)
+            if before.state == "running":
+                with _Progress(f"{name}: stopping (killed if still running after {args.timeout:g} s)"):
+                    backend.stop(store, record, args.timeout)
+                reason = str((store.outcome(name) or {}).get("reason") or "")
+                forced = "SIGKILL" in reason or "did not shut down" in reason
+                what = (f"forced to stop after {args.timeout:g} s" if forced else "stopped") + (f" ({reason})" if reason else "")
+            else:
+                backend.stop(store, record, args.timeout)  # releases what a dead machine still holds
+                what = f"was not running ({before.state}{': ' + before.detail if before.detail else ''})"
             if record.ephemeral:
                 backend.remove(store, record)
-                print(f"{name}: stopped and removed (ephemeral)", file=sys.stderr)
+                print(f"{name}: {what}; removed (ephemeral)", file=sys.stderr)
             else:
-                print(f"{name}: stopped", file=sys.stderr)
+                print(f"{name}: {what}", file=sys.stderr)
     return 0
 
 
@@ -219,12 +248,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
             "ephemeral": r.ephemeral, "network": _store().network(r.name),
         } for r, s in rows], indent=2))
         return 0
-    print(f"{'NAME':20} {'BACKEND':9} {'STATE':8} {'PID':>7} {'CPUS':>4} {'MEMORY':>7} {'AGE':>6}  DETAIL")
+    width = max([20] + [len(status.name) for _, status in rows])  # long names push the columns, never into them
+    print(f"{'NAME':{width}} {'BACKEND':9} {'STATE':8} {'PID':>7} {'CPUS':>4} {'MEMORY':>7} {'AGE':>6}  DETAIL")
     for record, status in rows:
         age = time.time() - record.created
         age_text = f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h"
         memory = f"{record.spec.get('memory', 0) >> 20}M"
-        print(f"{status.name:20} {status.backend:9} {status.state:8} {status.pid or '-':>7} "
+        print(f"{status.name:{width}} {status.backend:9} {status.state:8} {status.pid or '-':>7} "
               f"{record.spec.get('cpus', '-'):>4} {memory:>7} {age_text:>6}  {status.detail}")
     return 0
 
@@ -290,6 +320,11 @@ def register_run(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--memory", help="guest RAM, e.g. 512M")
     run.add_argument("--timeout", type=float, default=600, help="seconds before the guest is killed (default 600)")
     run.add_argument("--show-boot", action="store_true", help="print the whole console, not only the command's output")
+    run.add_argument("-i", "--interactive", action="store_true",
+                     help="give COMMAND this command's stdin (read to its end first); without -i its stdin is "
+                     "empty (/dev/null), as with `docker run`")
+    run.add_argument("--nested", action="store_true", help="run it inside the nested host (an L1 Linux under QEMU, "
+                     "docs/nested-host.md): for hosts whose /dev/kvm cannot boot Linux (vmctl host-check)")
     run.set_defaults(func=cmd_run)
 
 
@@ -315,14 +350,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..units import parse_size
 
     command = args.passthrough
+    if args.nested:
+        return _run_nested(args)
     if args.file:
         spec_file = load_spec(args.file)
         spec = spec_file.machine(args.name) if args.name else spec_file.machines[0]
     else:
         spec = parse_spec({"name": "run"}).machines[0]
-    overrides: dict = {"ephemeral": True, "name": f"{spec.name}-run-{uuid.uuid4().hex[:8]}"}
+    suffix = uuid.uuid4().hex[:8]  # "run-1a2b3c4d" for the reference images, "web-run-1a2b3c4d" for a spec's web
+    overrides: dict = {"ephemeral": True, "name": f"run-{suffix}" if spec.name == "run" else f"{spec.name}-run-{suffix}"}
     if command:
         overrides["command"] = tuple(command)
+    stdin = None
+    if args.interactive:
+        # The command waits for its input file, which vmctl writes through `exec` once the
+        # guest is up (every backend can exec; none streams a boot-time command's stdin).
+        stdin = sys.stdin.buffer.read()
+        wanted = overrides.get("command") or spec.command
+        overrides["command"] = ("/bin/sh", "-c", f"while [ ! -e {STDIN_READY} ]; do sleep 0.1; done; "
+                                f"exec {shlex.join(wanted)} < {STDIN_FILE}") if wanted else ()
     for field in ("image", "kernel", "initrd", "cpus", "backend"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
@@ -334,13 +380,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     store = _store()
     backend = get_backend(spec.backend)
-    with store.locked():
-        record = backend.start(store, spec, str(args.file) if args.file else None)
+    record = None
     try:
+        with store.locked():
+            record = backend.start(store, spec, str(args.file) if args.file else None)
+        if stdin is not None:
+            _give_stdin(store, backend, record, stdin, args.timeout)
         return _follow_until_exit(store, backend, record, args.timeout, args.show_boot)
     finally:
-        with store.locked():
-            backend.remove(store, record)
+        if record is not None:
+            # Ctrl-C, SIGTERM, SIGHUP or a closed stdout end up here; a second signal
+            # waits until the guest is gone (vmctl.signals).
+            with signals.deferred(), store.locked():
+                backend.remove(store, record)
+
+
+STDIN_FILE = "/tmp/.vmctl-run-stdin"
+STDIN_READY = "/tmp/.vmctl-run-stdin.ready"
+
+
+def _give_stdin(store: StateStore, backend, record, data: bytes, timeout: float) -> None:
+    """`run -i`: once the guest is ready, write the input file its command waits for."""
+    backend.wait_ready(store, record, timeout)
+    result = backend.exec(store, record, ["sh", "-c", f"cat > {STDIN_FILE} && touch {STDIN_READY}"], timeout,
+                          stdin=data)
+    if result.exit_code:
+        raise VmctlError(f"{record.name}: cannot give the command its stdin: "
+                         f"{result.stderr.decode(errors='replace').strip()}")
+
+
+def _run_nested(args: argparse.Namespace) -> int:
+    """`vmctl run --nested …`: the same command, run by `python -m vmctl.nested` in an L1 Linux
+    whose /dev/kvm boots Linux; its output and exit status are this command's."""
+    argv = [word for word in sys.argv[1:sys.argv.index("--") if "--" in sys.argv else len(sys.argv)] if word != "--nested"]
+    inner = [str(Path(sys.executable).with_name("vmctl")), *argv, "--", *args.passthrough] if args.passthrough \
+        else [str(Path(sys.executable).with_name("vmctl")), *argv]
+    nested = [sys.executable, "-m", "vmctl.nested", "--timeout", f"{args.timeout + 300:g}", "--", *inner]
+    sys.stdout.flush()
+    os.execv(sys.executable, nested)
+    return 125  # not reached
 
 
 def _follow_until_exit(store: StateStore, backend, record, timeout: float, show_boot: bool) -> int:
@@ -363,6 +441,11 @@ def _follow_until_exit(store: StateStore, backend, record, timeout: float, show_
                 text = line.rstrip(b"\r")
                 if text.startswith(EXIT_PREFIX.encode()):
                     printing = show_boot
+                if text.startswith(b"VMCTL-SETUP-FAILED "):
+                    print(f"vmctl: {record.name}: the guest's set-up failed: "
+                          f"{text.split(b' ', 1)[1].decode(errors='replace')}", file=sys.stderr)
+                if text.startswith(b"VMCTL-SETUP-") and not show_boot:
+                    continue
                 if printing:
                     sys.stdout.buffer.write(text + b"\n")
                 if text == READY_MARKER_BYTES:
@@ -374,6 +457,7 @@ def _follow_until_exit(store: StateStore, backend, record, timeout: float, show_
             return status.exit_code or 0
         if time.monotonic() > deadline:
             raise VmctlError(f"{record.name}: still running after {timeout:g} s: stopped")
+        signals.check()
         time.sleep(0.05)
 
 
@@ -382,11 +466,26 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise VmctlError("nothing to run: vmctl exec NAME -- COMMAND")
     store = _store()
     record = store.load(args.name)
-    result = get_backend(record.backend).exec(store, record, args.passthrough, args.timeout)
+    backend = get_backend(record.backend)
+    _require_running(store, backend, record)
+    stdin = sys.stdin.buffer.read() if args.interactive else None
+    result = backend.exec(store, record, args.passthrough, args.timeout, stdin=stdin)
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
     return result.exit_code
+
+
+def _require_running(store: StateStore, backend, record) -> None:
+    """A one-line error naming the next step when the machine is not running."""
+    status = backend.status(store, record)
+    if status.state == "running":
+        return
+    how = f"{status.state}: {status.detail}" if status.detail else status.state
+    again = f"vmctl rm {record.name} && vmctl up {record.spec_file} {record.name}" if record.spec_file \
+        else f"vmctl rm {record.name}"
+    raise VmctlError(f"{record.name}: not running ({how}); `vmctl logs {record.name}` shows its output, "
+                     f"`{again}` starts it afresh")
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -395,8 +494,13 @@ def cmd_console(args: argparse.Namespace) -> int:
     store = _store()
     record = store.load(args.name)
     path = store.folder(args.name) / CONSOLE_SOCKET
-    if get_backend(record.backend).status(store, record).state != "running" or not path.exists():
-        raise VmctlError(f"{args.name}: not running (vmctl logs {args.name} shows its console)")
+    backend = get_backend(record.backend)
+    _require_running(store, backend, record)
+    if record.backend == "container":
+        raise VmctlError(f"{args.name}: a container has no serial console: `vmctl exec {args.name} -- sh -c ...` "
+                         f"runs commands in it, `vmctl logs -f {args.name}` follows its output")
+    if not path.exists():
+        raise VmctlError(f"{args.name}: no console socket ({path}): `vmctl logs {args.name}` shows its console")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
@@ -427,15 +531,27 @@ def cmd_console(args: argparse.Namespace) -> int:
 def cmd_ssh(args: argparse.Namespace) -> int:
     from ..ssh import ssh_argv
 
+    from ..ssh import port_open
+
     store = _store()
     record = store.load(args.name)
     backend = get_backend(record.backend)
+    _require_running(store, backend, record)
+    if record.backend == "container":
+        raise VmctlError(f"{args.name}: a container runs no sshd: `vmctl exec {args.name} -- sh -c ...` runs "
+                         f"commands in it")
     target = getattr(backend, "ssh_target", None)
     found = target(store, record, probe=False) if target else None
     if found is None:
         raise VmctlError(f"{args.name}: no network to SSH to (give it `network: isolated` or `nat`; "
                          f"without one use vmctl exec or vmctl console)")
     host, user, key = found
+    if not port_open(host, 22):
+        image = record.spec.get("image")
+        why = "the busybox image has no sshd (image: debian has one)" if image == "busybox" else \
+            "its sshd does not answer (yet?)"
+        raise VmctlError(f"{args.name}: nothing listens on {host}:22: {why}; `vmctl exec {args.name} -- CMD` "
+                         f"and `vmctl console {args.name}` work without SSH")
     argv = ssh_argv(host, user, key, args.passthrough)
     try:
         os.execvp(argv[0], argv)

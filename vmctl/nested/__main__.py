@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .. import signals
 from ..errors import VmctlError
 from .detect import plan_linux_tier
 from .l1_host import NestedHost, NestedHostError
@@ -42,13 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through NestedHost.run's cleanup
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """SIGINT, SIGTERM and SIGHUP unwind through NestedHost.run's clean-up (QEMU killed, temp
+    dir removed); the command's output so far is printed, never a traceback."""
+    signals.install()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as interrupt:
+        _write(*getattr(interrupt, "partial", ("", "")))
+        print(f"python -m vmctl.nested: interrupted ({signal.Signals(signals.exit_status(interrupt) - 128).name}); "
+              "QEMU killed", file=sys.stderr)
+        return signals.exit_status(interrupt)
+    except BrokenPipeError:
+        return 128 + signal.SIGPIPE
+
+
+def _write(stdout: str, stderr: str) -> None:
+    sys.stdout.write(stdout)
+    sys.stdout.flush()
+    sys.stderr.write(stderr)
+    sys.stderr.flush()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.detect:
         plan = plan_linux_tier()
         print(f"{plan.mode}: {plan.reason}")
@@ -60,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = host.run(args.command, cwd=args.cwd, timeout=args.timeout)
     except NestedHostError as error:
+        _write(*error.partial)
         if error.console_tail:
             print(error.console_tail, file=sys.stderr)
         print(f"python -m vmctl.nested: error: {error}", file=sys.stderr)

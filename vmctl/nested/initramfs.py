@@ -61,6 +61,9 @@ R=/newroot
 mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
+# What udev/systemd would have made: /dev/fd and the std streams (bash's <(…), `cat /dev/stdin`).
+ln -sfn /proc/self/fd $R/dev/fd && ln -sf /proc/self/fd/0 $R/dev/stdin && \
+    ln -sf /proc/self/fd/1 $R/dev/stdout && ln -sf /proc/self/fd/2 $R/dev/stderr || fail "cannot link /dev/fd"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 shm $R/dev/shm
@@ -74,6 +77,8 @@ for tag in $SHARE_TAGS; do
     mkdir -p "$R$path" && mount -t 9p -o "$NINEP" "$tag" "$R$path" || fail "cannot mount share $path"
 done
 hostname vmctl-l1
+# Loopback up: port forwards listen on 127.0.0.1 (vmctl/vmm/forward.py).
+ip link set lo up || fail "cannot bring up lo"
 # Guests' RAM is MADV_HUGEPAGE: never stall a fault on synchronous compaction under emulation.
 echo defer+madvise >/sys/kernel/mm/transparent_hugepage/defrag 2>/dev/null || true
 # KVM's static keys stay on for L1's life: flipping them (text_poke_bp) can livelock TCG

@@ -41,6 +41,7 @@ class NestedHostError(VmctlError):
     def __init__(self, message: str, console_tail: str = "", cpu_state: str = "") -> None:
         super().__init__(f"{message} [L1 {cpu_state}]" if cpu_state else message)
         self.console_tail = console_tail
+        self.partial: tuple[str, str] = ("", "")  # what the command wrote before (stdout, stderr)
 
 
 class NestedTimeout(NestedHostError):
@@ -156,7 +157,12 @@ class NestedHost:
         )
         self.progress(f"booting L1 (TCG, emulated AMD-V, {self.cpus} vCPUs, {self.memory_mib} MiB)…")
         watch = _Watch(machine, work / "qemu.stderr", self.progress, stall)
-        watch.supervise(timeout, _one_line(shlex.join(command)))
+        try:
+            watch.supervise(timeout, _one_line(shlex.join(command)))
+        except (KeyboardInterrupt, NestedHostError) as error:
+            # Ctrl-C, a timeout: keep what the command wrote so far (the I/O share goes with `work`).
+            error.partial = (_read(io_dir / "stdout"), _read(io_dir / "stderr"))
+            raise
         return NestedResult(
             exit_code=_exit_code(io_dir, watch),
             stdout=_read(io_dir / "stdout"),

@@ -9,6 +9,7 @@ is none, $VMCTL_NESTED_KERNEL_DEB may name a .deb to use instead of asking apt.
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import os
 import re
@@ -28,8 +29,12 @@ META_PACKAGE = "linux-image-amd64"
 # virtio_pci: the 9p devices; 9pnet_virtio + 9p: host files; overlay: a writable view of
 # the read-only host root; kvm_amd: /dev/kvm on the emulated AMD-V; tun: TAP devices for
 # the guests' virtio-net (`vmctl boot --net`, tests/linux/inner/test_guest_virtio.py);
-# vhost_net: /dev/vhost-net, the in-kernel virtio-net data path (vmctl/virtio/vhost.py).
-NEEDED_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "vhost_net"]
+# vhost_net: /dev/vhost-net, the in-kernel virtio-net data path (vmctl/virtio/vhost.py);
+# nf_tables, nft_compat, nft_chain_nat, nft_masq, xt_MASQUERADE, xt_comment: the NAT rule of
+# `network: nat` through the host's iptables (iptables-nft on Debian; vmctl/net/host.py);
+# crc32c_generic: libcrc32c's soft dependency (without it libcrc32c, so nf_conntrack, fails).
+NEEDED_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "vhost_net",
+                  "crc32c_generic", "nf_tables", "nft_compat", "nft_chain_nat", "nft_masq", "xt_MASQUERADE", "xt_comment"]
 DEB_ENV = "VMCTL_NESTED_KERNEL_DEB"
 
 Progress = Callable[[str], None]
@@ -43,7 +48,7 @@ class L1Kernel:
 
     @property
     def release(self) -> str:
-        return self.folder.name
+        return self.folder.name.split("+", 1)[0]  # the folder is <release>+<modules key>
 
     @property
     def vmlinuz(self) -> Path:
@@ -67,11 +72,16 @@ def kernels_folder() -> Path:
     return cache_dir() / "nested" / "kernel"
 
 
+def modules_key() -> str:
+    """Short hash of NEEDED_MODULES: part of the cache folder's name, so branches with other
+    module lists keep their own kernels instead of replacing each other's."""
+    return hashlib.sha256(" ".join(NEEDED_MODULES).encode()).hexdigest()[:8]
+
+
 def _complete(folder: Path) -> bool:
-    """Every file in place, and every module of NEEDED_MODULES (a cache from before a module
-    joined the list lacks it: it is fetched again)."""
-    order = folder / "load-order"
-    return order.is_file() and set(NEEDED_MODULES) <= set(order.read_text().split())
+    """Every file in place, made for exactly this NEEDED_MODULES (the `needed` file)."""
+    order, needed = folder / "load-order", folder / "needed"
+    return order.is_file() and needed.is_file() and needed.read_text().split() == NEEDED_MODULES
 
 
 def cached_kernel() -> L1Kernel | None:
@@ -153,9 +163,10 @@ def _install(tree: Path, folder: Path) -> L1Kernel:
     for name in order:
         shutil.copyfile(index[name], staging / "modules" / f"{name}.ko")
     (staging / "load-order").write_text("\n".join(order) + "\n")
-    final = folder / release
+    (staging / "needed").write_text("\n".join(NEEDED_MODULES) + "\n")
+    final = folder / f"{release}+{modules_key()}"
     if final.exists() and not _complete(final):
-        shutil.rmtree(final)  # cached before a module joined NEEDED_MODULES
+        shutil.rmtree(final)  # a partial copy from an older vmctl
     # Complete or absent: a cached kernel only appears once every file is in place. A
     # concurrent fetch may have won the race: then keep its copy.
     try:

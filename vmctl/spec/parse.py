@@ -159,7 +159,30 @@ def _machine(context: _Context, node: yaml.Node, where: str, name_node: yaml.Nod
         values["name"] = _name(context, name_node, where)
     values.setdefault("name", "vm")
     values["source"] = f"{context.source}:{node.start_mark.line + 1}"
+    if values.get("backend") == "container":
+        _check_container_fields(context, node, where, defaults)
     return MachineSpec(**values)
+
+
+# Fields a container cannot honour (it shares the host's kernel, has no block devices and
+# no port relay): errors at their own line and column, not silently ignored.
+CONTAINER_UNSUPPORTED = ("kernel", "initrd", "cmdline", "disks", "libvirt")
+
+
+def _check_container_fields(c: _Context, node: yaml.Node, where: str, defaults: yaml.Node | None) -> None:
+    for mapping, prefix in ((node, where), (defaults, "defaults")):
+        if not isinstance(mapping, yaml.MappingNode):
+            continue
+        for key_node, value_node in mapping.value:
+            key = key_node.value
+            field = f"{prefix}.{key}" if prefix else key
+            if key in CONTAINER_UNSUPPORTED:
+                raise c.error(key_node, field, "not supported with backend: container (see docs/containers.md)")
+            if key == "network" and isinstance(value_node, yaml.MappingNode):
+                for sub_key, _ in value_node.value:
+                    if sub_key.value == "forwards":
+                        raise c.error(sub_key, f"{field}.forwards",
+                                      "not supported with backend: container (see docs/containers.md)")
 
 
 def _name(context: _Context, node: yaml.Node, where: str) -> str:

@@ -9,6 +9,7 @@ in any state, including after kill -9 of the monitor or of the container's init.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -20,6 +21,7 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+from ... import signals
 from ...errors import VmctlError
 from ...spec.model import LibvirtSpec, MachineSpec
 from ...guest_contract import READY_MARKER_BYTES, ExecResult, exec_script
@@ -27,7 +29,7 @@ from ...proc import pid_alive, reap, send_signal
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
 from ..base import MachineStatus, MarkerScan, Usage, allocated_bytes, process_status
 from .bundle import build_config
-from .monitor import PLAN, Plan, paths, release
+from .monitor import MONITOR_PID, PLAN, Plan, paths, release
 from .overlay_root import base_tree
 from .runtime import CGROUP_PARENT, Runtime, cgroup_dirs, check_controllers, choose
 
@@ -118,10 +120,12 @@ class ContainerBackend:
                 raise VmctlError(f"{record.name}: container ended: {outcome['reason']} (vmctl logs {record.name})")
             if console.found():
                 return time.monotonic() - start
+            signals.check()  # a signal whose exception Python dropped
             time.sleep(POLL)
         raise VmctlError(f"{record.name}: not ready after {timeout:g} s (vmctl logs {record.name})")
 
     def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
+        _adopt(store, record)
         _reap_monitor(record)
         if store.outcome(record.name) is None and not pid_alive(record.pid) and _monitor_alive(record):
             _wait_monitor(record, 10.0)  # the init just ended: its monitor is writing the outcome
@@ -131,6 +135,7 @@ class ContainerBackend:
     def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
         """SIGTERM to the container's init, SIGKILL after `timeout` s."""
         folder = store.folder(record.name)
+        _adopt(store, record)
         plan = Plan.load(folder)
         runtime = Runtime(plan.runtime, plan.binary)
         oci = paths(folder)["oci"]
@@ -151,15 +156,18 @@ class ContainerBackend:
                                                       "reason": "stopped by vmctl (its monitor was gone)"}))
             release(folder, plan)
 
-    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
+    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float,
+             stdin: bytes | None = None) -> ExecResult:
         """`<runtime> exec`: same namespaces, cgroup, capabilities and seccomp as the init."""
+        _adopt(store, record)
         if not pid_alive(record.pid) or store.outcome(record.name) is not None:
             raise VmctlError(f"{record.name}: not running")
         folder = store.folder(record.name)
         plan = Plan.load(folder)
         script = exec_script(command, record.spec.get("environment", {}))
         return Runtime(plan.runtime, plan.binary).exec(record.name, paths(folder)["oci"], plan.container_id,
-                                                        ["/bin/sh", "-c", script], timeout)
+                                                        ["/bin/sh", "-c", script], timeout,
+                                                        stdin=stdin)
 
     def usage(self, store: StateStore, record: MachineRecord) -> Usage:
         """The container's cgroup processes plus vmctl's monitor, and its overlay upper dir."""
@@ -178,6 +186,7 @@ class ContainerBackend:
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         folder = store.folder(record.name)
+        _adopt(store, record)
         if (folder / PLAN).exists():
             self.stop(store, record, timeout=5)
             for pid in record.resources.get("monitor", []):
@@ -222,6 +231,21 @@ def _tail(path: Path) -> str:
     except FileNotFoundError:
         return ""
     return lines[-1] if lines else ""
+
+
+def _adopt(store: StateStore, record: MachineRecord) -> None:
+    """A record without pids is a `vmctl up` killed between the monitor's report and saving
+    the record: take the init's pid from the runtime's pid file and the monitor's from its
+    own, so `ps` tells the truth (running) and `rm` finds everything."""
+    if record.pid is not None:
+        return
+    folder = store.folder(record.name)
+    for name, apply in ((paths(folder)["pid"].name, lambda pid: setattr(record, "pid", pid)),
+                        (MONITOR_PID, lambda pid: record.resources.setdefault("monitor", [str(pid)]))):
+        try:
+            apply(int((folder / name).read_text().strip()))
+        except (OSError, ValueError):
+            pass
 
 
 def _monitor_pid(record: MachineRecord) -> int | None:

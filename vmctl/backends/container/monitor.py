@@ -85,7 +85,13 @@ def _describe(status: int) -> tuple[int, str]:
     return code, f"exited with status {code}"
 
 
+MONITOR_PID = "monitor.pid"
+
+
 def run(folder: Path, report: int) -> int:
+    # Written before anything else: a `vmctl up` killed (-9) before it saved the record
+    # still leaves a machine that status/rm can find (backend._adopt).
+    (folder / MONITOR_PID).write_text(str(os.getpid()))
     plan = Plan.load(folder)
     where = paths(folder)
     runtime = Runtime(plan.runtime, plan.binary)

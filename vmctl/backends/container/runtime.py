@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -162,20 +163,52 @@ class Runtime:
     def delete(self, machine: str, root: Path, container_id: str, force: bool = False) -> None:
         self._run(machine, root, "delete", *(["--force"] if force else []), container_id)
 
-    def exec(self, machine: str, root: Path, container_id: str, argv: list[str], timeout: float) -> ExecResult:
+    def exec(self, machine: str, root: Path, container_id: str, argv: list[str], timeout: float,
+             stdin: bytes | None = None) -> ExecResult:
         """Run `argv` in the container's namespaces and cgroup (same capabilities and seccomp)."""
         log = root / "runtime.log"
         before = log.stat().st_size if log.exists() else 0
+        # The runtime writes the host pid of the command here: on timeout the command (and
+        # what it started) is killed in the container, not only the runtime's client.
+        pid_file = root / f"exec-{os.getpid()}-{threading.get_ident()}.pid"
+        pid_file.unlink(missing_ok=True)
         try:
-            result = subprocess.run(self._argv(root, "exec", container_id, *argv), stdin=subprocess.DEVNULL,
-                                    capture_output=True, timeout=timeout)
+            result = subprocess.run(self._argv(root, "exec", "--pid-file", str(pid_file), container_id, *argv),
+                                    input=stdin if stdin is not None else b"", capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise VmctlError(f"{machine}: the command did not finish in {timeout:g} s") from None
+            _kill_tree(pid_file)
+            raise VmctlError(f"{machine}: the command did not finish in {timeout:g} s: killed") from None
+        except BaseException:  # Ctrl-C, SIGTERM: the command does not outlive `vmctl exec`
+            _kill_tree(pid_file)
+            raise
+        finally:
+            pid_file.unlink(missing_ok=True)
         if result.returncode:  # the command's status, unless the runtime logged an error of its own
             failure = _last_error(log, offset=before)
             if failure:
                 raise VmctlError(f"{machine}: {self.name} exec failed: {failure}")
         return ExecResult(result.returncode, result.stdout, result.stderr)
+
+
+def _kill_tree(pid_file: Path) -> None:
+    """SIGKILL the process in `pid_file` and every descendant (children first found, then killed)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return
+    tree, index = [pid], 0
+    while index < len(tree):  # breadth-first through /proc/<pid>/task/<tid>/children
+        for children in Path(f"/proc/{tree[index]}/task").glob("*/children"):
+            try:
+                tree += [int(child) for child in children.read_text().split()]
+            except OSError:
+                pass
+        index += 1
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _last_error(log: Path, offset: int = 0) -> str | None:

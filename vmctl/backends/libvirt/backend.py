@@ -22,9 +22,10 @@ from urllib.parse import urlsplit
 from ...errors import VmctlError
 from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
-from ...guest_contract import READY_MARKER_BYTES, ExecResult, exec_script, exit_code_in
+from ...guest_contract import ExecResult, exec_script, exit_code_in
 from ...vmm.agent import AgentChannel
-from ..base import MachineStatus, Usage, allocated_bytes, ended_status, exec_over_ssh, ssh_target
+from ..base import (MachineStatus, Usage, allocated_bytes, ended_status, exec_over_ssh, exec_with_input, ready_marker,
+                    setup_failure, ssh_target)
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
@@ -279,13 +280,18 @@ class LibvirtBackend:
     def wait_ready(self, store: StateStore, record: MachineRecord, timeout: float) -> float:
         """Ready = the console shows VMCTL-READY, or the guest already ended successfully."""
         start = time.monotonic()
+        marker = ready_marker(record)
         while time.monotonic() - start < timeout:
-            if READY_MARKER_BYTES in self._console(store, record):
+            console = self._console(store, record)
+            if marker in console:
                 return time.monotonic() - start
             status = self.status(store, record)
             if status.state != "running":
                 if status.state == "exited" and status.exit_code == 0:
                     return time.monotonic() - start
+                failed = setup_failure(console)
+                if failed:
+                    raise VmctlError(f"{record.name}: the guest's set-up failed: {failed} (vmctl rm {record.name})")
                 raise VmctlError(f"{record.name}: guest ended before it was ready: {status.detail} "
                                  f"(vmctl logs {record.name})")
             time.sleep(POLL)
@@ -385,20 +391,21 @@ class LibvirtBackend:
 
     # exec -----------------------------------------------------------------------------------
 
-    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float) -> ExecResult:
+    def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float,
+             stdin: bytes | None = None) -> ExecResult:
         """Through SSH (paramiko) when the guest is on vmctl's network and its sshd answers,
         as for native guests; otherwise through the guest agent on COM2 (local URIs)."""
         if self.status(store, record).state != "running":
             raise VmctlError(f"{record.name}: not running")
         script = exec_script(command, record.spec.get("environment", {}))
-        over_ssh = exec_over_ssh(store, record, script, timeout)
+        over_ssh = exec_over_ssh(store, record, script, timeout, stdin)
         if over_ssh is not None:
             return over_ssh
         path = record.spec.get("agent_socket")
         if not path:
             raise VmctlError(f"{record.name}: exec needs the agent socket, which only a local libvirt has "
                              f"({record.spec['uri']} is remote)")
-        return agent_exec(record.name, path, script, timeout)
+        return exec_with_input(lambda text: agent_exec(record.name, path, text, timeout), script, stdin)
 
     def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
         return ssh_target(store, record, probe)
