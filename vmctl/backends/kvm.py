@@ -14,7 +14,7 @@ from ..errors import VmctlError
 from ..spec.model import MachineSpec
 from ..proc import pid_alive, reap, send_signal, wait_gone
 from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore
-from ..guest_contract import READY_MARKER_BYTES, ExecResult, exec_script
+from ..guest_contract import ExecResult, exec_script
 from ..vmm.control import request
 from .base import (MachineStatus, MarkerScan, Usage, allocated_bytes, exec_over_ssh, exec_with_input,
                    process_status, read_tail, ready_marker, setup_failure, ssh_target)
