@@ -54,3 +54,13 @@ def test_resolve_user(tmp_path: Path) -> None:
     assert resolve_user("33", lowers, "t") == (33, 44)
     with pytest.raises(VmctlError, match="no user 'nobody'"):
         resolve_user("nobody", lowers, "t")
+
+
+def test_libvirt_says_oci_images_are_not_taken_yet() -> None:
+    from vmctl.backends.libvirt.plan import boot_for, root_image
+
+    spec = parse_spec({"name": "m", "backend": "libvirt", "image": "oci:web"}).machines[0]
+    with pytest.raises(VmctlError, match="backend libvirt does not take them yet"):
+        root_image(spec)
+    with pytest.raises(VmctlError, match="backend libvirt does not take them yet"):
+        boot_for(spec)

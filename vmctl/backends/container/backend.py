@@ -60,7 +60,7 @@ class ContainerBackend:
         runtime = choose()
         check_controllers()
         image, proc = _oci_image(spec)
-        lower = ":".join(str(path) for path in image.lowers) if image else str(base_tree(spec.image))
+        lower = str(base_tree(spec.image))  # an OCI image's layers are one colon-separated lowerdir
         container_id = f"vmctl-{spec.name}-{uuid.uuid4().hex[:8]}"
         record = MachineRecord(
             name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral,

@@ -22,8 +22,15 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def base_tree(profile: str) -> Path:
-    """The unpacked base tree of an image profile; an error that says how to build it."""
+    """The unpacked base tree of an image profile; an error that says how to build it.
+    `oci:NAME`: the image's unpacked layers as one overlayfs lowerdir value (top first,
+    colon-separated), which is what Overlay.lower is used as."""
     from ...images import locate
+
+    if profile.startswith("oci:"):
+        from ...oci.runconfig import open_image
+
+        return Path(":".join(str(path) for path in open_image(profile).lowers))
 
     tree = locate(profile).rootfs_tree
     if not (tree / "bin").is_dir():

@@ -58,11 +58,18 @@ def nic_for(spec: MachineSpec, tap: str | None = None) -> NicPlan | None:
     return NicPlan("network", DEFAULT_NETWORK, mac)
 
 
+def _no_oci(spec: MachineSpec) -> None:
+    if spec.kernel is None and spec.image.startswith("oci:"):
+        raise VmctlError(f"{spec.source or spec.name}: image: {spec.image}: OCI images run with backend kvm or "
+                         f"container; backend libvirt does not take them yet (docs/images.md)")
+
+
 def root_image(spec: MachineSpec) -> str | None:
     """The base of the root disk: the reference root filesystem of an image profile that
     boots from a disk (debian) when no kernel is given; None otherwise."""
     if spec.kernel is not None:
         return None
+    _no_oci(spec)
     try:
         root = reference_images(spec.image).root_disk
     except VmctlError as error:
@@ -74,6 +81,7 @@ def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
              extra_words: tuple[str, ...] = ()) -> tuple[str | None, str | None, str | None]:
     """(kernel, initrd, cmdline); no kernel and some disk (busybox profile): the firmware
     boots the first disk. `extra_words`: the network's `ip=` and `vmctl.sshkey=`."""
+    _no_oci(spec)
     kernel, initrd = spec.kernel, spec.initrd
     if kernel is None and spec.disks and spec.image == "busybox":
         if initrd is not None or spec.cmdline is not None:
