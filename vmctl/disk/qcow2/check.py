@@ -131,7 +131,8 @@ def _mark_consistent(image: Qcow2Image) -> None:
 
 
 class _Checker:
-    def __init__(self, image: Qcow2Image) -> None:
+    def __init__(self, image: Qcow2Image, count_refcounts: bool = True) -> None:
+        self.count_refcounts = count_refcounts  # False: references for a refcount rebuild
         self.image = image
         self.h = image.header
         self.cs = image.cluster_size
@@ -142,6 +143,8 @@ class _Checker:
         # (what, entry, host cluster, table offset, index, is L1) of every COPIED candidate
         self.copied: list[tuple[str, int, int, int, int, bool]] = []
         self.copied_errors: list[tuple[int, int, int, bool]] = []
+        self.entry_fixes: list[tuple[int, int, int]] = []  # (L2 table, index, new entry)
+        self.refcount_damage = False  # a reference no refcount block can hold
         self.highest = -1
         self.budget = 16 * self.clusters + 1024  # L2 table visits allowed
 
@@ -165,9 +168,11 @@ class _Checker:
         report.total_clusters = -(-h.size // self.cs)
         self.ref(0, self.cs, "header")
         self.walk_l1(self.image.l1, h.l1_table_offset, active=True)
-        self.ref(h.refcount_table_offset, h.refcount_table_clusters * self.cs, "refcount table")
+        if self.count_refcounts:
+            self.ref(h.refcount_table_offset, h.refcount_table_clusters * self.cs,
+                     "refcount table")
         refcounts = self.image.refcounts
-        for index, entry in enumerate(refcounts.table):
+        for index, entry in enumerate(refcounts.table if self.count_refcounts else ()):
             offset = entry & ~C.REFTABLE_RESERVED & ((1 << 56) - 1)
             if not offset:
                 continue
@@ -237,6 +242,8 @@ class _Checker:
                 continue
             if host & (self.cs - 1):
                 self.corrupt(f"{where}: data offset {host:#x} is unaligned")
+                if entry & C.OFLAG_ZERO and active:  # QEMU repairs: a plain zero cluster
+                    self.entry_fixes.append((l2_offset, index, C.OFLAG_ZERO))
                 continue
             if host >= image.file_size:
                 self.corrupt(f"{where}: data offset {host:#x} is past the end of the file")
@@ -320,6 +327,13 @@ class _Checker:
                 self.corrupt(f"OFLAG_COPIED {what} refcount={stored}")
                 self.copied_errors.append((table, index, stored, is_l1))
 
+    def mismatch_fixable(self, cluster: int) -> bool:
+        refcounts = self.image.refcounts
+        try:
+            return bool(refcounts.block_offset(cluster // refcounts.block_entries))
+        except DiskFormatError:
+            return False
+
     def stored(self, cluster: int) -> int:
         """A stored refcount; a broken refcount block (already reported) counts as 0."""
         try:
@@ -328,6 +342,8 @@ class _Checker:
             return 0
 
     def mismatch(self, cluster: int, stored: int, wanted: int) -> None:
+        if not self.mismatch_fixable(cluster):
+            self.refcount_damage = True
         if stored < wanted:
             self.corrupt(f"cluster {cluster} refcount={stored} reference={wanted}")
         else:
@@ -343,6 +359,19 @@ def _repair(image: Qcow2Image, report: CheckReport, mode: str) -> tuple[int, int
     checker.run()
     refcounts = image.refcounts
     leaks = errors = 0
+    if mode == "all" and checker.entry_fixes:
+        for table, index, entry in checker.entry_fixes:
+            image.pwrite_all(entry.to_bytes(8, "big"), table + 8 * index, ol.L2)
+            image.l2_cache.drop(table)
+        image.sync()
+        errors += len(checker.entry_fixes)
+        checker = _Checker(image)
+        checker.run()
+    if mode == "all" and (checker.refcount_damage or any(
+            e & C.REFTABLE_RESERVED or (e & C.OFFSET_MASK) & (image.cluster_size - 1)
+            for e in image.refcounts.table)):
+        errors += _rebuild_refcounts(image)
+        return leaks, errors
     if mode == "all" and checker.shared_blocks:
         errors += _move_shared_blocks(image, checker.shared_blocks)
         checker = _Checker(image)
@@ -366,6 +395,52 @@ def _repair(image: Qcow2Image, report: CheckReport, mode: str) -> tuple[int, int
         checker.run()
         errors += _repair_copied(image, checker.copied_errors)
     return leaks, errors
+
+
+def _rebuild_refcounts(image: Qcow2Image) -> int:
+    """QEMU's "Rebuilding refcount structure": a new refcount table and blocks at the end of
+    the file, holding the counted references; the header switches to them in one write."""
+    import dataclasses
+
+    from .refcounts import RefcountBlock
+    from .tables import encode_u64
+
+    checker = _Checker(image, count_refcounts=False)
+    checker.run()
+    cs, h = image.cluster_size, image.header
+    per_block = cs * 8 >> h.refcount_order
+    limit = (1 << (1 << h.refcount_order)) - 1
+    start = checker.clusters
+    blocks, table_clusters = 1, 1
+    while True:
+        total = start + table_clusters + blocks
+        need_blocks = -(-total // per_block)
+        need_table = -(-need_blocks * 8 // cs)
+        if (need_blocks, need_table) == (blocks, table_clusters):
+            break
+        blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
+    table = array("Q", bytes(table_clusters * cs))
+    first_block = start + table_clusters
+    for n in range(blocks):
+        block = RefcountBlock(h.refcount_order, bytes(cs))
+        for index in range(per_block):
+            cluster = n * per_block + index
+            count = checker.refs[cluster] if cluster < start else \
+                1 if cluster < start + table_clusters + blocks else 0
+            if count:
+                block.set(index, min(count, limit))
+        offset = (first_block + n) * cs
+        image.pwrite_all(block.encode(), offset, ol.REFBLOCK)
+        table[n] = offset
+    image.pwrite_all(encode_u64(table), start * cs, ol.REFTABLE)
+    image.sync()
+    image.write_header(dataclasses.replace(h, refcount_table_offset=start * cs,
+                                           refcount_table_clusters=table_clusters))
+    image.sync()
+    image.file_size = max(image.file_size, (start + table_clusters + blocks) * cs)
+    image._refcounts = None  # reload from the new table
+    image.overlap = None
+    return 1
 
 
 def _move_shared_blocks(image: Qcow2Image, indices: list[int]) -> int:

@@ -161,7 +161,10 @@ def _parse_extensions(header: Header, data: bytes, path: str, backing_offset: in
                       cluster_size: int) -> None:
     offset = header.header_length
     end = min(backing_offset or cluster_size, cluster_size, len(data))
-    while offset + 8 <= end:
+    while offset < end:  # as QEMU: an extension header may start up to the end of the area
+        if offset + 8 > len(data):
+            raise DiskFormatError(path, "header extension", offset, "extension header runs "
+                                  "past the header cluster")
         kind, length = _EXT.unpack_from(data, offset)
         if kind == C.EXT_END:
             return
@@ -221,6 +224,9 @@ def _check_geometry(header: Header, path: str, file_size: int, fail) -> None:
         raise fail("l1_size", f"{header.l1_size} entries is above QEMU's 32 MiB L1 limit")
     if header.l1_size:
         _check_table(header.l1_table_offset, "l1_table_offset", cs, file_size, fail)
+    elif header.l1_table_offset % cs:
+        raise fail("l1_table_offset", f"{header.l1_table_offset:#x} is not aligned to the "
+                   f"cluster size {cs:#x}")
     if header.refcount_table_clusters == 0:
         raise fail("refcount_table_clusters", "is 0")
     if header.refcount_table_clusters * cs > C.MAX_REFTABLE_BYTES:
@@ -231,6 +237,9 @@ def _check_geometry(header: Header, path: str, file_size: int, fail) -> None:
         raise fail("nb_snapshots", f"{header.nb_snapshots} is above 65536")
     if header.nb_snapshots:
         _check_table(header.snapshots_offset, "snapshots_offset", cs, file_size, fail)
+    elif header.snapshots_offset % cs:  # QEMU checks the alignment even of an empty table
+        raise fail("snapshots_offset", f"{header.snapshots_offset:#x} is not aligned to the "
+                   f"cluster size {cs:#x}")
     l1 = (header.l1_table_offset, header.l1_table_offset + header.l1_size * 8)
     rt = (header.refcount_table_offset,
           header.refcount_table_offset + header.refcount_table_clusters * cs)

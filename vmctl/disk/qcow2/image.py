@@ -442,7 +442,12 @@ class Qcow2Image(BlockBackend):
             return COMPRESSED, entry
         if entry & C.OFLAG_ZERO:
             if self.v3:
-                return ZERO, entry & C.OFFSET_MASK
+                host = entry & C.OFFSET_MASK
+                if host & (self.cluster_size - 1):  # freeing it would free another cluster
+                    self._corrupt_entry(f"L2 entry {index} of the table at {l2_offset:#x}",
+                                        l2_offset + 8 * index, f"preallocated zero cluster "
+                                        f"offset {host:#x} is not cluster aligned")
+                return ZERO, host
             self._corrupt_entry(f"L2 entry {index} of the table at {l2_offset:#x}",
                                 l2_offset + 8 * index, "zero cluster flag (bit 0) in a "
                                 "version 2 image")
@@ -623,10 +628,10 @@ class Qcow2Image(BlockBackend):
 
     def _in_place(self, entry: int, cluster: int) -> int:
         """Host cluster a write may overwrite directly, or 0 when it must copy on write."""
-        if not entry & C.OFLAG_COPIED or entry & (C.OFLAG_COMPRESSED | self._zero_flag):
+        if not entry:
             return 0
-        kind, host = self.classify(cluster)  # validates the offset
-        if kind != DATA:
+        kind, host = self.classify(cluster)  # validates the entry, even one being replaced
+        if not entry & C.OFLAG_COPIED or kind != DATA:
             return 0
         self.check_overlap(host, self.cluster_size, ol.DATA, f"L2 entry of guest cluster "
                            f"{cluster}")
