@@ -13,10 +13,18 @@
 
 `exec` goes through SSH (paramiko, the machine's own key) when the guest has a network and an
 sshd, and through the guest agent on its second serial port otherwise; `put`/`get` copy files
-over the same channel. `vmctl_session_guest` is the same factory with session scope: boot
-once, share across tests.
-Teardown always runs (failed test, exception, Ctrl-C): the guest, its overlay and its state
-folder are removed.
+over the same channel.
+
+One guest for the whole session: `vmctl_session_guest` boots a guest the first time a spec is
+asked for and returns that same guest to every later test asking for the same spec (a dict
+with the same items, or the same file and name). Wrap it once in your conftest.py:
+
+    @pytest.fixture
+    def devbox(vmctl_session_guest):
+        return vmctl_session_guest({"image": "debian", "network": "isolated"})
+
+Teardown always runs (failed test, exception, Ctrl-C, SIGTERM, SIGHUP): the guest, its
+overlay and its state folder are removed.
 """
 
 from __future__ import annotations
@@ -107,14 +115,52 @@ def guest(spec: dict | str | Path | MachineSpec, name: str | None = None, timeou
 
 
 class _Factory:
-    def __init__(self) -> None:
+    """Boots a guest per call; with `share`, one per distinct spec: the same spec (and name)
+    asked for again returns the guest already booted."""
+
+    def __init__(self, share: bool = False) -> None:
         self._stack = contextlib.ExitStack()
+        self._share = share
+        self._booted: dict[str, Guest] = {}
 
     def __call__(self, spec: dict | str | Path | MachineSpec = None, name: str | None = None, timeout: float = 300) -> Guest:
-        return self._stack.enter_context(guest(spec if spec is not None else {}, name, timeout))
+        spec = spec if spec is not None else {}
+        key = repr((_spec_key(spec), name))
+        if self._share and key in self._booted:
+            return self._booted[key]
+        booted = self._stack.enter_context(guest(spec, name, timeout))
+        if self._share:
+            self._booted[key] = booted
+        return booted
 
     def close(self) -> None:
+        self._booted.clear()
         self._stack.close()
+
+
+def _spec_key(spec: dict | str | Path | MachineSpec) -> object:
+    """What makes two requests the same guest: the dict's items, the file's path, the spec."""
+    if isinstance(spec, dict):
+        return sorted((key, repr(value)) for key, value in spec.items())
+    if isinstance(spec, (str, Path)):
+        return str(Path(spec).resolve())
+    return spec
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM and SIGHUP (CI cancelling the job, a closed terminal) end the session like
+    Ctrl-C, so every guest's teardown still runs; a handler someone else set is kept."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, interrupt)
+        except ValueError:  # not the main thread
+            pass
 
 
 @pytest.fixture
@@ -129,8 +175,9 @@ def vmctl_guest() -> Iterator[_Factory]:
 
 @pytest.fixture(scope="session")
 def vmctl_session_guest() -> Iterator[_Factory]:
-    """Like vmctl_guest, but the guests live for the whole session (boot once, share)."""
-    factory = _Factory()
+    """Like vmctl_guest, but the guests live for the whole session and are shared: every
+    test that asks for the same spec gets the same booted guest (boot once)."""
+    factory = _Factory(share=True)
     try:
         yield factory
     finally:

@@ -346,6 +346,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dataclasses
     import uuid
 
+    from ..limits import MAX_CPUS, MIN_MEMORY
     from ..spec import parse_spec
     from ..units import parse_size
 
@@ -374,6 +375,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides[field] = getattr(args, field)
     if args.memory:
         overrides["memory"] = parse_size(args.memory, "--memory")
+        if overrides["memory"] < MIN_MEMORY:
+            raise VmctlError(f"--memory {args.memory}: below the minimum of {MIN_MEMORY >> 20}M")
+    if args.cpus is not None and not 1 <= args.cpus <= MAX_CPUS:
+        raise VmctlError(f"--cpus {args.cpus}: out of range 1..{MAX_CPUS}")
     spec = dataclasses.replace(spec, **overrides)
     if not spec.command and not spec.image.startswith("oci:"):  # an OCI image has its own Cmd
         raise VmctlError("nothing to run: give -- COMMAND or a `command:` in the spec")
