@@ -189,6 +189,8 @@ class BlkDevice(VirtioDevice):
 
     def _serve(self, kind: int, sector: int, readable: list[memoryview], data_out: list[memoryview],
                lengths: tuple[int, int]) -> tuple[int, int]:
+        if (kind == T_IN and lengths[0]) or (kind == T_OUT and lengths[1]):
+            return S_IOERR, 0  # data buffers in the wrong direction: nothing is transferred
         if kind == T_IN:
             length = lengths[1]
             if not self._in_range(sector, length):

@@ -264,6 +264,11 @@ class Virtqueue:
                 raise QueueError(f"{name} at 0x{address:x} is not {align}-byte aligned")
             if not self.memory.contains(address, length):
                 raise QueueError(f"{name} 0x{address:x}+{length} is outside guest RAM")
+        # The device writes the used ring: over the descriptors or the available ring it
+        # would rewrite the driver's requests (a broken driver, or one probing the device).
+        for name, address, length, _ in areas[:2]:
+            if address < self.used_ring + 6 + 8 * size and self.used_ring < address + length:
+                raise QueueError(f"used ring 0x{self.used_ring:x}+{6 + 8 * size} overlaps the {name}")
         self._desc = self.memory.view(self.desc_table, DESC_SIZE * size)
         self._avail = self.memory.view(self.avail_ring, 6 + 2 * size).cast("H")
         self._used = self.memory.view(self.used_ring, 6 + 8 * size)
