@@ -66,7 +66,7 @@ def test_down_says_stopped_killed_or_not_running(spec, vmctl_cli):
         lines = dict(line.split(": ", 1) for line in down.stderr.splitlines() if ": " in line)
         assert lines["idle"].startswith("stopped")
         assert lines["stubborn"].startswith("forced to stop after 1 s") and "SIGKILL" in lines["stubborn"]
-        assert lines["brief"].startswith("was not running (exited")
+        assert lines["brief"].startswith("was not running (exited with status 0")
     finally:
         vmctl_cli("rm", "idle", "stubborn", "brief")
 
@@ -133,3 +133,19 @@ def test_ps_tells_the_truth_after_up_was_killed_before_saving_the_record(spec, v
     time.sleep(0.2)
     assert not pid_alive(init_pid) and not pid_alive(monitor_pid)  # (a zombie waiting for its reaper is gone)
     assert [line for line in Path("/proc/mounts").read_text().splitlines() if str(tmp_path) in line] == []
+
+
+def test_up_with_a_linux_vm_this_host_cannot_boot_starts_nothing_and_says_what_can(tmp_path, vmctl_cli, monkeypatch):
+    from vmctl.kvm.system import KvmFlavour
+
+    if KvmFlavour.detect().module != "kvm_pvm":
+        pytest.skip("only a paravirtual /dev/kvm (kvm_pvm) refuses Linux guests")
+    monkeypatch.setenv("VMCTL_STATE_DIR", str(tmp_path / "state"))
+    spec = tmp_path / "mixed.yaml"
+    spec.write_text("machines:\n  box:\n    backend: container\n  vm:\n    memory: 128M\n")
+    started = time.monotonic()
+    result = vmctl_cli("up", str(spec))
+    assert result.returncode == 1 and time.monotonic() - started < 30
+    assert "vm: this host's /dev/kvm is paravirtual (kvm_pvm)" in result.stderr
+    assert f"vmctl up {spec} box" in result.stderr and "vmctl run --nested" in result.stderr
+    assert json.loads(vmctl_cli("ps", "--json").stdout) == []  # nothing was started

@@ -74,3 +74,15 @@ def test_guest_script_sets_the_environment_and_returns_the_command_status(tmp_pa
 
 def test_post_needs_an_announced_agent():
     assert AgentChannel().post("true") is False
+
+
+def test_exec_with_input_gives_the_script_its_stdin_through_the_real_agent(agent):
+    """`vmctl exec -i` over the agent: the bytes (any, more than one chunk) become the stdin."""
+    from vmctl.backends.base import STDIN_CHUNK, exec_with_input
+
+    run = lambda text: agent.exec(text, timeout=30)  # noqa: E731
+    data = bytes(range(256)) * (STDIN_CHUNK // 128 + 3)
+    result = exec_with_input(run, "wc -c; exit 3", data)
+    assert (result.exit_code, result.stdout.strip()) == (3, str(len(data)).encode())
+    assert exec_with_input(run, "od -An -c | head -1", b"").stdout.strip() == b""  # empty input: EOF
+    assert exec_with_input(run, "cat", None).stdout == b""  # no -i: /dev/null

@@ -140,8 +140,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     store = _store()
     started: list = []
     try:
+        selected = _selected(list(spec_file.machines), args.names, args.file)
+        _check_linux_guests(selected, args.file)
         with store.locked():
-            for spec in _selected(list(spec_file.machines), args.names, args.file):
+            for spec in selected:
                 if store.exists(spec.name):
                     record = store.load(spec.name)
                     state = get_backend(record.backend).status(store, record).state
@@ -158,11 +160,24 @@ def cmd_up(args: argparse.Namespace) -> int:
             with _Progress(f"{record.name}: waiting for the guest (up to {args.timeout:g} s)"):
                 seconds = backend.wait_ready(store, record, args.timeout)
             print(f"{record.name}: ready in {seconds:.2f} s", file=sys.stderr)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, VmctlError):
         if started:
             _say_still_running([record.name for _, record in started])
         raise
     return 0
+
+
+def _check_linux_guests(specs: list[MachineSpec], file: Path) -> None:
+    """Before starting anything: a Linux VM this host cannot boot fails the whole `up`
+    (naming the machines that could start on their own)."""
+    from ..host_probe import linux_guest_problem
+
+    for spec in specs:
+        problem = linux_guest_problem(spec.kernel) if spec.backend == "kvm" else None
+        if problem:
+            others = [s.name for s in specs if s.backend != "kvm" or not linux_guest_problem(s.kernel)]
+            hint = f" (the others start alone: vmctl up {file} {' '.join(others)})" if others else ""
+            raise VmctlError(f"{spec.name}: {problem}{hint}")
 
 
 def _say_still_running(names: list[str]) -> None:
@@ -222,7 +237,7 @@ def cmd_down(args: argparse.Namespace) -> int:
                 what = (f"forced to stop after {args.timeout:g} s" if forced else "stopped") + (f" ({reason})" if reason else "")
             else:
                 backend.stop(store, record, args.timeout)  # releases what a dead machine still holds
-                what = f"was not running ({before.state}{': ' + before.detail if before.detail else ''})"
+                what = f"was not running ({before.detail or before.state})"
             if record.ephemeral:
                 backend.remove(store, record)
                 print(f"{name}: {what}; removed (ephemeral)", file=sys.stderr)
