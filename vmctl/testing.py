@@ -23,6 +23,18 @@ with the same items, or the same file and name). Wrap it once in your conftest.p
     def devbox(vmctl_session_guest):
         return vmctl_session_guest({"image": "debian", "network": "isolated"})
 
+The pristine-copy-per-test pattern (native machines, docs/snapshots.md): boot a spec once,
+wait until a readiness command succeeds, take a memory snapshot, and give each test a fresh
+clone that continues the ready guest (no boot):
+
+    @pytest.fixture(scope="session")
+    def redis_ready(vmctl_snapshot):
+        return vmctl_snapshot({"image": "debian", "command": "redis-server"}, ready="redis-cli ping")
+
+    def test_one(redis_ready, vmctl_clone):
+        vm = vmctl_clone(redis_ready)          # its own disk overlay, TAP, address, name
+        vm.exec("redis-cli set k v")
+
 Teardown always runs (failed test, exception, Ctrl-C, SIGTERM, SIGHUP): the guest, its
 overlay and its state folder are removed.
 """
@@ -114,6 +126,56 @@ def guest(spec: dict | str | Path | MachineSpec, name: str | None = None, timeou
             backend.remove(store, record)
 
 
+@contextlib.contextmanager
+def snapshot_of(spec: dict | str | Path | MachineSpec, ready: str | None = None, name: str | None = None,
+                timeout: float = 300, store: StateStore | None = None) -> Iterator[str]:
+    """Boot `spec` once, retry `ready` (a shell command) until it succeeds, take a memory
+    snapshot and yield its name; the source goes right after, the snapshot at the end."""
+    import time
+
+    from .backends.kvm_snapshot import delete, take
+    from .snapshot.snapshot_store import SnapshotStore
+
+    store = store or StateStore()
+    snapshots = SnapshotStore(store.root.parent)
+    snapshot = f"snap-{uuid.uuid4().hex[:6]}"
+    with guest(spec, name, timeout, store) as source:
+        deadline = time.monotonic() + timeout
+        while ready is not None and source.exec(ready)[0] != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{source.name}: `{ready}` did not succeed within {timeout:g} s")
+            time.sleep(0.5)
+        with store.locked():
+            take(store, store.load(source.name), snapshots, snapshot, memory=True)
+    try:
+        yield snapshot
+    finally:
+        with store.locked():
+            delete(store, snapshots, snapshot)
+
+
+@contextlib.contextmanager
+def clone(snapshot: str, timeout: float = 300, store: StateStore | None = None) -> Iterator[Guest]:
+    """A new machine restored from `snapshot` (its own overlays, TAP, address, name); removed at the end."""
+    import time
+
+    from .backends.kvm_snapshot import clone as clone_machine
+    from .snapshot.snapshot_store import SnapshotStore
+
+    store = store or StateStore()
+    snapshots = SnapshotStore(store.root.parent)
+    backend = get_backend("kvm")
+    started = time.monotonic()
+    with store.locked():
+        record = clone_machine(store, snapshots, snapshots.load(snapshot), f"clone-{uuid.uuid4().hex[:6]}")
+    try:
+        backend.wait_ready(store, record, timeout)
+        yield Guest(store, record, time.monotonic() - started)
+    finally:
+        with store.locked():
+            backend.remove(store, record)
+
+
 class _Factory:
     """Boots a guest per call; with `share`, one per distinct spec: the same spec (and name)
     asked for again returns the guest already booted."""
@@ -178,6 +240,44 @@ def vmctl_session_guest() -> Iterator[_Factory]:
     """Like vmctl_guest, but the guests live for the whole session and are shared: every
     test that asks for the same spec gets the same booted guest (boot once)."""
     factory = _Factory(share=True)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+class _SnapshotFactory:
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+
+    def __call__(self, spec: dict | str | Path | MachineSpec = None, ready: str | None = None, name: str | None = None,
+                 timeout: float = 300) -> str:
+        return self._stack.enter_context(snapshot_of(spec if spec is not None else {}, ready, name, timeout))
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+class _CloneFactory(_Factory):
+    def __call__(self, snapshot: str, timeout: float = 300) -> Guest:  # type: ignore[override]
+        return self._stack.enter_context(clone(snapshot, timeout))
+
+
+@pytest.fixture(scope="session")
+def vmctl_snapshot() -> Iterator[_SnapshotFactory]:
+    """`snap = vmctl_snapshot(spec, ready="CMD")`: boots the spec once, snapshots it once
+    `CMD` succeeds; the snapshot is deleted at the end of the session."""
+    factory = _SnapshotFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def vmctl_clone() -> Iterator[_CloneFactory]:
+    """`vm = vmctl_clone(snap)`: a fresh clone of a snapshot for this test (removed after it)."""
+    factory = _CloneFactory()
     try:
         yield factory
     finally:

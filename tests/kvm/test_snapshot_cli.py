@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,3 +124,42 @@ def test_damaged_or_unknown_snapshots_are_refused_and_leave_nothing(env, vmctl_c
         assert vmctl_cli("snapshot", "delete", "half").returncode == 0
     finally:
         vmctl_cli("rm", "counter")
+
+
+def test_pytest_pattern_boot_once_then_a_fresh_clone_each_time(assemble, tmp_path, monkeypatch):
+    from vmctl.testing import clone, snapshot_of
+
+    state = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))  # Unix socket paths must stay short
+    monkeypatch.setenv("VMCTL_STATE_DIR", str(state))
+    kernel = assemble("counter.S", LIMIT=10_000_000, DELAY=20000, READY=1)
+    firsts = []
+    with snapshot_of({"kernel": str(kernel), "memory": "64M", "disks": [{"size": "8M"}]}) as snapshot:
+        assert (state / "snapshots" / snapshot / "memory").exists()
+        for _ in range(2):
+            with clone(snapshot) as vm:
+                deadline = time.monotonic() + 60
+                while vm.console_log.count("\n") < 3:
+                    assert time.monotonic() < deadline, vm.console_log
+                    time.sleep(0.05)
+                firsts.append(vm.console_log.splitlines()[:2])
+                assert "VMCTL-READY" not in vm.console_log  # restored past the boot, not booted
+    assert firsts[0] == firsts[1]  # each clone starts from the same saved guest
+    assert sorted(p.name for p in (state / "machines").iterdir()) == [".lock"]
+    assert list((state / "snapshots").iterdir()) == []
+    shutil.rmtree(state)
+
+
+def test_snapshot_in_yaml_starts_a_clone(env, vmctl_cli, tmp_path):
+    spec, state = env
+    try:
+        assert vmctl_cli("up", str(spec), "--no-wait").returncode == 0
+        _wait_log_lines(vmctl_cli, "counter", 3)
+        assert vmctl_cli("snapshot", "create", "--memory", "counter", "y").returncode == 0
+        clones = tmp_path / "clones.yaml"
+        clones.write_text("machines:\n  from-yaml:\n    snapshot: y\n")
+        up = vmctl_cli("up", str(clones))
+        assert up.returncode == 0 and "from-yaml: started from snapshot y" in up.stderr, up.stderr
+        assert _ps(vmctl_cli)["from-yaml"]["state"] == "running"
+        assert _wait_log_lines(vmctl_cli, "from-yaml", 2).splitlines()[1].isdigit()
+    finally:
+        vmctl_cli("rm", "from-yaml", "counter")

@@ -21,7 +21,7 @@ from ..snapshot.disk_layers import backing_of, freeze_overlay, merge_layer_into,
 from ..snapshot.snapshot_file import SnapshotError, discard, read_snapshot
 from ..snapshot.snapshot_store import Layer, SnapshotMeta, SnapshotStore
 from ..proc import pid_alive
-from ..state import CONTROL, OUTCOME, MachineRecord, StateStore
+from ..state import CONSOLE, CONTROL, OUTCOME, MachineRecord, StateStore
 from ..vmm.control import request
 from .kvm import spawn
 
@@ -152,6 +152,9 @@ def _start(store: StateStore, record: MachineRecord) -> None:
     folder = store.folder(record.name)
     for leftover in (OUTCOME, STOPPED):
         (folder / leftover).unlink(missing_ok=True)
+    console = folder / CONSOLE
+    if console.exists():  # the last run's READY must not count for this one
+        console.replace(folder / f"{CONSOLE}.1")
     store.save(record)
     spawn(store, record)
 

@@ -152,6 +152,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                         continue
                     raise VmctlError(f"{spec.name}: a stopped machine of that name exists ({state}): vmctl rm {spec.name}")
                 backend = get_backend(spec.backend)
+                if spec.snapshot is not None:  # a clone of a snapshot (its plan, its saved guest)
+                    from .snapshot_cmd import clone_record
+
+                    started.append((backend, clone_record(store, spec, str(args.file))))
+                    print(f"{spec.name}: started from snapshot {spec.snapshot} (pid {started[-1][1].pid})", file=sys.stderr)
+                    continue
                 started.append((backend, backend.start(store, spec, str(args.file))))
                 print(f"{spec.name}: started ({spec.backend}, pid {started[-1][1].pid})", file=sys.stderr)
         if args.no_wait:

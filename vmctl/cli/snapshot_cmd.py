@@ -167,3 +167,14 @@ def clone_from_snapshot(snapshot: str, name: str, no_wait: bool, timeout: float)
         get_backend(record.backend).wait_ready(store, record, timeout)
         print(f"{name}: ready in {time.monotonic() - started:.2f} s", file=sys.stderr)
     return 0
+
+
+def clone_record(store: StateStore, spec, spec_file: str):
+    """`snapshot: SNAP` in YAML: machine `spec.name` as a clone of SNAP (store locked by the caller)."""
+    from ..backends.kvm_snapshot import clone
+    from ..snapshot.snapshot_store import SnapshotStore
+
+    if spec.backend != "kvm":
+        raise VmctlError(f"{spec.source}: snapshot: only native (kvm) machines start from snapshots")
+    snapshots = SnapshotStore(store.root.parent)
+    return clone(store, snapshots, snapshots.load(spec.snapshot), spec.name, spec_file)

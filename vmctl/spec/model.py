@@ -68,6 +68,7 @@ class MachineSpec:
     command: tuple[str, ...] = ()
     ephemeral: bool = False
     memory_merge: bool = False  # kvm: guest RAM MADV_MERGEABLE, for the host's KSM to merge
+    snapshot: str | None = None  # kvm: start as a clone of this snapshot (docs/snapshots.md), not from the spec's images
     libvirt: LibvirtSpec = field(default_factory=LibvirtSpec)
     source: str = ""  # "file:line" where the machine was declared, for messages
 

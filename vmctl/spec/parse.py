@@ -268,6 +268,7 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
         "command": command,
         "ephemeral": lambda node, where: c.scalar(node, where, bool),
         "memory_merge": lambda node, where: c.scalar(node, where, bool),
+        "snapshot": lambda node, where: c.scalar(node, where, str),
         "libvirt": lambda node, where: _libvirt(c, node, where),
     }
 

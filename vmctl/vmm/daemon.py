@@ -146,8 +146,11 @@ class MachineProcess:
         """A clone runs the saved guest, which still believes it is the source: through the
         agent (if it was up when saved) give it its name, address, MAC and the time. The
         machine is ready once that is done, or at once when there is no agent to tell."""
-        agent = self.machine.agent
         try:
+            # The thread starts with the machine; its agent exists once it is restored.
+            if not self.machine.running.wait(120):
+                return
+            agent = self.machine.agent
             if agent is not None and agent.ready.is_set():
                 result = agent.exec(identity_script(self.restore.get("hostname"), self.net), 60)
                 if result.exit_code:

@@ -107,6 +107,7 @@ class Machine:
         self._outcome: Outcome | None = None
         self._outcome_lock = threading.Lock()
         self._stopping = threading.Event()
+        self.running = threading.Event()  # built (or restored) and its vCPUs started
         self._guest_status: int | None = None
         self._panic: str | None = None
         self.kvm: Kvm | None = None
@@ -135,6 +136,7 @@ class Machine:
                 console_input.start()
             for thread in self.threads:
                 thread.start()
+            self.running.set()
             if not self._stopping.wait(self.config.timeout):
                 self.stop(Outcome(EXIT_TIMEOUT, f"timed out after {self.config.timeout:g} s"))
             return self._outcome

@@ -133,6 +133,7 @@ def _write(machine: "Machine", transports: list, folder: Path, extra: dict[str, 
 def build_restored(machine: "Machine", snapshot: SnapshotFile) -> None:
     """`Machine._build` for a restore: raises SnapshotError (one line) for anything that does not fit."""
     state_path = snapshot.path / STATE_FILE
+    began = time.monotonic()
     parsed = _parse(snapshot, machine)
     vcpus, vm_state, devices, serial = parsed["vcpus"], parsed["vm"], parsed["devices"], parsed["serial"]
     config = machine.config
@@ -176,7 +177,8 @@ def build_restored(machine: "Machine", snapshot: SnapshotFile) -> None:
     if machine.agent_serial is not None and parsed["agent_serial"] is not None:
         machine.agent_serial.restore_state(parsed["agent_serial"])
         machine.agent.restore_state(parsed["agent"])
-    log.info("restored %s: %d vCPU(s), %s", snapshot.path, len(vcpus), format_size(machine.memory.size))
+    log.info("restored %s: %d vCPU(s), %s in %.1f ms", snapshot.path, len(vcpus), format_size(machine.memory.size),
+             (time.monotonic() - began) * 1000)
 
 
 def _check_cpu(vcpu: VcpuFd, kvm: Kvm, saved: VcpuState, cpus: int, state_path: Path) -> None:

@@ -2,6 +2,7 @@
  * Counts forever, for snapshot tests: the count lives in memory at COUNTER (a u64) and each
  * new value is printed on COM1 in decimal, one per line, with a busy delay in between. Once
  * the count reaches LIMIT the guest exits through port 0xf4 with the count's low byte.
+ * With READY defined it first prints VMCTL-READY (what `vmctl up` waits for).
  */
 #ifndef LIMIT
 #define LIMIT 100
@@ -14,6 +15,16 @@
 .code64
 .globl _start
 _start:
+#ifdef READY
+    lea ready_line(%rip), %rsi
+    mov $0x3f8, %dx
+4:  lodsb
+    test %al, %al
+    jz 5f
+    out %al, %dx
+    jmp 4b
+5:
+#endif
     movq $0, COUNTER
 next:
     mov COUNTER, %rax
@@ -52,5 +63,6 @@ print_decimal:
     out %al, %dx
     ret
 
+ready_line: .asciz "VMCTL-READY\n"
 digits: .space 24
 digits_end:

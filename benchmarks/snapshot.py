@@ -1,0 +1,343 @@
+"""Snapshots: create time, restore to a first command vs a cold boot, and vs QEMU's
+migrate-to-file / -incoming, and the host memory of N concurrent clones.
+
+Same guest everywhere: the reference bzImage + busybox initramfs, 1 vCPU, 256 MiB.
+  vmctl cold      `vmctl up` (waits for VMCTL-READY) then `vmctl exec NAME -- true`
+  vmctl restore   `vmctl up --from-snapshot SNAP --name NAME` then `vmctl exec NAME -- true`
+                  (a memory snapshot of a running, ready guest); also the VMM's own restore
+                  time, from its log (snapshot read and checked, VM rebuilt, state set)
+  vmctl create    `vmctl snapshot create --memory` of that ready guest (CLI wall time)
+  QEMU cold       qemu-system-x86_64 -M microvm to READY, then `echo` on its serial shell
+  QEMU restore    `migrate "exec:cat > FILE"` of a ready guest, then a new QEMU with
+                  `-incoming "exec:cat FILE"` until an `echo` on its serial shell answers
+  memory          N clones running at once: the sum of their VMM processes' Pss against N
+                  times one cold-booted guest's Pss; the shared fraction is the part of the
+                  clones' resident memory that is shared pages (the snapshot's page cache)
+
+The vmctl times include two CLI invocations (Python start-up) per run, on both sides. Each
+pair is run alternately so load changes hit both alike. On a host whose KVM cannot boot Linux
+(kvm_pvm) the whole benchmark runs inside ONE nested host (L1 under QEMU TCG with emulated
+AMD-V): absolute times are inflated many times over, only the ratios mean something. The
+machine is shared with other work: expect noise.
+
+    python benchmarks/snapshot.py [--runs 3] [--clones 8]
+
+Writes benchmarks/results/snapshot.json and prints a markdown table (docs/snapshots.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+VMCTL = str(Path(sys.executable).with_name("vmctl"))
+MEMORY = "256M"
+
+
+def progress(message: str) -> None:
+    print(f"[snapshot-bench] {message}", file=sys.stderr, flush=True)
+
+
+def vmctl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([VMCTL, *args], capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"vmctl {' '.join(args)}: {result.stderr.strip()}")
+    return result
+
+
+def timed(*commands: tuple[str, ...]) -> float:
+    start = time.monotonic()
+    for command in commands:
+        vmctl(*command)
+    return time.monotonic() - start
+
+
+def smaps(pid: int) -> dict[str, int]:
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        values[key] = int(value.split()[0])
+    return values
+
+
+def vmm_pid(name: str) -> int:
+    return next(row["pid"] for row in json.loads(vmctl("ps", "--json").stdout) if row["name"] == name)
+
+
+def restore_ms(state: Path, name: str) -> float | None:
+    log = (state / "machines" / name / "vmm.log").read_text()
+    match = re.search(r"restored .* in ([0-9.]+) ms", log)
+    return float(match.group(1)) if match else None
+
+
+# --- QEMU ------------------------------------------------------------------------------------
+class Qemu:
+    """microvm with the guest's shell on stdio and the HMP monitor on a Unix socket."""
+
+    def __init__(self, kernel: Path, initrd: Path, folder: Path, incoming: Path | None = None) -> None:
+        from vmctl.guest_contract import LOGIN_SHELL
+
+        self.monitor_path = folder / f"monitor-{time.monotonic_ns()}.sock"
+        cmd = base64.b64encode(LOGIN_SHELL.encode()).decode()
+        argv = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", MEMORY,
+                "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-serial", "stdio", "-monitor", f"unix:{self.monitor_path},server,nowait",
+                "-kernel", str(kernel), "-initrd", str(initrd),
+                "-append", f"console=ttyS0 reboot=t panic=1 quiet vmctl.cmd={cmd}"]
+        if incoming is not None:
+            argv += ["-incoming", f"exec:cat {incoming}"]
+        self.output = b""
+        self.lock = threading.Condition()
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while chunk := self.process.stdout.read1(65536):
+            with self.lock:
+                self.output += chunk
+                self.lock.notify_all()
+
+    def wait_for(self, text: bytes, timeout: float) -> None:
+        with self.lock:
+            if not self.lock.wait_for(lambda: text in self.output, timeout):
+                raise RuntimeError(f"QEMU: no {text!r} within {timeout} s: {self.output[-500:]!r}")
+
+    def echo(self, marker: str, timeout: float) -> None:
+        """Type `echo MARKER` until its output shows (the shell may not be reading yet)."""
+        deadline = time.monotonic() + timeout
+        expected = f"\n{marker}".encode()
+        while True:
+            self.process.stdin.write(f"echo {marker[:3]}''{marker[3:]}\n".encode())
+            self.process.stdin.flush()
+            try:
+                self.wait_for(expected, 1.0)
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def hmp(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.monitor_path))
+            sock.settimeout(30)
+            sock.sendall(command.encode() + b"\n")
+            data = b""
+            time.sleep(0.2)
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+                    if data.rstrip().endswith(b"(qemu)") and command.encode() in data:
+                        break
+            except socket.timeout:
+                pass
+            return data.decode(errors="replace")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.monitor_path.unlink(missing_ok=True)
+
+
+def qemu_round(kernel: Path, initrd: Path, folder: Path, timeout: float) -> dict[str, float]:
+    """One cold boot to a first command, its migrate-to-file, and a restore to a first command."""
+    image = folder / "qemu-state"
+    image.unlink(missing_ok=True)
+    start = time.monotonic()
+    source = Qemu(kernel, initrd, folder)
+    try:
+        source.wait_for(b"VMCTL-READY", timeout)
+        source.echo("cold-first", timeout)
+        cold = time.monotonic() - start
+        time.sleep(0.5)
+        saved_at = time.monotonic()
+        source.hmp(f'migrate "exec:cat > {image}"')
+        while "completed" not in source.hmp("info migrate"):
+            if time.monotonic() - saved_at > timeout:
+                raise RuntimeError("QEMU migrate to file did not complete")
+            time.sleep(0.05)
+        save = time.monotonic() - saved_at
+    finally:
+        source.close()
+    start = time.monotonic()
+    clone = Qemu(kernel, initrd, folder, incoming=image)
+    try:
+        clone.echo("restored-first", timeout)
+        restore = time.monotonic() - start
+    finally:
+        clone.close()
+    return {"cold_s": cold, "save_s": save, "restore_s": restore, "file_bytes": image.stat().st_size}
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run_here(args: argparse.Namespace) -> dict:
+    from vmctl.images import locate
+
+    images = locate()
+    work = Path(tempfile.mkdtemp(prefix="vmctl-snapshot-bench-"))
+    state = work / "state"
+    os.environ["VMCTL_STATE_DIR"] = str(state)
+    spec = work / "vm.yaml"
+    spec.write_text(f"machines:\n  src:\n    memory: {MEMORY}\n")
+    results: dict = {"cold_s": [], "restore_s": [], "vmm_restore_ms": [], "qemu": []}
+    names: list[str] = []
+    try:
+        vmctl("up", str(spec))  # the source, booted once
+        names.append("src")
+        vmctl("exec", "src", "--", "true")
+        create = timed(("snapshot", "create", "--memory", "src", "ready"))
+        meta = json.loads(vmctl("snapshot", "list", "--json").stdout)[0]
+        progress(f"snapshot created in {create:.2f} s, memory file {meta['memory_bytes'] >> 20} MiB")
+        cold_spec = work / "cold.yaml"
+        for run in range(args.runs):
+            cold_spec.write_text(f"machines:\n  cold{run}:\n    memory: {MEMORY}\n")
+            cold = timed(("up", str(cold_spec)), ("exec", f"cold{run}", "--", "true"))
+            vmctl("rm", f"cold{run}")
+            name = f"clone{run}"
+            restore = timed(("up", "--from-snapshot", "ready", "--name", name), ("exec", name, "--", "true"))
+            names.append(name)
+            results["cold_s"].append(cold)
+            results["restore_s"].append(restore)
+            results["vmm_restore_ms"].append(restore_ms(state, name))
+            if shutil.which("qemu-system-x86_64") and not args.no_qemu:
+                try:
+                    results["qemu"].append(qemu_round(images.bzimage, images.initramfs, work, args.timeout))
+                except RuntimeError as error:
+                    results["qemu_error"] = str(error)
+                    progress(f"QEMU: {error}")
+            progress(f"run {run + 1}/{args.runs}: cold {cold:.2f} s, restore {restore:.2f} s "
+                     f"(VMM restore {results['vmm_restore_ms'][-1]} ms)"
+                     + (f", QEMU cold {results['qemu'][-1]['cold_s']:.2f} s restore {results['qemu'][-1]['restore_s']:.2f} s"
+                        if results["qemu"] else ""))
+        while len(names) - 1 < args.clones:  # N clones at once for the memory figures
+            name = f"clone{len(names) - 1}"
+            vmctl("up", "--from-snapshot", "ready", "--name", name)
+            vmctl("exec", name, "--", "true")
+            names.append(name)
+        clones = names[1 : args.clones + 1]
+        time.sleep(2)
+        clone_maps = [smaps(vmm_pid(name)) for name in clones]
+        source_map = smaps(vmm_pid("src"))
+        results["memory"] = {
+            "clones": len(clones),
+            "clones_pss_mib": round(sum(m["Pss"] for m in clone_maps) / 1024, 1),
+            "clones_rss_mib": round(sum(m["Rss"] for m in clone_maps) / 1024, 1),
+            "one_guest_pss_mib": round(source_map["Pss"] / 1024, 1),
+            "shared_fraction": round(sum(m.get("Shared_Clean", 0) + m.get("Shared_Dirty", 0) for m in clone_maps)
+                                     / max(sum(m["Rss"] for m in clone_maps), 1), 3),
+        }
+        results["create_s"] = create
+        results["memory_file_mib"] = meta["memory_bytes"] >> 20
+    finally:
+        for name in names:
+            subprocess.run([VMCTL, "rm", name], capture_output=True)
+        subprocess.run([VMCTL, "snapshot", "delete", "ready"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def summarize(raw: dict, environment: str) -> dict:
+    out = {"environment": environment, "raw": raw,
+           "create_s": round(raw["create_s"], 3), "memory_file_mib": raw["memory_file_mib"],
+           "cold_median_s": round(median(raw["cold_s"]), 3), "restore_median_s": round(median(raw["restore_s"]), 3),
+           "vmm_restore_median_ms": round(median([v for v in raw["vmm_restore_ms"] if v is not None]), 1),
+           "memory": raw["memory"]}
+    out["ratio_cold_over_restore"] = round(out["cold_median_s"] / out["restore_median_s"], 2)
+    memory = raw["memory"]
+    out["ratio_clones_memory"] = round(memory["clones_pss_mib"] / (memory["clones"] * memory["one_guest_pss_mib"]), 3)
+    if raw["qemu"]:
+        out["qemu"] = {key: round(median([r[key] for r in raw["qemu"]]), 3) for key in ("cold_s", "save_s", "restore_s")}
+        out["qemu"]["file_mib"] = raw["qemu"][0]["file_bytes"] >> 20
+        out["ratio_qemu_restore_over_ours"] = round(out["qemu"]["restore_s"] / out["restore_median_s"], 2)
+    return out
+
+
+def table(result: dict) -> str:
+    rows = ["| what | vmctl | QEMU (microvm) |", "|---|---|---|"]
+    qemu = result.get("qemu", {})
+    rows.append(f"| cold boot → first command (median) | {result['cold_median_s']:.2f} s | "
+                f"{qemu.get('cold_s', float('nan')):.2f} s |")
+    rows.append(f"| snapshot create (memory) | {result['create_s']:.2f} s, {result['memory_file_mib']} MiB file | "
+                f"{qemu.get('save_s', float('nan')):.2f} s (migrate to file), {qemu.get('file_mib', '–')} MiB |")
+    rows.append(f"| restore → first command (median) | **{result['restore_median_s']:.2f} s** "
+                f"(VMM restore itself {result['vmm_restore_median_ms']:.0f} ms) | {qemu.get('restore_s', float('nan')):.2f} s (-incoming) |")
+    rows.append(f"| cold boot / restore | **{result['ratio_cold_over_restore']:.1f}x** | "
+                f"{(qemu['cold_s'] / qemu['restore_s']) if qemu else float('nan'):.1f}x |")
+    memory = result["memory"]
+    rows += ["", "| memory | value |", "|---|---|",
+             f"| {memory['clones']} clones, sum of VMM Pss | {memory['clones_pss_mib']} MiB |",
+             f"| one cold-booted guest's VMM Pss | {memory['one_guest_pss_mib']} MiB |",
+             f"| clones / ({memory['clones']} x one guest) | **{result['ratio_clones_memory']:.2f}** |",
+             f"| shared fraction of the clones' resident memory | **{memory['shared_fraction']:.0%}** |",
+             "", f"Environment: {result['environment']}."]
+    return "\n".join(rows)
+
+
+def run_nested(args: argparse.Namespace) -> int:
+    from vmctl.nested import NestedHost
+
+    output = args.output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    inner = [sys.executable, str(Path(__file__).resolve()), "--here", "--runs", str(args.runs), "--clones",
+             str(args.clones), "--timeout", str(args.timeout), "--output", str(output)] + (["--no-qemu"] if args.no_qemu else [])
+    host = NestedHost(memory_mib=args.memory, cpus=2, shares=[output.parent], progress=progress)
+    result = host.run(inner, cwd=str(HERE.parent), timeout=args.runs * 6 * args.timeout + 1200)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    progress(f"nested host: L1 boot {result.boot_seconds:.1f} s, benchmark {result.command_seconds:.1f} s")
+    return result.exit_code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--clones", type=int, default=8, help="clones running at once for the memory figures")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--no-qemu", action="store_true")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--nested", action="store_true")
+    where.add_argument("--here", action="store_true")
+    parser.add_argument("--memory", type=int, default=4096, help="nested host memory in MiB (default 4096)")
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "snapshot.json")
+    args = parser.parse_args()
+
+    from vmctl.host_probe import check_host
+
+    report = check_host()
+    if args.nested or (not args.here and not report.boots_linux):
+        progress(f"/dev/kvm here is {report.kvm_module}: running inside one nested host")
+        return run_nested(args)
+    nested = os.environ.get("VMCTL_NESTED") == "1"
+    environment = (f"KVM {report.kvm_module}{' inside the nested host (L1 under QEMU TCG)' if nested else ''}, "
+                   f"{os.cpu_count()} CPUs, kernel {platform.release()}, guest: reference bzImage + busybox "
+                   f"initramfs, 1 vCPU, {MEMORY}, shared machine, {time.strftime('%Y-%m-%d')}")
+    result = summarize(run_here(args), environment)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    progress(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
