@@ -90,6 +90,11 @@ def describe(report: HostReport) -> list[str]:
         lines.append(f"{'cpuid leaves':18} {report.cpuid_leaves}")
     lines.append(f"{'vhost-net':18} " + ("yes (virtio-net packets stay in the kernel)" if report.vhost_net else
                                          f"no: virtio-net is served in Python (load vhost_net for {vhost.DEVICE})"))
+    from .vmm.sandbox import allowed, available
+    why_not = available()
+    lines.append(f"{'vmm sandbox':18} " + (f"available: seccomp allow-list of {len(allowed())} system "
+                                           "calls, no_new_privs, user nobody (VMCTL_SANDBOX=1)"
+                                           if why_not is None else f"unavailable: {why_not}"))
     verdict = (
         "yes" if report.boots_linux
         else "tiny guests only (use the nested host for Linux: docs/nested-host.md)" if report.usable

@@ -288,8 +288,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         "name": record.name, "backend": record.backend, "state": status.state, "pid": status.pid,
         "exit_code": status.exit_code, "detail": status.detail, "spec": record.spec, "spec_file": record.spec_file,
         "ephemeral": record.ephemeral, "folder": str(store.folder(record.name)), "network": store.network(record.name),
+        "sandbox": _sandbox_state(store.folder(record.name)),
     }, indent=2))
     return 0 if status.state in ("running", "exited") else 1
+
+
+def _sandbox_state(folder) -> dict:
+    """What the VMM wrote when it entered its sandbox (VMCTL_SANDBOX=1), else nothing on."""
+    try:
+        return json.loads((folder / "sandbox.json").read_text())
+    except (OSError, ValueError):
+        return {"seccomp": "off", "no_new_privs": False}
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -71,7 +71,9 @@ class MachineProcess:
             write_json_atomic(self.folder / NETWORK, info)
             for host_port, guest_port, protocol in network.get("forwards", []):
                 self.forwarders.append(Forwarder(host_port, host.guest_ip, guest_port, protocol))
+        before_start = self._enter_sandbox if os.environ.get("VMCTL_SANDBOX") == "1" else None
         config = MachineConfig(
+            before_start=before_start,
             kernel=Path(spec["kernel"]), initrd=Path(spec["initrd"]) if spec.get("initrd") else None, cmdline=cmdline,
             cpus=spec["cpus"], memory=spec["memory"], memory_merge=spec.get("memory_merge", False),
             console_sinks=[self.console_file, self.console_server],
@@ -84,6 +86,26 @@ class MachineProcess:
             restore_from = read_snapshot(Path(self.restore["snapshot"]))
         self.machine = Machine(config, restore_from=restore_from)
         return self.machine
+
+    def _enter_sandbox(self) -> None:
+        """VMCTL_SANDBOX=1: seccomp allow-list + no_new_privs once every fd is open; without a
+        network also drop to `nobody` (a TAP and its NAT rule need root to be removed at exit).
+        What is on goes to sandbox.json, which `vmctl status` shows."""
+        from .sandbox import enter
+
+        network = (self.record.spec.get("network") or {}).get("mode", "none")
+        drop = None if network != "none" else "nobody"
+        note = None
+        if drop and not _reachable_by_others(self.folder):  # the outcome is written there
+            drop, note = None, f"kept root: {self.folder} is not reachable by other users"
+        elif not drop:
+            note = "kept root: the TAP and NAT rule are removed at exit"
+        writable = [str(self.folder)] + [str(p) for p in self.folder.iterdir()] if drop else []
+        state = enter(drop, writable)
+        if note:
+            state.notes.append(note)
+        write_json_atomic(self.folder / "sandbox.json", state.as_dict())
+        log.info("sandbox: %s", state.as_dict())
 
     # --- control requests ---------------------------------------------------------------------
     def status(self, _: dict) -> dict:
@@ -171,6 +193,11 @@ class MachineProcess:
         self.console_file.close()
         if self.record.ephemeral:  # throwaway guest: its overlays go as soon as it stops
             shutil.rmtree(self.folder / "disks", ignore_errors=True)
+
+
+def _reachable_by_others(folder: Path) -> bool:
+    """Every directory above `folder` lets other users through (o+x)."""
+    return all(os.stat(parent).st_mode & 0o001 for parent in folder.resolve().parents)
 
 
 def serve(folder: Path) -> int:

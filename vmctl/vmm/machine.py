@@ -80,6 +80,8 @@ class MachineConfig:
     timeout: float | None = None
     devices: list[MmioDeviceFactory] = field(default_factory=list)  # virtio-mmio slots, in order
     agent: bool = False  # a second UART (COM2) for the guest agent's exec channel
+    # Called once every fd is open, just before the vCPUs start: where vmm/sandbox.py goes in.
+    before_start: Callable[[], None] | None = None
 
     def validate(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -131,6 +133,8 @@ class Machine:
         try:
             self._build()
             install_kick_handler()
+            if self.config.before_start is not None:
+                self.config.before_start()
             if self.config.interactive:
                 console_input = ConsoleInput(self.serial.feed, lambda: self.stop(Outcome(0, "stopped from the console (Ctrl-A x)")))
                 console_input.start()
