@@ -178,10 +178,20 @@ def _check_linux_guests(specs: list[MachineSpec], file: Path) -> None:
     (naming the machines that could start on their own)."""
     from ..host_probe import linux_guest_problem
 
+    def kernel(spec: MachineSpec) -> Path | None:
+        if spec.snapshot is None:
+            return spec.kernel
+        from ..snapshot.snapshot_store import SnapshotStore
+
+        try:  # a clone runs the snapshot's guest: its kernel decides
+            return Path(SnapshotStore().load(spec.snapshot).plan["kernel"])
+        except (VmctlError, KeyError, TypeError):
+            return spec.kernel  # an unknown snapshot is refused, in one line, when it starts
+
     for spec in specs:
-        problem = linux_guest_problem(spec.kernel) if spec.backend == "kvm" else None
+        problem = linux_guest_problem(kernel(spec)) if spec.backend == "kvm" else None
         if problem:
-            others = [s.name for s in specs if s.backend != "kvm" or not linux_guest_problem(s.kernel)]
+            others = [s.name for s in specs if s.backend != "kvm" or not linux_guest_problem(kernel(s))]
             hint = f" (the others start alone: vmctl up {file} {' '.join(others)})" if others else ""
             raise VmctlError(f"{spec.name}: {problem}{hint}")
 
