@@ -1,6 +1,9 @@
 """Boot to userspace and idle memory: vmctl's native VMM vs QEMU microvm, same kernel + initramfs.
 
-For each VMM, N times (alternating, so load changes hit both alike):
+For each VMM, N times (alternating, so load changes hit both alike), vmctl twice: as a new
+interpreter per boot ("vmctl", cold) and forked by a pre-initialised launcher that has
+already imported the VMM ("vmctl+launcher", vmctl.launcher; started once before the runs,
+the client is still a new `vmctl` process):
   boot   wall time from starting the VMM process (`vmctl boot …` / `qemu-system-x86_64 -M
          microvm -accel kvm …`) to the guest's userspace marker VMCTL-READY on the serial
          console (printed by the reference initramfs's /init just before its command runs)
@@ -34,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -109,14 +113,46 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {name: after[name] - before[name] for name in after if name in before}
 
 
-def measure(command: list[str], idle: float, timeout: float) -> Sample:
-    """Start the VMM, time VMCTL-READY, sample memory mid-idle, wait for a clean end."""
+class Launcher:
+    """A vmctl launcher for the "vmctl+launcher" runs, in a private folder; stopped at the end."""
+
+    def __init__(self) -> None:
+        from vmctl.launcher.client import wait_for_server
+
+        self.folder = Path(tempfile.mkdtemp(prefix="vmctl-bench-launcher-"))  # mode 0700
+        self.socket = str(self.folder / "launcher.sock")
+        self.process = subprocess.Popen([sys.executable, "-m", "vmctl.launcher", "serve", self.socket,
+                                         "--idle", "3600"], stdin=subprocess.DEVNULL)
+        if not wait_for_server(self.socket, 300):
+            self.close()
+            raise RuntimeError("the vmctl launcher did not start")
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "VMCTL_LAUNCHER": self.socket}
+
+    def vmm_pid(self, _client: subprocess.Popen) -> int | None:
+        """The VMM is the launcher's child (the process started is only its client)."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return int(children[0]) if len(children) == 1 else None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def measure(command: list[str], idle: float, timeout: float, env: dict[str, str] | None = None,
+            vmm_pid=lambda process: process.pid) -> Sample:
+    """Start the VMM, time VMCTL-READY, sample memory mid-idle, wait for a clean end.
+    `vmm_pid(process)` names the process whose memory is the VMM's."""
     lines: list[str] = []
     ready = threading.Event()
     counters_start = kvm_counters()
     start = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, errors="replace")
+                               stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
     ready_at: list[float] = []
     counters_ready: list[dict[str, int]] = []
 
@@ -134,9 +170,10 @@ def measure(command: list[str], idle: float, timeout: float) -> Sample:
         if not ready.wait(timeout):
             raise RuntimeError(f"{command[0]}: no {READY} within {timeout} s:\n" + "\n".join(lines[-20:]))
         time.sleep(idle / 2)
-        rss = status_kib(process.pid, "status", "VmRSS")
-        pss = status_kib(process.pid, "smaps_rollup", "Pss")
-        use = vmm_memory(process.pid, GUEST_MEMORY)
+        pid = vmm_pid(process) or process.pid
+        rss = status_kib(pid, "status", "VmRSS")
+        pss = status_kib(pid, "smaps_rollup", "Pss")
+        use = vmm_memory(pid, GUEST_MEMORY)
         returncode = process.wait(timeout=idle + timeout)
         end = time.monotonic()
         thread.join(timeout=10)
@@ -184,7 +221,10 @@ def table(result: dict) -> str:
     ours, qemu = result["vmctl"], result["qemu"]
     rows = ["| VMM | runs | start → VMCTL-READY, median (min–max) | idle VmRSS | idle Pss "
             "| guest RAM touched | VMM overhead (RSS − guest) |", "|---|---|---|---|---|---|---|"]
-    for name, r in (("vmctl boot (native VMM)", ours), ("QEMU microvm", qemu)):
+    variants = [("vmctl boot (native VMM)", ours)]
+    if "vmctl_launcher" in result:
+        variants.append(("vmctl boot via the launcher", result["vmctl_launcher"]))
+    for name, r in variants + [("QEMU microvm", qemu)]:
         rows.append(f"| {name} | {r['runs']} | {r['ready_median_ms'] / 1000:.2f} s "
                     f"({r['ready_min_ms'] / 1000:.2f}–{r['ready_max_ms'] / 1000:.2f}) | "
                     f"{r['rss_median_mib']} MiB | {r['pss_median_mib']} MiB | "
@@ -192,11 +232,19 @@ def table(result: dict) -> str:
     overhead = f"**{result['ratio_overhead']:.2f}x**" if result.get("ratio_overhead") else "–"
     rows.append(f"| **vmctl / QEMU** | | **{result['ratio_boot']:.2f}x** | **{result['ratio_rss']:.2f}x** | "
                 f"**{result['ratio_pss']:.2f}x** | | {overhead} |")
+    if "ratio_boot_launcher" in result:
+        overhead = f"**{result['ratio_overhead_launcher']:.2f}x**" if result.get("ratio_overhead_launcher") else "–"
+        rows.append(f"| **vmctl via the launcher / QEMU** | | **{result['ratio_boot_launcher']:.2f}x** | "
+                    f"**{result['ratio_rss_launcher']:.2f}x** | **{result['ratio_pss_launcher']:.2f}x** | | {overhead} |")
     if "exits_to_ready_median" in ours:
         rows += ["", "| KVM exits, start → VMCTL-READY (median) | " + " | ".join(EXIT_COUNTERS) + " |",
                  "|---|" + "---|" * len(EXIT_COUNTERS)]
         for name, r in (("vmctl", ours), ("QEMU", qemu)):
             rows.append(f"| {name} | " + " | ".join(str(r["exits_to_ready_median"].get(c, "–")) for c in EXIT_COUNTERS) + " |")
+    if "breakdown" in result:
+        floors = {name: entry.get("startup_floor_ms") for name, entry in result["breakdown"].items()}
+        rows += ["", "Start-up floors (process start → failing on a missing kernel, median): "
+                 + ", ".join(f"{name} {ms / 1000:.2f} s" for name, ms in floors.items() if ms is not None) + "."]
     rows += ["", f"Environment: {result['environment']}."]
     return "\n".join(rows)
 
@@ -238,7 +286,7 @@ class ExitHistogram:
             (TRACING / event / "trigger").write_text(f"!hist:keys={key}:sort=hitcount.descending\n")
 
 
-def startup_floor(command: list[str], runs: int) -> float:
+def startup_floor(command: list[str], runs: int, env: dict[str, str] | None = None) -> float:
     """Median seconds for the VMM process to start, load itself and fail on a missing kernel:
     what every boot pays before the guest's first instruction."""
     missing = Path("/nonexistent/kernel")
@@ -246,14 +294,17 @@ def startup_floor(command: list[str], runs: int) -> float:
     times = []
     for _ in range(runs):
         start = time.monotonic()
-        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env)
         times.append(time.monotonic() - start)
     return statistics.median(times)
 
 
-def breakdown(args: argparse.Namespace) -> dict:
+def breakdown(args: argparse.Namespace, launcher: "Launcher | None") -> dict:
     """One more boot per VMM with exit histograms, and each VMM's start-up floor."""
     out: dict = {}
+    if launcher is not None:
+        command = vmctl_command(args.kernel, args.initrd, 1)
+        out["vmctl_launcher"] = {"startup_floor_ms": round(startup_floor(command, 3, launcher.env()) * 1000, 1)}
     for name, build in (("vmctl", vmctl_command), ("qemu", qemu_command)):
         command = build(args.kernel, args.initrd, 1)
         entry: dict = {"startup_floor_ms": round(startup_floor(command, 3) * 1000, 1)}
@@ -287,14 +338,45 @@ def run_nested(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     inner = [sys.executable, str(Path(__file__).resolve()), "--here", "--runs", str(args.runs),
              "--kernel", str(args.kernel), "--initrd", str(args.initrd), "--idle", str(args.idle),
-             "--timeout", str(args.timeout), "--output", str(output)] + (["--breakdown"] if args.breakdown else [])
+             "--timeout", str(args.timeout), "--output", str(output)] + (["--breakdown"] if args.breakdown else []) \
+        + (["--no-launcher"] if args.no_launcher else [])
     host = NestedHost(memory_mib=args.memory, cpus=2, shares=[output.parent], progress=progress)
-    budget = 2 * args.runs * (args.timeout + args.idle) + 300
+    budget = 3 * args.runs * (args.timeout + args.idle) + 300
     result = host.run(inner, cwd=str(HERE.parent), timeout=budget)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     progress(f"nested host: L1 boot {result.boot_seconds:.1f} s, benchmark {result.command_seconds:.1f} s")
     return result.exit_code
+
+
+def run_all(args: argparse.Namespace, environment: str, nested: bool, kvm_module: str,
+            launcher: Launcher | None) -> dict:
+    variants = [("vmctl", vmctl_command, None, lambda process: process.pid)]
+    if launcher is not None:
+        variants.append(("vmctl_launcher", vmctl_command, launcher.env(), launcher.vmm_pid))
+    variants.append(("qemu", qemu_command, None, lambda process: process.pid))
+    samples: dict[str, list[Sample]] = {name: [] for name, *_ in variants}
+    for index in range(args.runs):
+        for name, build, env, vmm_pid in variants:
+            sample = measure(build(args.kernel, args.initrd, args.idle), args.idle, args.timeout, env, vmm_pid)
+            samples[name].append(sample)
+            progress(f"run {index + 1}/{args.runs} {name}: READY after {sample.ready_seconds:.2f} s, "
+                     f"RSS {sample.rss_kib} KiB, Pss {sample.pss_kib} KiB, overhead {sample.overhead_rss_kib} KiB")
+    result: dict = {"environment": environment, "nested": nested, "kvm_module": kvm_module,
+                    "cmdline": {"vmctl": guest_cmdline("k", args.idle), "qemu": guest_cmdline("t", args.idle)}}
+    result |= {name: summarize(samples[name]) for name in samples}
+    for name, suffix in (("vmctl", ""), ("vmctl_launcher", "_launcher")):
+        if name not in result:
+            continue
+        ours, qemu = result[name], result["qemu"]
+        result[f"ratio_boot{suffix}"] = round(ours["ready_median_ms"] / qemu["ready_median_ms"], 2)
+        result[f"ratio_rss{suffix}"] = round(ours["rss_median_mib"] / qemu["rss_median_mib"], 2)
+        result[f"ratio_pss{suffix}"] = round(ours["pss_median_mib"] / qemu["pss_median_mib"], 2)
+        if ours["overhead_rss_median_mib"] and qemu["overhead_rss_median_mib"]:
+            result[f"ratio_overhead{suffix}"] = round(ours["overhead_rss_median_mib"] / qemu["overhead_rss_median_mib"], 2)
+    if args.breakdown:
+        result["breakdown"] = breakdown(args, launcher)
+    return result
 
 
 def main() -> int:
@@ -312,6 +394,7 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true", help="also: one boot per VMM with KVM exit histograms "
                         "(tracefs hist triggers, root) and each VMM's start-up floor")
     parser.add_argument("--memory", type=int, default=2048, help="nested host memory in MiB (default 2048)")
+    parser.add_argument("--no-launcher", action="store_true", help="skip the vmctl-via-launcher runs")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "boot.json", help="JSON results")
     args = parser.parse_args()
 
@@ -341,24 +424,12 @@ def main() -> int:
     environment = (f"KVM {report.kvm_module}{' inside the nested host (L1 under QEMU TCG)' if nested else ''}, "
                    f"{os.cpu_count()} CPUs, host kernel {platform.release()}, {qemu_version()}, "
                    f"guest: {args.kernel.name} + {args.initrd.name}, 1 vCPU, 256 MiB, {time.strftime('%Y-%m-%d')}")
-    samples: dict[str, list[Sample]] = {"vmctl": [], "qemu": []}
-    for index in range(args.runs):
-        for name, build in (("vmctl", vmctl_command), ("qemu", qemu_command)):
-            sample = measure(build(args.kernel, args.initrd, args.idle), args.idle, args.timeout)
-            samples[name].append(sample)
-            progress(f"run {index + 1}/{args.runs} {name}: READY after {sample.ready_seconds:.2f} s, "
-                     f"RSS {sample.rss_kib} KiB, Pss {sample.pss_kib} KiB")
-    result: dict = {"environment": environment, "nested": nested, "kvm_module": report.kvm_module,
-                    "cmdline": {"vmctl": guest_cmdline("k", args.idle), "qemu": guest_cmdline("t", args.idle)},
-                    "vmctl": summarize(samples["vmctl"]), "qemu": summarize(samples["qemu"])}
-    result["ratio_boot"] = round(result["vmctl"]["ready_median_ms"] / result["qemu"]["ready_median_ms"], 2)
-    result["ratio_rss"] = round(result["vmctl"]["rss_median_mib"] / result["qemu"]["rss_median_mib"], 2)
-    result["ratio_pss"] = round(result["vmctl"]["pss_median_mib"] / result["qemu"]["pss_median_mib"], 2)
-    if result["vmctl"]["overhead_rss_median_mib"] and result["qemu"]["overhead_rss_median_mib"]:
-        result["ratio_overhead"] = round(result["vmctl"]["overhead_rss_median_mib"]
-                                         / result["qemu"]["overhead_rss_median_mib"], 2)
-    if args.breakdown:
-        result["breakdown"] = breakdown(args)
+    launcher = None if args.no_launcher else Launcher()
+    try:
+        result = run_all(args, environment, nested, report.kvm_module, launcher)
+    finally:
+        if launcher is not None:
+            launcher.close()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import signal
 import subprocess
 import sys
@@ -136,14 +137,20 @@ class KvmBackend:
 
 
 def spawn(store: StateStore, record: MachineRecord) -> None:
-    """Start the machine's VMM daemon, detached, on its recorded plan."""
+    """Start the machine's VMM daemon, detached, on its recorded plan: forked by the
+    pre-initialised launcher when $VMCTL_LAUNCHER asks for one (vmctl.launcher; it reaps
+    the daemon), else as a new interpreter."""
+    from ..launcher.client import spawn_detached
+
     folder = store.folder(record.name)
-    with open(folder / VMM_LOG, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vmctl.vmm.daemon", str(folder)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-        )
-    record.pid = process.pid
+    with open(folder / VMM_LOG, "ab") as log, open(os.devnull, "rb") as null:
+        pid = spawn_detached("vmctl.vmm.daemon", [str(folder)], (null.fileno(), log.fileno(), log.fileno()))
+        if pid is None:
+            pid = subprocess.Popen(
+                [sys.executable, "-m", "vmctl.vmm.daemon", str(folder)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+            ).pid
+    record.pid = pid
     store.save(record)
 
 

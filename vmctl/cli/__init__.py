@@ -8,14 +8,19 @@ VMM started as `vmctl boot` should not pay for the spec, qcow2 and image code at
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
+import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .. import __version__
 from ..errors import VmctlError
+
+if TYPE_CHECKING:
+    import argparse
+
+# Commands a pre-initialised launcher may run (VMCTL_LAUNCHER, vmctl.launcher): `boot`
+# when stdin is not a terminal (the launched process is not in the terminal's foreground
+# process group, so it could not read it).
+LAUNCHABLE = ("boot",)
 
 # Command modules in help order, and the module that registers each command.
 COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "snapshot_cmd", "compare", "share")
@@ -34,8 +39,13 @@ def _modules_for(argv: Sequence[str]) -> tuple[str, ...]:
     return (COMMAND_MODULE[command],)
 
 
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> "argparse.ArgumentParser":
     """The parser for `argv` (only its command registered), or for every command."""
+    import argparse
+    import importlib
+
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog="vmctl",
         description="Declarative virtual machines over Linux KVM: boot throwaway guests, "
@@ -50,6 +60,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for name in COMMAND_MODULES if argv is None else _modules_for(argv):
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
+
+
+def _through_launcher(argv: list[str]) -> int | None:
+    """The exit status of `argv` run by the launcher, or None: run it here."""
+    if os.environ.get("VMCTL_LAUNCHER", "0") in ("", "0"):
+        return None
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command not in LAUNCHABLE or "--" in argv or os.isatty(0):
+        return None
+    from ..launcher.client import run_command
+
+    return run_command(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,6 +110,11 @@ def _silence_stdout() -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    launched = _through_launcher(argv)
+    if launched is not None:
+        return launched
+    import logging
+
     # Everything after the first "--" is a guest command (vmctl run -- CMD), never our options.
     passthrough: list[str] = []
     if "--" in argv:

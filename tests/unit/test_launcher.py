@@ -1,0 +1,131 @@
+"""The launcher (vmctl.launcher): a real server process, real forks, commands that need no KVM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vmctl.launcher import client
+from vmctl.launcher.server import Launcher, LauncherError
+
+VMCTL = shutil.which("vmctl", path=os.path.dirname(sys.executable)) or "vmctl"
+FAILING = ["boot", "--kernel", "/nonexistent/bzImage", "--no-input"]
+
+
+@pytest.fixture
+def socket_path(tmp_path):
+    folder = tmp_path / "launcher"
+    folder.mkdir(mode=0o700)
+    return str(folder / "launcher.sock")
+
+
+@pytest.fixture
+def launcher(socket_path):
+    process = subprocess.Popen([sys.executable, "-m", "vmctl.launcher", "serve", socket_path, "--idle", "60"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert client.wait_for_server(socket_path, 60), process.communicate(timeout=5)
+    yield process
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def run_vmctl(socket_path: str, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VMCTL_LAUNCHER": socket_path}
+    env.pop(client.ENV, None)
+    return subprocess.run([VMCTL, *argv], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def test_a_command_runs_in_a_fork_with_the_clients_stdio_and_status(launcher, socket_path):
+    read_end, write_end = os.pipe()
+    with open(os.devnull, "rb") as null, client.connect(socket_path) as conn:
+        pid = client.submit(conn, FAILING, fds=(null.fileno(), write_end, write_end))
+        os.close(write_end)
+        assert pid is not None and pid != launcher.pid
+        code = client.wait(conn, pid)
+    with os.fdopen(read_end) as output:
+        text = output.read()
+    assert code == 1 and "kernel: /nonexistent/bzImage: no such file" in text
+
+
+def test_the_cli_goes_through_the_launcher_and_keeps_its_output(launcher, socket_path):
+    result = run_vmctl(socket_path, FAILING)
+    assert result.returncode == 1 and "no such file" in result.stderr
+    assert launcher.poll() is None  # the launcher outlives its commands
+
+
+def test_a_dead_launcher_means_the_command_runs_in_the_client(launcher, socket_path):
+    launcher.kill()
+    launcher.wait()
+    assert Path(socket_path).exists()  # a stale socket nobody listens on
+    result = run_vmctl(socket_path, FAILING)
+    assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_only_a_private_directory_is_trusted(tmp_path):
+    folder = tmp_path / "open"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    assert not client.trusted_directory(str(folder / "launcher.sock"))
+    assert client.connect(str(folder / "launcher.sock")) is None
+    with pytest.raises(LauncherError):
+        Launcher(str(folder / "launcher.sock")).serve(modules=())
+
+
+def test_the_launcher_refuses_to_fork_a_threaded_process(socket_path):
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait, daemon=True)
+    worker.start()
+    try:
+        with pytest.raises(LauncherError, match="threads"):
+            Launcher(socket_path).serve(modules=())
+    finally:
+        stop.set()
+        worker.join()
+    assert not Path(socket_path).exists()
+
+
+def test_an_idle_launcher_exits_and_removes_its_socket(socket_path):
+    process = subprocess.Popen([sys.executable, "-m", "vmctl.launcher", "serve", socket_path, "--idle", "1"])
+    assert client.wait_for_server(socket_path, 60)
+    assert process.wait(timeout=60) == 0
+    assert not Path(socket_path).exists() and not Path(socket_path + ".pid").exists()
+
+
+def test_a_second_launcher_on_the_same_socket_leaves(launcher, socket_path):
+    second = subprocess.run([sys.executable, "-m", "vmctl.launcher", "serve", socket_path], timeout=60)
+    assert second.returncode == 0 and launcher.poll() is None
+    assert run_vmctl(socket_path, FAILING).returncode == 1
+
+
+def test_sigterm_stops_the_launcher(launcher, socket_path):
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 0
+    assert not Path(socket_path).exists()
+
+
+def test_on_demand_start_serves_the_next_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    path = client.default_socket()
+    env = {**os.environ, "VMCTL_LAUNCHER": "1"}
+    env.pop(client.ENV, None)
+    first = subprocess.run([VMCTL, *FAILING], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert first.returncode == 1  # ran in the client, and started a launcher for the next one
+    try:
+        assert client.wait_for_server(path, 60)
+        second = subprocess.run([VMCTL, *FAILING], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert second.returncode == 1 and "no such file" in second.stderr
+    finally:
+        pid = int(Path(path + ".pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while Path(path).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
