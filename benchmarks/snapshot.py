@@ -22,6 +22,13 @@ machine is shared with other work: expect noise.
 
     python benchmarks/snapshot.py [--runs 3] [--clones 8]
 
+`--tiny` measures on this host's /dev/kvm whatever its kind, with a tiny guest instead of
+Linux (tests/kvm/guests/counter.S with FILL_MB: it fills FILL_MB MiB of its RAM, then counts
+on the serial port, reading every one of those pages per count): snapshot create, restore to
+the clone's first console line, and the memory of N clones (each a VMM process of its own
+mapping the same memory file) against N times the source's memory. There is no cold-boot
+peer in this mode (a tiny guest boots in milliseconds; only Linux makes that comparison).
+
 Writes benchmarks/results/snapshot.json and prints a markdown table (docs/snapshots.md).
 """
 
@@ -256,6 +263,99 @@ def run_here(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_tiny(args: argparse.Namespace) -> dict:
+    """Host /dev/kvm, tiny guest, through the real CLI (each machine its own VMM process)."""
+    work = Path(tempfile.mkdtemp(prefix="vsb-", dir="/tmp"))  # short: Unix socket paths
+    state = work / "state"
+    os.environ["VMCTL_STATE_DIR"] = str(state)
+    obj, elf = work / "counter.o", work / "counter.elf"
+    source = HERE.parent / "tests" / "kvm" / "guests" / "counter.S"
+    subprocess.run(["gcc", "-c", f"-DFILL_MB={args.fill_mb}", "-DLIMIT=100000000", "-DDELAY=1000", "-DREADY=1",
+                    str(source), "-o", str(obj)], check=True)
+    subprocess.run(["ld", "-static", "-nostdlib", "-N", "--no-warn-rwx-segments", "-Ttext=0x100000", "-e", "_start",
+                    str(obj), "-o", str(elf)], check=True)
+    spec = work / "vm.yaml"
+    spec.write_text(f"machines:\n  src:\n    kernel: {elf}\n    memory: {MEMORY}\n    disks:\n      - size: 64M\n")
+
+    def lines(name: str) -> int:
+        return (state / "machines" / name / "console.log").read_bytes().count(b"\n")
+
+    def wait_lines(name: str, count: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while lines(name) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: {lines(name)} console lines after {timeout} s")
+            time.sleep(0.01)
+
+    names = ["src"]
+    out: dict = {"restore_s": [], "vmm_restore_ms": [], "first_line_s": []}
+    try:
+        vmctl("up", str(spec))  # returns at VMCTL-READY, before the fill
+        wait_lines("src", 3, args.timeout)  # READY, then counts 1 and 2: filled and read
+        source_map = smaps(vmm_pid("src"))
+        start = time.monotonic()
+        vmctl("snapshot", "create", "--memory", "src", "tiny")
+        out["create_s"] = time.monotonic() - start
+        meta = json.loads(vmctl("snapshot", "list", "--json").stdout)[0]
+        out["memory_file_mib"] = meta["memory_bytes"] >> 20
+        progress(f"tiny: snapshot of {args.fill_mb} MiB filled in {out['create_s']:.2f} s")
+        for index in range(args.clones):
+            name = f"t{index}"
+            start = time.monotonic()
+            vmctl("up", "--from-snapshot", "tiny", "--name", name)
+            out["restore_s"].append(time.monotonic() - start)
+            names.append(name)
+            wait_lines(name, 1)
+            out["first_line_s"].append(time.monotonic() - start)
+            out["vmm_restore_ms"].append(restore_ms(state, name))
+        for name in names[1:]:
+            wait_lines(name, 3)  # every clone has read all filled pages since its restore
+        maps = [smaps(vmm_pid(name)) for name in names[1:]]
+        out["memory"] = {
+            "clones": len(maps),
+            "clones_pss_mib": round(sum(m["Pss"] for m in maps) / 1024, 1),
+            "clones_rss_mib": round(sum(m["Rss"] for m in maps) / 1024, 1),
+            "one_guest_pss_mib": round(source_map["Pss"] / 1024, 1),
+            "shared_fraction": round(sum(m.get("Shared_Clean", 0) + m.get("Shared_Dirty", 0) for m in maps)
+                                     / max(sum(m["Rss"] for m in maps), 1), 3),
+        }
+    finally:
+        for name in names:
+            subprocess.run([VMCTL, "rm", name], capture_output=True)
+        subprocess.run([VMCTL, "snapshot", "delete", "tiny"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def summarize_tiny(raw: dict, environment: str, fill_mb: int) -> dict:
+    memory = raw["memory"]
+    return {"environment": environment, "fill_mib": fill_mb, "raw": raw, "create_s": round(raw["create_s"], 3),
+            "memory_file_mib": raw["memory_file_mib"],
+            "restore_median_s": round(median(raw["restore_s"]), 3),
+            "first_line_median_s": round(median(raw["first_line_s"]), 3),
+            "vmm_restore_median_ms": round(median([v for v in raw["vmm_restore_ms"] if v is not None]), 1),
+            "memory": memory,
+            "ratio_clones_memory": round(memory["clones_pss_mib"] / (memory["clones"] * memory["one_guest_pss_mib"]), 3)}
+
+
+def table_tiny(result: dict) -> str:
+    memory = result["memory"]
+    return "\n".join([
+        "| tiny guest on this host's /dev/kvm | value |", "|---|---|",
+        f"| snapshot create (`vmctl snapshot create --memory`, CLI wall time) | {result['create_s']:.2f} s, "
+        f"{result['memory_file_mib']} MiB memory file |",
+        f"| restore (`vmctl up --from-snapshot`, CLI wall time, median) | {result['restore_median_s']:.2f} s |",
+        f"| restore to the clone's first console line (median) | {result['first_line_median_s']:.2f} s |",
+        f"| the VMM's own restore (read + check the snapshot, rebuild the VM, set all state; median) | "
+        f"{result['vmm_restore_median_ms']:.0f} ms |",
+        f"| {memory['clones']} clones running, sum of VMM Pss | {memory['clones_pss_mib']} MiB "
+        f"(Rss {memory['clones_rss_mib']} MiB) |",
+        f"| the source guest's VMM Pss | {memory['one_guest_pss_mib']} MiB |",
+        f"| clones / ({memory['clones']} x the source) | **{result['ratio_clones_memory']:.2f}** |",
+        f"| shared fraction of the clones' resident memory | **{memory['shared_fraction']:.0%}** |",
+        "", f"Environment: {result['environment']}."])
+
+
 def summarize(raw: dict, environment: str) -> dict:
     out = {"environment": environment, "raw": raw,
            "create_s": round(raw["create_s"], 3), "memory_file_mib": raw["memory_file_mib"],
@@ -314,6 +414,8 @@ def main() -> int:
     parser.add_argument("--clones", type=int, default=8, help="clones running at once for the memory figures")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--no-qemu", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny guest on this host's /dev/kvm (see above)")
+    parser.add_argument("--fill-mb", type=int, default=64, help="--tiny: MiB the guest fills and reads (default 64)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--nested", action="store_true")
     where.add_argument("--here", action="store_true")
@@ -324,6 +426,16 @@ def main() -> int:
     from vmctl.host_probe import check_host
 
     report = check_host()
+    if args.tiny:
+        environment = (f"KVM {report.kvm_module} on this host, {os.cpu_count()} CPUs, kernel {platform.release()}, "
+                       f"tiny guest (counter.S, FILL_MB={args.fill_mb}), {MEMORY}, shared machine, {time.strftime('%Y-%m-%d')}")
+        result = summarize_tiny(run_tiny(args), environment, args.fill_mb)
+        output = args.output if args.output != HERE / "results" / "snapshot.json" else HERE / "results" / "snapshot-tiny.json"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2) + "\n")
+        print(table_tiny(result))
+        progress(f"wrote {output}")
+        return 0
     if args.nested or (not args.here and not report.boots_linux):
         progress(f"/dev/kvm here is {report.kvm_module}: running inside one nested host")
         return run_nested(args)

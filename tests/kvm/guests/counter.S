@@ -2,8 +2,12 @@
  * Counts forever, for snapshot tests: the count lives in memory at COUNTER (a u64) and each
  * new value is printed on COM1 in decimal, one per line, with a busy delay in between. Once
  * the count reaches LIMIT the guest exits through port 0xf4 with the count's low byte.
- * With READY defined it first prints VMCTL-READY (what `vmctl up` waits for).
+ * With READY defined it first prints VMCTL-READY (what `vmctl up` waits for). With FILL_MB
+ * (benchmarks/snapshot.py --tiny) it first fills that many MiB at 16 MiB with a non-zero
+ * pattern, and every count reads one byte of each of those pages (so a restored clone maps
+ * them all: its shared-memory figures are real).
  */
+#define FILL_BASE 0x1000000
 #ifndef LIMIT
 #define LIMIT 100
 #endif
@@ -26,7 +30,20 @@ _start:
 5:
 #endif
     movq $0, COUNTER
+#ifdef FILL_MB
+    mov $0x5a5a5a5a5a5a5a5a, %rax
+    mov $FILL_BASE, %rdi
+    mov $(FILL_MB * 1024 * 1024 / 8), %rcx
+    rep stosq
+#endif
 next:
+#ifdef FILL_MB
+    mov $FILL_BASE, %rsi
+    mov $(FILL_MB * 256), %rcx
+6:  mov (%rsi), %al
+    add $4096, %rsi
+    loop 6b
+#endif
     mov COUNTER, %rax
     inc %rax
     mov %rax, COUNTER
