@@ -25,7 +25,8 @@ def test_fuzz_target_briefly(name):
 
 
 @pytest.mark.parametrize("text", ["name: x\ncpus: !!int x", "name: x\ncpus: !!float 1e999x",
-                                  "name: x\nmemory: !!binary '%%'"])
+                                  "name: x\nmemory: !!binary '%%'",
+                                  "name: x\x17\ncpus: 1"])  # a control character
 def test_spec_scalar_with_a_tag_that_cannot_be_read_is_a_spec_error(text):
     """Found by the spec fuzz target: a ValueError/ParserError traceback, not one line."""
     with pytest.raises(SpecError, match="fuzz.yaml"):

@@ -120,6 +120,11 @@ def parse_spec(document: str | dict, source: str = "<spec>", base_dir: Path | No
         mark = error.problem_mark
         position = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
         raise SpecError(f"{source}:{position}: invalid YAML: {error.problem}") from None
+    except yaml.reader.ReaderError as error:  # a control character: found by fuzzing
+        raise SpecError(f"{source}: invalid YAML: character #x{error.character:04x} at byte "
+                        f"{error.position} is not allowed") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{source}: invalid YAML: {' '.join(str(error).split())}") from None
     if root is None:
         raise SpecError(f"{source}: empty spec: declare `machines:`")
     context = _Context(source, base_dir)
