@@ -54,8 +54,9 @@ class NativeInstance:
         self.folder.mkdir(parents=True)
         self.overlay.mount()
         root = shlex.quote(str(self.overlay.merged))
+        # "ready" comes from inside the chroot: from then on the holder's root is the overlay
         script = (f"mount --rbind /dev {root}/dev && mount -t proc proc {root}/proc && "
-                  f"echo ready && exec chroot {root} /bin/sleep infinity")
+                  f"exec chroot {root} /bin/sh -c 'echo ready; exec /bin/sleep infinity'")
         self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
         line = self.holder.stdout.readline() if self.holder.stdout else ""
@@ -68,9 +69,9 @@ class NativeInstance:
     def run(self, script: str, timeout: float = 600.0) -> Output:
         if self.holder is None or self.holder.poll() is not None:
             raise VmctlError(f"{self.name}: not running")
-        # the holder's mount namespace (its /dev and /proc), then the same root it has
-        argv = ["nsenter", "-t", str(self.holder.pid), "-m", "--", "chroot", str(self.overlay.merged),
-                "/bin/sh", "-c", f"cd / && {script}"]
+        # the holder's mount namespace (its /dev and /proc) and its root. -r, not a path: where
+        # vmctl itself runs chrooted (inside the nested host) the path means nothing there.
+        argv = ["nsenter", "-t", str(self.holder.pid), "-m", "-r", "-w", "/bin/sh", "-c", script]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=timeout)
         except subprocess.TimeoutExpired:
