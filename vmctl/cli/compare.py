@@ -125,6 +125,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
         for path in report.write(result, args.report):
             print(f"wrote {path}", file=sys.stderr)
     print(report.markdown(result))
+    if result.failed:
+        raise VmctlError(result.failed)
     return 0
 
 

@@ -78,6 +78,7 @@ class SuiteRun:
     measurements: list[Measurement] = field(default_factory=list)
     series: list[Series] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    failed: str = ""  # a part of the run that failed after others had results (not saved to JSON)
 
     def column(self, key: str) -> Column | None:
         return next((c for c in self.columns if c.key == key), None)
