@@ -1,7 +1,7 @@
 """The commands each file in examples/ documents in its comments, and how to run them.
 
 A documented command is a comment line indented by at least two spaces after `#` that
-starts with `vmctl ` or `curl ` (a trailing `  # note` is dropped). The linux tier runs them
+starts with `vmctl `, `curl ` or `echo ` (feeding `vmctl … -i`) (a trailing `  # note` is dropped). The linux tier runs them
 in order, exactly as written, from the repository root (tests/linux/inner/test_examples.py,
 tests/linux/test_examples_containers.py), so an example can never rot unnoticed.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-_COMMAND = re.compile(r"^#\s{2,}((?:vmctl|curl)\s.*?)(?:\s{2,}#\s.*)?$")
+_COMMAND = re.compile(r"^#\s{2,}((?:vmctl|curl|echo)\s.*?)(?:\s{2,}#\s.*)?$")
 # Examples whose machines are containers run on this host; the others are VMs (linux tier).
 CONTAINER_EXAMPLES = ("container.yaml",)
 CONSOLE_DETACH = b"\x01x"  # Ctrl-A x, what a user types to leave `vmctl console`

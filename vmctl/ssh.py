@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .guest_contract import ExecResult
 
 PRIVATE_KEY = "id_ed25519"
 CONNECT_TIMEOUT = 5.0
+CONNECT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,21 @@ def exec_ssh(host: str, user: str, key: Path | None, command: str, timeout: floa
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # fresh host keys every boot
     try:
-        client.connect(host, port=port, username=user, key_filename=str(key) if key else None,
-                       look_for_keys=key is None, allow_agent=key is None, timeout=CONNECT_TIMEOUT,
-                       banner_timeout=CONNECT_TIMEOUT * 2, auth_timeout=CONNECT_TIMEOUT * 2)
+        for attempt in range(CONNECT_ATTEMPTS):
+            # A slow guest's sshd sometimes drops a connection during key exchange ("No
+            # existing session"); nothing ran yet, so connecting again is safe.
+            try:
+                client.connect(host, port=port, username=user, key_filename=str(key) if key else None,
+                               look_for_keys=key is None, allow_agent=key is None, timeout=CONNECT_TIMEOUT,
+                               banner_timeout=CONNECT_TIMEOUT * 2, auth_timeout=CONNECT_TIMEOUT * 2)
+                break
+            except paramiko.AuthenticationException:
+                raise
+            except (paramiko.SSHException, OSError):
+                client.close()
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    raise
+                time.sleep(1.0)
         _, stdout, stderr = client.exec_command(command, timeout=timeout)
         if stdin:
             stdout.channel.sendall(stdin)

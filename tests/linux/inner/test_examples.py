@@ -19,6 +19,8 @@ EXPECTED = {
     ("ssh-debian.yaml", "vmctl exec devbox -- python3"): "Python 3.",
     ("ssh-debian.yaml", "curl"): "Directory listing",
     ("data-disk.yaml", "vmctl exec scratch"): "/mnt",
+    ("data-disk.yaml", "echo hello | vmctl exec -i scratch"): "hello",
+    ("ssh-debian.yaml", "echo 'print(6 * 7)' | vmctl exec -i devbox"): "42",
     ("web-and-db.yaml", "curl"): "hello from web",
     ("web-and-db.yaml", "vmctl exec db"): "database on db",
 }
