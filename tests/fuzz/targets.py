@@ -3,7 +3,8 @@ the error type its layer promises (one line for the user); anything else is a fi
 
 Run one for a while: `scripts/fuzz TARGET SECONDS` (tests/fuzz/run.py drives hypothesis's
 fuzz_one_input with random and corpus buffers). tests/unit/test_fuzz_targets.py runs every
-target briefly in CI. Targets: qcow2, virtqueue, blk, rng, spec.
+target briefly in CI. Targets: qcow2, virtqueue, blk, rng, net (a real TAP), console,
+spec.
 """
 
 from __future__ import annotations
@@ -201,6 +202,82 @@ def rng(r):
         device.close()
 
 
+_NET: list = []
+
+
+def net_device():
+    """One real TAP (isolated /30) for the whole fuzz session: frames go out of it."""
+    if not _NET:
+        import atexit
+
+        from vmctl.net import host as hostnet
+        from vmctl.virtio.net import NetDevice
+        network = hostnet.HostNetwork("isolated").open()
+        device = NetDevice(network.tap, network.mac, on_close=network.close)
+        atexit.register(device.close)
+        _NET.append(device)
+    return _NET[0]
+
+
+@SETTINGS
+@given(r=ring, frame=st.binary(max_size=64))
+def net(r, frame):
+    """virtio-net TX: headers shorter than 12 bytes, odd offload fields, oversize frames."""
+    mem = memory()
+    mem.write(0x10000, frame)
+    device, sink = net_device(), _Sink()
+    try:
+        device.process(1, build_queue(r), QueueContext(mem, sink))
+    except (QueueError, DeviceError):
+        pass
+
+
+_CONSOLE: list = []
+
+
+def console_device():
+    """A real virtio-console with a connected client on its unix socket."""
+    if not _CONSOLE:
+        import atexit
+        import socket
+
+        from vmctl.virtio.console import ConsoleDevice
+        work = tempfile.mkdtemp(prefix="vmctl-fuzz-console-")
+        device = ConsoleDevice(os.path.join(work, "console.sock"))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(device.socket_path)
+        client.setblocking(False)
+        device._accept()
+        atexit.register(client.close)
+        _CONSOLE.append((device, client))
+    return _CONSOLE[0]
+
+
+@SETTINGS
+@given(r=ring, typed=st.binary(max_size=32))
+def console(r, typed):
+    """virtio-console: guest output (TX) and host input into guest buffers (RX)."""
+    device, client = console_device()
+    mem, sink = memory(), _Sink()
+    ctx = QueueContext(mem, sink)
+    device.activate(0, ctx)
+    try:
+        if typed:
+            try:
+                client.send(typed)
+            except BlockingIOError:
+                pass  # the guest posts no receive buffers: the socket backs up, as it should
+        device.process(1, build_queue(r), ctx)
+        device.process(0, build_queue(r), ctx)
+    except (QueueError, DeviceError):
+        pass
+    try:
+        while client.recv(65536):
+            pass
+    except BlockingIOError:
+        pass
+
+
 # --- the YAML spec loader -----------------------------------------------------------------
 
 _SPEC_LINES: list[str] = []
@@ -227,4 +304,5 @@ def spec(picks):
         assert "\n" not in str(error).strip() or "fuzz.yaml" in str(error)
 
 
-TARGETS = {"qcow2": qcow2, "virtqueue": virtqueue, "blk": blk, "rng": rng, "spec": spec}
+TARGETS = {"qcow2": qcow2, "virtqueue": virtqueue, "blk": blk, "rng": rng, "net": net,
+           "console": console, "spec": spec}
