@@ -35,28 +35,36 @@ def oci_boot(spec: MachineSpec, folder: Path) -> tuple[Path, Path, list[dict], l
     """`image: oci:…` as a VM (vmctl/oci/vm.py): (kernel, first-stage initramfs, disks: one
     read-only ext4 per layer then this machine's qcow2 upper, cmdline words, vmctl.cmd script).
     Records the layers in the folder so `vmctl image rm` keeps them while the machine exists."""
+    kernel = spec.kernel or reference_images("busybox").kernel
+    layers, upper_base, initrd, words, script = oci_parts(spec, folder)
+    (folder / "disks").mkdir(parents=True, exist_ok=True)
+    upper = folder / "disks" / "upper.qcow2"
+    create_overlay(str(upper_base), str(upper), absolute=True, durable=False)
+    disks = [{"path": str(path), "read_only": True, "created": False} for path in layers]
+    disks.append({"path": str(upper), "read_only": False, "created": True})
+    return kernel, initrd, disks, words, script
+
+
+def oci_parts(spec: MachineSpec, folder: Path | None) -> tuple[list[Path], Path, Path, list[str], str]:
+    """(layer disks bottom first, blank upper base, first-stage initramfs, cmdline words,
+    vmctl.cmd script) of an OCI image; with `folder`, the machine records the layers it uses."""
     import json
 
     from ..oci import vm
     from ..oci.runconfig import open_image, process
     from ..oci.store import USES_FILE, ImageStore
 
-    kernel = spec.kernel or reference_images("busybox").kernel
     store = ImageStore()
     image = open_image(spec.image, store)
     vm.check_layers(image)
     proc = process(image, spec.command, spec.environment)
-    (folder / USES_FILE).write_text(json.dumps({"image": image.ref, "diff_ids": image.diff_ids}))
+    if folder is not None:
+        (folder / USES_FILE).write_text(json.dumps({"image": image.ref, "diff_ids": image.diff_ids}))
     with store.locked():
         layers = [vm.layer_disk(store, diff_id) for diff_id in image.diff_ids]
         upper_base = vm.upper_base(store)
         initrd = vm.initramfs(store)
-    (folder / "disks").mkdir(parents=True, exist_ok=True)
-    upper = folder / "disks" / "upper.qcow2"
-    create_overlay(str(upper_base), str(upper), absolute=True, durable=False)
-    disks = [{"path": str(path), "read_only": True, "created": False} for path in layers]
-    disks.append({"path": str(upper), "read_only": False, "created": True})
-    return kernel, initrd, disks, [f"vmctl.layers={len(layers)}"], vm.guest_script(image, proc, GUEST_AGENT)
+    return layers, upper_base, initrd, [f"vmctl.layers={len(layers)}"], vm.guest_script(image, proc, GUEST_AGENT)
 
 
 def prepare(spec: MachineSpec, folder: Path) -> dict:

@@ -8,6 +8,7 @@ the YAML (or after `--`) replaces the image's Cmd and keeps its Entrypoint; the 
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 from dataclasses import dataclass
@@ -33,8 +34,14 @@ def parse_ref(text: str) -> tuple[str, str | None]:
         raise VmctlError(f"image {text!r}: an OCI image is written oci:NAME[@sha256:…]")
     rest = text[len(PREFIX):]
     name, _, pinned = rest.partition("@")
-    check_name(name)
+    if not is_path(name):
+        check_name(name)
     return name, (dg.check(pinned, f"image {text}") if pinned else None)
+
+
+def is_path(name: str) -> bool:
+    """oci:/abs/layout, oci:./rel.tar: a layout or archive imported on use."""
+    return name.startswith(("/", "./", "../"))
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,12 @@ class OciImage:
 def open_image(ref: str, store: ImageStore | None = None) -> OciImage:
     name, pinned = parse_ref(ref)
     store = store or ImageStore()
-    record = store.get(name)
+    if is_path(name):  # imported (again: what is already in the store is not copied twice)
+        path = Path(name).resolve()
+        name = f"path-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+        record = store.import_image(path, name)
+    else:
+        record = store.get(name)
     if pinned and pinned not in (record.manifest, record.config):
         raise VmctlError(f"image {ref}: {name} is {dg.short(record.manifest)} now, not {dg.short(pinned)}")
     lowers = tuple(store.lowers(record))

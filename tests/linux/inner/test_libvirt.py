@@ -139,3 +139,22 @@ def test_debian_guest_on_vmctls_network_answers_exec_over_ssh(state_dir, tmp_pat
     finally:
         assert vmctl("rm", "lvl-ssh").returncode == 0
     assert not Path(f"/sys/class/net/{network['tap']}").exists()  # the TAP went with the machine
+
+
+def test_oci_image_through_libvirt(state_dir, tmp_path):
+    """`image: oci:…` with backend libvirt: the layer disks read-only, the upper a qcow2, the
+    same files as the container and the native VM show (vmctl.oci.samples)."""
+    from vmctl.oci.samples import CHECK_SCRIPT, expected_check_output, write_samples
+
+    env = {**os.environ, "VMCTL_OCI_DIR": str(tmp_path / "oci")}
+    a, _ = write_samples(tmp_path)
+    imported = subprocess.run([VMCTL, "image", "import", str(a)], capture_output=True, text=True, env=env, timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    spec = tmp_path / "oci.yaml"
+    spec.write_text(f"machines:\n  ocivm:\n    backend: libvirt\n    image: oci:sample-a\n    memory: 256M\n"
+                    f"    libvirt: {{uri: '{URI}'}}\n")
+    run = subprocess.run([VMCTL, "run", str(spec), "--", "sh", "-c", CHECK_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected_check_output()
+    assert not [d for d in libvirt.open(URI).listAllDomains() if d.name().startswith("vmctl-ocivm")]

@@ -92,6 +92,9 @@ class LibvirtBackend:
             check_network(spec, vmctl_tap)  # spec mistakes before anything is made
             boot_for(spec)
             root = root_image(spec)
+            if remote and spec.kernel is None and spec.image.startswith("oci:"):
+                raise VmctlError(f"{spec.name}: image {spec.image}: OCI images run on a local libvirt only "
+                                 f"(their layer disks are in this host's store)")
             if remote and root:
                 raise VmctlError(f"{spec.name}: image {spec.image} boots from a root disk, which only a local "
                                  f"libvirt gets (give kernel and disks for {uri})")

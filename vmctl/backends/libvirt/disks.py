@@ -66,7 +66,10 @@ def local_disks(spec: MachineSpec, folder: Path, root: str | None = None) -> tup
     plans = []
     disks_dir = folder / "disks"
     first = 0
-    if root is not None:
+    if spec.kernel is None and spec.image.startswith("oci:"):
+        plans = oci_disks(spec, folder)
+        first = len(plans)
+    elif root is not None:
         disks_dir.mkdir(parents=True, exist_ok=True)
         own = disks_dir / "vda.qcow2"
         create_overlay(root, str(own), absolute=True)
@@ -92,6 +95,20 @@ def local_disks(spec: MachineSpec, folder: Path, root: str | None = None) -> tup
             layers = local_chain(str(disk.image), spec.name)
         plans.append(DiskPlan(target, layers, disk.read_only))
     return tuple(plans)
+
+
+def oci_disks(spec: MachineSpec, folder: Path) -> list[DiskPlan]:
+    """An OCI image's layers as read-only raw disks (vda…, bottom first, shared with every
+    machine on them), then this machine's qcow2 upper (docs/images.md)."""
+    from ..kvm_prepare import oci_parts
+
+    layers, upper_base, _, _, _ = oci_parts(spec, folder)
+    plans = [DiskPlan(target_name(index), (DiskLayer(str(path), "raw"),), True) for index, path in enumerate(layers)]
+    (folder / "disks").mkdir(parents=True, exist_ok=True)
+    upper = folder / "disks" / "upper.qcow2"
+    create_overlay(str(upper_base), str(upper), absolute=True)
+    plans.append(DiskPlan(target_name(len(layers)), (DiskLayer(str(upper), "qcow2"), DiskLayer(str(upper_base), "raw"))))
+    return plans
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,8 @@ def nic_for(spec: MachineSpec, tap: str | None = None) -> NicPlan | None:
     return NicPlan("network", DEFAULT_NETWORK, mac)
 
 
-def _no_oci(spec: MachineSpec) -> None:
-    if spec.kernel is None and spec.image.startswith("oci:"):
-        raise VmctlError(f"{spec.source or spec.name}: image: {spec.image}: OCI images run with backend kvm or "
-                         f"container; backend libvirt does not take them yet (docs/images.md)")
+def is_oci_boot(spec: MachineSpec) -> bool:
+    return spec.kernel is None and spec.image.startswith("oci:")
 
 
 def root_image(spec: MachineSpec) -> str | None:
@@ -69,7 +67,8 @@ def root_image(spec: MachineSpec) -> str | None:
     boots from a disk (debian) when no kernel is given; None otherwise."""
     if spec.kernel is not None:
         return None
-    _no_oci(spec)
+    if is_oci_boot(spec):
+        return None  # its disks are the image's layers (disks.oci_disks)
     try:
         root = reference_images(spec.image).root_disk
     except VmctlError as error:
@@ -81,7 +80,8 @@ def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
              extra_words: tuple[str, ...] = ()) -> tuple[str | None, str | None, str | None]:
     """(kernel, initrd, cmdline); no kernel and some disk (busybox profile): the firmware
     boots the first disk. `extra_words`: the network's `ip=` and `vmctl.sshkey=`."""
-    _no_oci(spec)
+    if is_oci_boot(spec):
+        return _oci_boot(spec, default_cmdline, extra_words)
     kernel, initrd = spec.kernel, spec.initrd
     if kernel is None and spec.disks and spec.image == "busybox":
         if initrd is not None or spec.cmdline is not None:
@@ -104,6 +104,20 @@ def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
     cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *([ROOT_CMDLINE] if root else []),
                         *extra_words, *words])
     return str(kernel), str(initrd) if initrd else None, cmdline
+
+
+def _oci_boot(spec: MachineSpec, default_cmdline: str, extra_words: tuple[str, ...]) -> tuple[str, str, str]:
+    """An OCI image: vmctl's kernel, the first-stage initramfs, `vmctl.layers=N` (docs/images.md)."""
+    from ..kvm_prepare import oci_parts
+
+    try:
+        kernel = reference_images("busybox").kernel
+    except VmctlError as error:
+        raise VmctlError(f"{spec.name}: {error}") from None
+    _, _, initrd, words, script = oci_parts(spec, None)
+    cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *words, *extra_words,
+                        *InitArgs(hostname=spec.name, cmd=script).words()])
+    return str(kernel), str(initrd), cmdline
 
 
 def domain_plan(spec: MachineSpec, *, uuid: str, domain_type: str, disks: tuple[DiskPlan, ...],
