@@ -29,7 +29,7 @@ WORKDIR /app
 CMD ["/bin/sh", "-c", "echo $GREETING; pwd; cat /etc/os-release"]
 """
 LISTING = ("cd / && sha256sum bin/busybox etc/os-release etc/passwd srv/a.txt srv/new.txt app/x app/y shared.bin; "
-           "ls -a /srv /app; stat -c '%n %a %u %g %h' app/x srv; test -e etc/old.conf && echo PRESENT; true")
+           "ls -1a /srv /app; stat -c '%n %a %u %g %h' app/x srv; test -e etc/old.conf && echo PRESENT; true")
 
 
 @pytest.fixture
