@@ -78,7 +78,7 @@ class SuiteRun:
     measurements: list[Measurement] = field(default_factory=list)
     series: list[Series] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    failed: str = ""  # a part of the run that failed after others had results (not saved to JSON)
+    failed: str = ""  # the first step that failed (the others' results are kept)
 
     def column(self, key: str) -> Column | None:
         return next((c for c in self.columns if c.key == key), None)
@@ -102,13 +102,14 @@ class SuiteRun:
         self.measurements += other.measurements
         self.series += other.series
         self.notes += other.notes
+        self.failed = self.failed or other.failed
         self.environment.setdefault("nested", other.environment)
 
     def as_dict(self) -> dict:
         return {"schema": "vmctl-compare-suite/1", "suites": self.suites, "quick": self.quick,
                 "environment": self.environment, "columns": [asdict(c) | {"key": c.key} for c in self.columns],
                 "measurements": [m.as_dict() for m in self.measurements],
-                "series": [asdict(s) for s in self.series], "notes": self.notes}
+                "series": [asdict(s) for s in self.series], "notes": self.notes, "failed": self.failed}
 
     @staticmethod
     def from_dict(data: dict) -> "SuiteRun":
@@ -118,4 +119,5 @@ class SuiteRun:
                             for m in data["measurements"]]
         run.series = [Series(**s) for s in data["series"]]
         run.notes = list(data.get("notes", []))
+        run.failed = data.get("failed", "")
         return run

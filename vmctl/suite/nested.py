@@ -61,7 +61,7 @@ def run_in_nested_host(options, columns: list[str]) -> SuiteRun:
                           progress=lambda message: print(f"[nested] {message}", file=sys.stderr, flush=True))
         with _nested_lock():
             ran = host.run(argv, cwd=str(Path.cwd()), timeout=TIMEOUT_S[options.quick], stall=Stall(log, 1800.0))
-        if ran.exit_code != 0 or not out.exists():
+        if not out.exists():  # with a JSON, failed steps are recorded in it
             tail = ran.stderr.strip().splitlines()[-1:] or ["no output"]
             raise VmctlError(f"nested host: `vmctl compare` exited with {ran.exit_code}: {tail[0][:300]}")
         return SuiteRun.from_dict(json.loads(out.read_text()))

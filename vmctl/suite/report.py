@@ -67,6 +67,7 @@ def markdown(run: SuiteRun) -> str:
     for column in run.columns:
         if column.status != "ok":
             lines.append(f"- {column_header(run, column.key)}: not run: {column.why}")
+    lines += [f"- {note}" for note in run.notes]
     env = run.environment
     lines.append(f"Host: {env.get('cpu_model')}, {env.get('cpus')} CPUs, {env.get('memory_mib')} MiB, kernel "
                  f"{env.get('kernel')}, KVM {env.get('kvm_mode')}; {env.get('shared_machine', '')}.")

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..errors import VmctlError
 from .columns.base import COLUMN_NAMES, ColumnUnavailable, InstanceSpec, Runner, open_column
@@ -161,42 +162,16 @@ def _run_in(options: Options, names: list[str], place: str, work: Path) -> Suite
                                 + ("pagecache" in options.suites))
         progress = Progress(steps, "L1 " if place == NESTED else "", options.progress_file)
         for column, runner in columns:
-            spec = InstanceSpec(image=options.image, memory_mib=options.memory_mib)
-            if "startup" in options.suites:
-                progress.step(f"startup · {column.key}")
-                _startup(result, column.key, runner, fleet, spec, params.startup_runs, progress)
-                progress.finish_step()
-            if steady:
-                progress.step(f"{','.join(steady)} · {column.key}")
-                net = InstanceSpec(image=options.image, memory_mib=options.memory_mib,
-                                   network=bool(NEEDS_NETWORK & set(steady)))
-                instance = fleet.start(runner, net, 0)
+            for name, step in _steps(options, place, column, runner, steady, params, client, fleet, result, progress):
+                progress.step(f"{name} · {column.key}")
                 try:
-                    check_tools(instance, steady)
-                    run_steady(result, column.key, instance, client, steady, params, progress.say)
-                finally:
-                    fleet.remove([instance])
-                progress.finish_step()
-            if column.name == "qemu" and place == NESTED and ({"density", "pagecache"} & set(options.suites)):
-                # each QEMU guest under TCG costs as much as vmctl's: the many-instance suites are
-                # measured on vmctl's VMM only there
-                result.notes.append("qemu (L1): density and pagecache not run in the nested host (time)")
-                continue
-            if "density" in options.suites:
-                from .density import run_density
-
-                progress.step(f"density · {column.key}")
-                run_density(result, column.key, runner, fleet, options.instances, spec, progress.say)
-                progress.finish_step()
-            if "pagecache" in options.suites:
-                from .pagecache import ksm_available, run_pagecache
-
-                progress.step(f"pagecache · {column.key}")
-                run_pagecache(result, column.key, runner, fleet, options.instances, spec, options.quick, progress.say)
-                if column.name == "vm" and ksm_available():
-                    merge = InstanceSpec(image=options.image, memory_mib=options.memory_mib, memory_merge=True)
-                    run_pagecache(result, column.key, runner, fleet, options.instances, merge, options.quick,
-                                  progress.say, merge=True)
+                    step()
+                except VmctlError as error:
+                    # one failed step loses its own rows only; the run goes on and fails at the end
+                    message = f"{name} · {column.key}: failed: {error}"
+                    print(f"compare: {message}", file=sys.stderr, flush=True)
+                    result.notes.append(message)
+                    result.failed = result.failed or message
                 progress.finish_step()
         return result
     finally:
@@ -206,6 +181,52 @@ def _run_in(options: Options, names: list[str], place: str, work: Path) -> Suite
                 runner.close()
             except Exception as error:  # noqa: BLE001 - close the others, then say so
                 print(f"compare: cleanup of {runner.name}: {error}", file=sys.stderr)
+
+
+def _steps(options: Options, place: str, column: Column, runner: Runner, steady: list[str], params: Params,
+           client, fleet: Fleet, result: SuiteRun, progress: Progress) -> list[tuple[str, Callable[[], None]]]:
+    """(name, action) of each suite step of one column, in order."""
+    spec = InstanceSpec(image=options.image, memory_mib=options.memory_mib)
+    steps: list[tuple[str, Callable[[], None]]] = []
+    if "startup" in options.suites:
+        steps.append(("startup", lambda: _startup(result, column.key, runner, fleet, spec, params.startup_runs,
+                                                  progress)))
+
+    def steady_step() -> None:
+        net = InstanceSpec(image=options.image, memory_mib=options.memory_mib,
+                           network=bool(NEEDS_NETWORK & set(steady)))
+        instance = fleet.start(runner, net, 0)
+        try:
+            check_tools(instance, steady)
+            run_steady(result, column.key, instance, client, steady, params, progress.say)
+        finally:
+            fleet.remove([instance])
+
+    if steady:
+        steps.append((",".join(steady), steady_step))
+    if column.name == "qemu" and place == NESTED and ({"density", "pagecache"} & set(options.suites)):
+        # each QEMU guest under TCG costs as much as vmctl's: the many-instance suites are
+        # measured on vmctl's VMM only there
+        result.notes.append("qemu (L1): density and pagecache not run in the nested host (time)")
+        return steps
+    if "density" in options.suites:
+        from .density import run_density
+
+        steps.append(("density", lambda: run_density(result, column.key, runner, fleet, options.instances, spec,
+                                                     progress.say)))
+
+    def pagecache_step() -> None:
+        from .pagecache import ksm_available, run_pagecache
+
+        run_pagecache(result, column.key, runner, fleet, options.instances, spec, options.quick, progress.say)
+        if column.name == "vm" and ksm_available():
+            merge = InstanceSpec(image=options.image, memory_mib=options.memory_mib, memory_merge=True)
+            run_pagecache(result, column.key, runner, fleet, options.instances, merge, options.quick,
+                          progress.say, merge=True)
+
+    if "pagecache" in options.suites:
+        steps.append(("pagecache", pagecache_step))
+    return steps
 
 
 def _startup(result: SuiteRun, key: str, runner: Runner, fleet: Fleet, spec: InstanceSpec, runs: int,

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -48,7 +49,14 @@ def direct_io_dir(work: Path) -> Iterator[Path]:
         raise VmctlError(f"suite scratch: mkfs.ext4 failed: {done.stderr.strip()[-200:]}")
     done = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True)
     if done.returncode:
-        raise VmctlError(f"suite scratch: loop mount failed: {done.stderr.strip()[-200:]}")
+        # no loop devices (the nested host may have none): the disk suite then skips the
+        # columns whose layer cannot take O_DIRECT, and says so
+        print(f"compare: no O_DIRECT-capable scratch file system here ({done.stderr.strip()[-120:]})",
+              file=sys.stderr, flush=True)
+        image.unlink(missing_ok=True)
+        mountpoint.rmdir()
+        yield work
+        return
     try:
         yield mountpoint
     finally:
