@@ -163,3 +163,66 @@ def test_snapshot_in_yaml_starts_a_clone(env, vmctl_cli, tmp_path):
         assert _wait_log_lines(vmctl_cli, "from-yaml", 2).splitlines()[1].isdigit()
     finally:
         vmctl_cli("rm", "from-yaml", "counter")
+
+
+def test_kill_9_while_snapshotting_leaves_the_disk_intact_and_nothing_that_looks_complete(env, vmctl_cli, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    spec, state = env
+    big = tmp_path / "big.yaml"  # 1 GiB guest: its RAM takes a while to write
+    big.write_text(spec.read_text().replace("memory: 64M", "memory: 1G"))
+    try:
+        assert vmctl_cli("up", str(big), "--no-wait").returncode == 0
+        _wait_log_lines(vmctl_cli, "counter", 2)
+        pid = _ps(vmctl_cli)["counter"]["pid"]
+        exe = Path(sys.executable).with_name("vmctl")
+        creating = subprocess.Popen([str(exe), "snapshot", "create", "--memory", "counter", "cut"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        folder = state / "snapshots" / "cut"
+        deadline = time.monotonic() + 30
+        while not (folder / "disk0.qcow2").exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(0.05)  # the disk is switched; the 1 GiB of RAM is being written
+        os.kill(pid, signal.SIGKILL)
+        _, errors = creating.communicate(timeout=60)
+        assert creating.returncode == 1 and errors.startswith("vmctl: error: ") and errors.count("\n") == 1, errors
+        assert not (folder / "meta.json").exists()  # nothing that looks complete
+        # The failed `create` removed what it had begun, merging the frozen layer back into
+        # the (now stopped) machine's new overlay; a killed `create` would leave the folder,
+        # listed as interrupted, for `delete` to do the same.
+        assert not folder.exists()
+        assert "cut" not in vmctl_cli("snapshot", "list").stdout
+        # The machine's disk is whole (qemu-img agrees), and it boots again from it.
+        disk = state / "machines" / "counter" / "disks" / "disk0.qcow2"
+        check = subprocess.run(["qemu-img", "check", str(disk)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert vmctl_cli("start", "counter", "--no-wait").returncode == 0
+        _wait_log_lines(vmctl_cli, "counter", 2)
+        assert _ps(vmctl_cli)["counter"]["state"] == "running"
+    finally:
+        vmctl_cli("rm", "counter")
+
+
+def test_delete_of_an_interrupted_snapshot_merges_its_layer_back(env, vmctl_cli):
+    from vmctl.snapshot.disk_layers import backing_of, freeze_overlay
+
+    spec, state = env
+    try:
+        assert vmctl_cli("up", str(spec), "--no-wait").returncode == 0
+        _wait_log_lines(vmctl_cli, "counter", 2)
+        assert vmctl_cli("stop", "counter", "--timeout", "1").returncode == 0
+        disk = state / "machines" / "counter" / "disks" / "disk0.qcow2"
+        folder = state / "snapshots" / "half"  # what a `create` killed after the disk switch leaves
+        folder.mkdir(parents=True)
+        freeze_overlay(disk, folder / "disk0.qcow2")
+        assert Path(backing_of(disk)).parent == folder
+        assert "interrupted" in vmctl_cli("snapshot", "list").stdout
+        deleted = vmctl_cli("snapshot", "delete", "half")
+        assert deleted.returncode == 0 and "1 overlay(s) merged back" in deleted.stderr, deleted.stderr
+        assert not folder.exists() and backing_of(disk) is None
+        assert vmctl_cli("start", "counter", "--no-wait").returncode == 0
+        _wait_log_lines(vmctl_cli, "counter", 2)
+    finally:
+        vmctl_cli("rm", "counter")

@@ -55,8 +55,11 @@ def take(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, nam
         meta = SnapshotMeta(name, record.name, record.backend, "memory" if memory else "disk", layers, plan,
                             memory_bytes=memory_bytes)
         snapshots.save(meta)
-    except BaseException:
-        discard(folder)
+    except BaseException as error:
+        try:
+            _remove_incomplete(store, folder)  # never a layer a machine's overlay still reads
+        except VmctlError as problem:
+            raise VmctlError(f"{error}; {problem}") from None
         raise
     return meta
 
@@ -182,11 +185,30 @@ def dependents(store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta) 
     return blocking, mergeable
 
 
+def _remove_incomplete(store: StateStore, folder: Path) -> int:
+    """Remove an interrupted snapshot (VMM killed while saving). A machine may already run
+    over a new overlay above a layer in here: the layer is merged back into that overlay
+    first (the machine must be stopped for that). Returns the overlays merged."""
+    merged = 0
+    for machine in store.names():
+        record = store.load(machine)
+        for disk in record.spec.get("disks", []) if record.backend == "kvm" else []:
+            backing = backing_of(Path(disk["path"]))
+            if backing and Path(backing).parent == folder:
+                if running(store, record):
+                    raise VmctlError(f"snapshot {folder.name!r} is incomplete and the running machine {machine} "
+                                     f"reads its disk layer: vmctl stop {machine}, then vmctl snapshot delete {folder.name}")
+                merge_layer_into(Path(disk["path"]), Path(backing))
+                merged += 1
+    discard(folder)
+    return merged
+
+
 def delete(store: StateStore, snapshots: SnapshotStore, name: str) -> str:
     folder = snapshots.folder(name)
     if folder.is_dir() and name in snapshots.incomplete():
-        discard(folder)
-        return "incomplete snapshot removed"
+        merged = _remove_incomplete(store, folder)
+        return "incomplete snapshot removed" + (f" ({merged} overlay(s) merged back)" if merged else "")
     meta = snapshots.load(name)
     blocking, mergeable = dependents(store, snapshots, meta)
     if blocking:

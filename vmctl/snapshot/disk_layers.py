@@ -19,17 +19,25 @@ from ..errors import VmctlError
 
 
 def freeze_overlay(overlay: Path, layer: Path) -> None:
-    """Move `overlay` to `layer` (made read-only) and put a new empty overlay above it at
-    `overlay`'s path. The image must not be open for writing elsewhere (the VMM closes it)."""
-    os.rename(overlay, layer)
+    """Make `overlay`'s content the read-only `layer` and put a new empty overlay above it at
+    `overlay`'s path. The image must not be open for writing elsewhere (the VMM closes it).
+
+    Crash-safe in this order: `layer` is first a second name (hard link) of the overlay, the
+    new overlay is made under a temporary name, then renamed over the old name in one step.
+    A kill at any point leaves `overlay` a complete disk: the old one, or the new one above
+    the layer (whose snapshot folder then has no meta.json: `vmctl snapshot delete` merges
+    the layer back into it)."""
+    os.link(overlay, layer)
+    temporary = overlay.with_name(f".{overlay.name}.new")
     try:
-        os.chmod(layer, 0o444)
-        create_overlay(str(layer), str(overlay), absolute=True, durable=True)
+        temporary.unlink(missing_ok=True)
+        create_overlay(str(layer), str(temporary), absolute=True, durable=True)
+        os.replace(temporary, overlay)
     except BaseException:
-        overlay.unlink(missing_ok=True)
-        os.chmod(layer, 0o644)
-        os.rename(layer, overlay)
+        temporary.unlink(missing_ok=True)
+        layer.unlink(missing_ok=True)
         raise
+    os.chmod(layer, 0o444)
 
 
 def overlay_on(layer: Path, overlay: Path) -> None:
