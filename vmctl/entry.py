@@ -23,7 +23,10 @@ def main() -> int:
         _signal.signal(sig, _early)
     try:
         from .cli import main as cli_main
+
+        # cli_main handles signals itself from its first line; one that lands before that
+        # line (or before `vmctl.signals` took over) ends up here.
+        return cli_main()
     except KeyboardInterrupt:
         sys.stderr.write("vmctl: interrupted\n")
         return 128 + (_received[-1] if _received else _signal.SIGINT)
-    return cli_main()

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
+from .. import signals
 from ..errors import VmctlError
 
 if TYPE_CHECKING:
@@ -76,8 +77,6 @@ def _through_launcher(argv: list[str]) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; no traceback reaches the user for a signal or a closed stdout."""
-    from .. import signals
-
     signals.install()  # first: SIGTERM/SIGHUP clean up like Ctrl-C from here on
     try:
         return _main(argv)
