@@ -177,6 +177,38 @@ def _checks(path: str, who: str, problems: list[str]) -> None:
                             f"{theirs.get('image-end-offset')}")
 
 
+def _make_chain(rng: random.Random, config: Config, workdir: str, mirror: bytearray) -> str:
+    """One or two backing levels under the test image, each with random content written by
+    qemu-io; the lowest one sometimes made by `qemu-img convert -c` (compressed clusters, so
+    copy-on-write has to inflate them). Fills `mirror` with what the chain reads as."""
+    size = rng.choice([config.size, config.size // 2])
+    level_config = Config(config.cluster_size, config.compat, config.refcount_bits, False,
+                          config.maker, False, size)
+    below: str | None = None
+    for level in range(rng.choice([1, 1, 2])):
+        path = os.path.join(workdir, f"base{level}.qcow2")
+        ops = [op for op in _ops(rng, level_config, 8) if op[0] == "write"]
+        if level == 0 and rng.random() < 0.3:
+            raw = bytearray(size)
+            for op in ops:
+                _apply_mirror(raw, op)
+            raw_path = os.path.join(workdir, "base.raw")
+            with open(raw_path, "wb") as file:
+                file.write(raw)
+            subprocess.run(["qemu-img", "convert", "-q", "-c", "-O", "qcow2", "-o",
+                            f"cluster_size={config.cluster_size},compat={config.compat},"
+                            f"refcount_bits={config.refcount_bits}", raw_path, path],
+                           check=True, capture_output=True)
+            os.unlink(raw_path)
+        else:
+            _make(path, level_config, below)
+            _apply_qemu(path, ops)
+        for op in ops:
+            _apply_mirror(mirror, op)
+        below = path
+    return below
+
+
 def run(seed: int, workdir: str, op_count: int = 40) -> Result:
     """One seed: a random configuration and operation sequence; returns what differed."""
     rng = random.Random(seed)
@@ -186,18 +218,7 @@ def run(seed: int, workdir: str, op_count: int = 40) -> Result:
     ours = os.path.join(workdir, "ours.qcow2")
     theirs = os.path.join(workdir, "theirs.qcow2")
     mirror = bytearray(config.size)
-    base = None
-    if config.backing:
-        base = os.path.join(workdir, "base.qcow2")
-        base_config = Config(config.cluster_size, config.compat, config.refcount_bits, False,
-                             config.maker, False, rng.choice([config.size, config.size // 2]))
-        _make(base, base_config, None)
-        base_ops = [op for op in _ops(rng, base_config, 8) if op[0] == "write"]
-        _apply_qemu(base, base_ops)
-        base_mirror = bytearray(base_config.size)
-        for op in base_ops:
-            _apply_mirror(base_mirror, op)
-        mirror[:len(base_mirror)] = base_mirror
+    base = _make_chain(rng, config, workdir, mirror) if config.backing else None
     try:
         _make(ours, config, base)
         shutil.copy(ours, theirs)
