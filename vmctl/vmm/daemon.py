@@ -88,22 +88,25 @@ class MachineProcess:
         return self.machine
 
     def _enter_sandbox(self) -> None:
-        """VMCTL_SANDBOX=1: seccomp allow-list + no_new_privs once every fd is open; without a
-        network also drop to `nobody` (a TAP and its NAT rule need root to be removed at exit).
-        What is on goes to sandbox.json, which `vmctl status` shows."""
-        from .sandbox import enter
+        """VMCTL_SANDBOX=1: seccomp allow-list + no_new_privs once every fd is open, and user
+        nobody when other users can reach the state folder (the outcome is written there).
+        Not with a network: its TAP and NAT rule are removed at exit by running `ip` and
+        `iptables`, which needs root and exec. What is on goes to sandbox.json, which
+        `vmctl status` shows."""
+        from .sandbox import SandboxState, current, enter
 
         network = (self.record.spec.get("network") or {}).get("mode", "none")
-        drop = None if network != "none" else "nobody"
-        note = None
-        if drop and not _reachable_by_others(self.folder):  # the outcome is written there
-            drop, note = None, f"kept root: {self.folder} is not reachable by other users"
-        elif not drop:
-            note = "kept root: the TAP and NAT rule are removed at exit"
-        writable = [str(self.folder)] + [str(p) for p in self.folder.iterdir()] if drop else []
-        state = enter(drop, writable)
-        if note:
-            state.notes.append(note)
+        if network != "none":
+            state: SandboxState = current()
+            state.notes.append(f"not entered: network {network} is torn down with ip/iptables")
+        else:
+            drop, note = "nobody", None
+            if not _reachable_by_others(self.folder):
+                drop, note = None, f"kept root: {self.folder} is not reachable by other users"
+            writable = [str(self.folder)] + [str(p) for p in self.folder.iterdir()] if drop else []
+            state = enter(drop, writable)
+            if note:
+                state.notes.append(note)
         write_json_atomic(self.folder / "sandbox.json", state.as_dict())
         log.info("sandbox: %s", state.as_dict())
 
