@@ -207,3 +207,17 @@ def test_capabilities_seccomp_and_mounts_as_configured(spec, vmctl_cli):
     assert lines[:3] == ["CapEff:\t00000000a80425fb", "NoNewPrivs:\t1", "Seccomp:\t2"]  # Docker's default set
     assert "denied" in lines
     assert {"/ overlay rw", "/tmp tmpfs rw", "/sys sysfs ro"} <= set(lines)
+
+
+def test_stop_start_keeps_the_containers_files(spec, vmctl_cli):
+    assert vmctl_cli("up", str(spec), "a").returncode == 0
+    try:
+        assert vmctl_cli("exec", "a", "--", "sh", "-c", "echo kept > /root/file").returncode == 0
+        assert vmctl_cli("stop", "a", "--timeout", "2").returncode == 0
+        assert ps(vmctl_cli)["a"]["state"] == "stopped"
+        started = vmctl_cli("start", "a")
+        assert started.returncode == 0, started.stderr
+        assert ps(vmctl_cli)["a"]["state"] == "running"
+        assert vmctl_cli("exec", "a", "--", "cat", "/root/file").stdout == "kept\n"
+    finally:
+        assert vmctl_cli("rm", "a").returncode == 0

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stop = subparsers.add_parser(
         "stop", help="stop machines, keeping their disks to start them again",
         description="Shut each guest down (through its agent; the VM is stopped after --timeout), keeping its "
-        "overlays and state: `vmctl ps` shows it stopped, `vmctl start` boots it again from the same disks.")
+        "overlays and state: `vmctl ps` shows it stopped, `vmctl start` boots it again from the same disks. "
+        "A container is stopped (SIGTERM, then SIGKILL) keeping its upper layer; `start` runs it again on it.")
     stop.add_argument("names", nargs="+")
     stop.add_argument("--timeout", type=float, default=10, help="seconds before the VM is stopped (default 10)")
     stop.set_defaults(func=cmd_stop)
@@ -122,13 +123,20 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stoppable(store: StateStore, name: str):
+    record = store.load(name)
+    if record.backend not in ("kvm", "container"):
+        raise VmctlError(f"{name}: stop and start are for native (kvm) machines and containers; this one is {record.backend}")
+    return record
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from ..backends.kvm_snapshot import stop
 
     store, _ = _stores()
     with store.locked():
         for name in args.names:
-            record = _kvm_record(store, name)
+            record = _stoppable(store, name)
             stop(store, record, get_backend(record.backend), args.timeout)
             print(f"{name}: stopped (vmctl start {name} boots it again)", file=sys.stderr)
     return 0
@@ -141,8 +149,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     records = []
     with store.locked():
         for name in args.names:
-            record = _kvm_record(store, name)
-            restart(store, record)
+            record = _stoppable(store, name)
+            if record.backend == "kvm":
+                restart(store, record)
+            else:
+                if get_backend(record.backend).status(store, record).state == "running":
+                    raise VmctlError(f"{name}: already running")
+                get_backend(record.backend).restart(store, record)
             records.append(record)
             print(f"{name}: started (pid {record.pid})", file=sys.stderr)
     if not args.no_wait:

@@ -82,24 +82,7 @@ class ContainerBackend:
             where["bundle"].mkdir()
             config = build_config(spec, str(where["rootfs"] / "merged"), f"/{CGROUP_PARENT}/{container_id}", process=proc)
             (where["bundle"] / "config.json").write_text(json.dumps(config, indent=2))
-            read_end, write_end = os.pipe()
-            try:
-                with open(folder / MONITOR_LOG, "ab") as log:
-                    monitor = subprocess.Popen(
-                        [sys.executable, "-m", "vmctl.backends.container.monitor", str(folder), str(write_end)],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
-                        start_new_session=True,  # a Ctrl-C on `vmctl up` must not kill it later
-                    )
-                os.close(write_end)
-                report = _read_report(read_end, START_TIMEOUT)
-            finally:
-                os.close(read_end)
-            if not report.startswith("ok "):
-                detail = report[len("error "):] if report.startswith("error ") else _tail(folder / MONITOR_LOG)
-                raise VmctlError(detail or f"{spec.name}: the container monitor ended without a report")
-            record.pid = int(report.split()[1])
-            record.resources["monitor"] = [str(monitor.pid)]
-            store.save(record)
+            monitor = _launch(store, record, folder)
         except BaseException:
             if monitor is not None and monitor.poll() is None:
                 monitor.kill()
@@ -108,6 +91,25 @@ class ContainerBackend:
             store.delete(spec.name)  # nothing half-made stays behind
             raise
         return record
+
+    def restart(self, store: StateStore, record: MachineRecord) -> None:
+        """`vmctl start`: the stopped container again, on its own upper layer (its files
+        are kept from the last run: only `vmctl rm` deletes them)."""
+        folder = store.folder(record.name)
+        plan = Plan.load(folder)
+        for leftover in (OUTCOME, "stopped"):
+            (folder / leftover).unlink(missing_ok=True)
+        if (folder / CONSOLE).exists():  # the last run's READY must not count for this one
+            (folder / CONSOLE).replace(folder / f"{CONSOLE}.1")
+        monitor: subprocess.Popen | None = None
+        try:
+            monitor = _launch(store, record, folder)
+        except BaseException:
+            if monitor is not None and monitor.poll() is None:
+                monitor.kill()
+                monitor.wait()
+            release(folder, plan)
+            raise
 
     def wait_ready(self, store: StateStore, record: MachineRecord, timeout: float) -> float:
         """A started container is ready (its command runs); this only confirms it, and
@@ -208,6 +210,42 @@ def _oci_image(spec: MachineSpec):
         return None, None
     image = open_image(spec.image)
     return image, process(image, spec.command, spec.environment)
+
+
+def _launch(store: StateStore, record: MachineRecord, folder: Path) -> subprocess.Popen:
+    """Start the container's monitor (it mounts the root, creates and starts the container)
+    and wait for its report; the record gets the container's init pid."""
+    read_end, write_end = os.pipe()
+    monitor: subprocess.Popen | None = None
+    try:
+        with open(folder / MONITOR_LOG, "ab") as log:
+            monitor = subprocess.Popen(
+                [sys.executable, "-m", "vmctl.backends.container.monitor", str(folder), str(write_end)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
+                start_new_session=True,  # a Ctrl-C on `vmctl up` must not kill it later
+            )
+        os.close(write_end)
+        write_end = -1
+        report = _read_report(read_end, START_TIMEOUT)
+    except BaseException:
+        if monitor is not None and monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+        raise
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if not report.startswith("ok "):
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+        detail = report[len("error "):] if report.startswith("error ") else _tail(folder / MONITOR_LOG)
+        raise VmctlError(detail or f"{record.name}: the container monitor ended without a report")
+    record.pid = int(report.split()[1])
+    record.resources["monitor"] = [str(monitor.pid)]
+    store.save(record)
+    return monitor
 
 
 def _read_report(fd: int, timeout: float) -> str:
