@@ -37,7 +37,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from vmctl.launcher.session import PrivateLauncher  # noqa: E402
 from vmctl.procmem import vmm_memory  # noqa: E402
 
 READY = "VMCTL-READY"
@@ -113,34 +113,13 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {name: after[name] - before[name] for name in after if name in before}
 
 
-class Launcher:
-    """A vmctl launcher for the "vmctl+launcher" runs, in a private folder; stopped at the end."""
-
-    def __init__(self) -> None:
-        from vmctl.launcher.client import wait_for_server
-
-        self.folder = Path(tempfile.mkdtemp(prefix="vmctl-bench-launcher-"))  # mode 0700
-        self.socket = str(self.folder / "launcher.sock")
-        self.process = subprocess.Popen([sys.executable, "-m", "vmctl.launcher", "serve", self.socket,
-                                         "--idle", "3600"], stdin=subprocess.DEVNULL)
-        if not wait_for_server(self.socket, 300):
-            self.close()
-            raise RuntimeError("the vmctl launcher did not start")
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "VMCTL_LAUNCHER": self.socket}
+class Launcher(PrivateLauncher):
+    """A vmctl launcher for the "vmctl+launcher" runs; stopped at the end."""
 
     def vmm_pid(self, _client: subprocess.Popen) -> int | None:
         """The VMM is the launcher's child (the process started is only its client)."""
-        pid = self.process.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return int(children[0]) if len(children) == 1 else None
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=60)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        children = self.children()
+        return children[0] if len(children) == 1 else None
 
 
 def measure(command: list[str], idle: float, timeout: float, env: dict[str, str] | None = None,

@@ -10,6 +10,8 @@ rootfs.qcow2 through a per-run qcow2 overlay), running `true`. Phases, each time
     teardown    remove the machine: process, overlay, state (QEMU: delete the overlay)
 
 plus `vmctl run SPEC -- true` as a whole through the CLI (process start included). Medians.
+vmctl runs twice: its VMM daemon as a new interpreter ("vmctl"), and forked by a
+pre-initialised launcher ("vmctl_launcher", vmctl.launcher, started once before its runs).
 Needs hardware-backed KVM: on a paravirtual-KVM host (kvm_pvm) it re-runs itself inside the
 nested host with --nested (absolute times there are ~13x slower than bare metal; the ratios
 are what to read).
@@ -140,7 +142,8 @@ def qemu_phases(kernel: Path, initrd: Path, base: Path, cmdline: str, timeout: f
 def cli_total(spec_path: Path, state: Path) -> float:
     start = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).with_name("vmctl")), "run", str(spec_path), "--", "true"],
-                            env={**os.environ, "VMCTL_STATE_DIR": str(state)}, capture_output=True, text=True)
+                            env={**os.environ, "VMCTL_STATE_DIR": str(state)}, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         raise RuntimeError(f"vmctl run failed: {result.stderr}")
     return time.perf_counter() - start
@@ -154,13 +157,18 @@ def median_ms(samples: list[dict[str, float]]) -> dict[str, float]:
 
 
 def table(result: dict) -> str:
-    ours, qemu = result["vmctl"], result.get("qemu")
-    rows = ["| phase | vmctl (median ms) | QEMU + qemu-img (median ms) | vmctl / QEMU |", "|---|---|---|---|"]
+    ours, qemu, warm = result["vmctl"], result.get("qemu"), result.get("vmctl_launcher")
+    rows = ["| phase | vmctl (median ms) | vmctl via the launcher | QEMU + qemu-img (median ms) | vmctl / QEMU "
+            "| via the launcher / QEMU |", "|---|---|---|---|---|---|"]
     for phase in (*PHASES, "total"):
         theirs = qemu[phase] if qemu else None
         ratio = f"{ours[phase] / theirs:.2f}x" if theirs else "–"
-        rows.append(f"| {phase} | {ours[phase]} | {theirs if theirs is not None else '–'} | {ratio} |")
-    rows.append(f"| `vmctl run SPEC -- true` (CLI, whole) | {result['cli_total_ms']} | | |")
+        warm_ms = warm[phase] if warm else None
+        warm_ratio = f"{warm_ms / theirs:.2f}x" if theirs and warm_ms is not None else "–"
+        rows.append(f"| {phase} | {ours[phase]} | {warm_ms if warm_ms is not None else '–'} | "
+                    f"{theirs if theirs is not None else '–'} | {ratio} | {warm_ratio} |")
+    rows.append(f"| `vmctl run SPEC -- true` (CLI, whole) | {result['cli_total_ms']} | "
+                f"{result.get('cli_total_launcher_ms', '–')} | | | |")
     rows.append("")
     rows.append(f"{result['runs']} runs each; environment: {result['environment']}.")
     return "\n".join(rows)
@@ -171,6 +179,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=180)
     parser.add_argument("--nested", action="store_true", help="run inside the nested host (for paravirtual KVM hosts)")
+    parser.add_argument("--no-launcher", action="store_true", help="skip the runs with the VMM forked by a launcher")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "run.json")
     args = parser.parse_args()
 
@@ -178,10 +187,11 @@ def main() -> int:
         from vmctl.nested import NestedHost
 
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        inner = [sys.executable, str(Path(__file__).resolve()), "--runs", str(args.runs), "--output", str(args.output.resolve())]
+        inner = [sys.executable, str(Path(__file__).resolve()), "--runs", str(args.runs), "--output",
+                 str(args.output.resolve())] + (["--no-launcher"] if args.no_launcher else [])
         host = NestedHost(memory_mib=2048, cpus=2, shares=[args.output.parent.resolve()],
                           progress=lambda message: print(f"[nested] {message}", file=sys.stderr))
-        result = host.run(inner, cwd=str(HERE.parent), timeout=args.timeout * args.runs * 3 + 300)
+        result = host.run(inner, cwd=str(HERE.parent), timeout=args.timeout * args.runs * 4 + 300)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
         return result.exit_code
@@ -211,6 +221,25 @@ def main() -> int:
     result["vmctl"] = median_ms(samples)
     result["vmctl_samples"] = samples
     result["cli_total_ms"] = round(statistics.median(cli_total(spec_path, work / "state") for _ in range(args.runs)) * 1000, 1)
+    if not args.no_launcher:
+        from vmctl.launcher.session import PrivateLauncher
+
+        with PrivateLauncher() as launcher:
+            saved = dict(os.environ)
+            os.environ.update(launcher.env())  # KvmBackend.start forks the VMM daemon from it
+            try:
+                warm = []
+                for index in range(args.runs):
+                    warm.append(vmctl_phases(spec_path, work / "state", args.timeout))
+                    print(f"vmctl via the launcher run {index + 1}/{args.runs}: {sum(warm[-1].values()):.2f} s",
+                          file=sys.stderr)
+                result["vmctl_launcher"] = median_ms(warm)
+                result["vmctl_launcher_samples"] = warm
+                result["cli_total_launcher_ms"] = round(statistics.median(
+                    cli_total(spec_path, work / "state") for _ in range(args.runs)) * 1000, 1)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
     if shutil.which("qemu-system-x86_64") and shutil.which("qemu-img"):
         # The same guest words vmctl passes (minus the agent, which QEMU does not wire up).
         # reboot=t: QEMU's microvm has no i8042 to reset through; a triple fault ends it (-no-reboot).
@@ -223,6 +252,8 @@ def main() -> int:
         result["qemu"] = median_ms(peer)
         result["qemu_samples"] = peer
         result["ratio_total"] = round(result["vmctl"]["total"] / result["qemu"]["total"], 2)
+        if "vmctl_launcher" in result:
+            result["ratio_total_launcher"] = round(result["vmctl_launcher"]["total"] / result["qemu"]["total"], 2)
     shutil.rmtree(work, ignore_errors=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))

@@ -90,6 +90,25 @@ def test_guest_frame_reaches_a_host_socket(rig):
     assert data == b"hello from the guest" and address == rig.network.guest_ip
 
 
+def test_a_flooded_tx_queue_goes_out_in_one_pass(rig):
+    """The guest fills the TX ring, then kicks once: every frame reaches the host, and the
+    ring is given back with one pass (all used entries there after one process call)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((rig.network.host_ip, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        port = sock.getsockname()[1]
+        heads = []
+        for index in range(64):
+            frame = udp_frame(rig.host_mac, parse_mac(rig.network.mac), rig.network.guest_ip, rig.network.host_ip,
+                              4000, port, b"frame %02d" % index)
+            heads.append(rig.tx.post([bytes(HDR) + frame], []).head)  # one descriptor each: 64 fill the ring
+        rig.transport.process_queue(1)
+        assert sorted(rig.tx.take_used()) == sorted((head, 0) for head in heads)
+        sock.settimeout(30)
+        received = {sock.recv(100) for _ in range(64)}
+    assert received == {b"frame %02d" % index for index in range(64)}
+
+
 def receive_udp(rig, buffer_size: int, count: int, payload: bytes) -> tuple[bytes, int]:
     """Post `count` RX buffers, have the host send `payload` to the guest; returns the frame
     and how many buffers it took."""

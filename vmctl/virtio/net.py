@@ -161,18 +161,28 @@ class NetDevice(VirtioDevice):
 
     # --- guest → host ----------------------------------------------------------------------
     def _transmit(self, queue: Virtqueue, ctx: QueueContext) -> None:
+        """Every frame the guest queued, then one used-ring update for all of them."""
+        sent: list[tuple[int, int]] = []
+        fd, memory = self.tap.fd, ctx.memory
         for chain in queue.drain():
-            if chain.readable_length < VNET_HDR_SIZE:
-                raise DeviceError(f"TX chain of {chain.readable_length} bytes has no virtio-net header")
-            if chain.readable_length > MAX_FRAME:
-                raise DeviceError(f"TX frame of {chain.readable_length} bytes exceeds {MAX_FRAME}")
+            length = chain.readable_length
+            if length < VNET_HDR_SIZE:
+                raise DeviceError(f"TX chain of {length} bytes has no virtio-net header")
+            if length > MAX_FRAME:
+                raise DeviceError(f"TX frame of {length} bytes exceeds {MAX_FRAME}")
             try:
-                os.writev(self.tap.fd, chain.readable_views(ctx.memory))
+                os.writev(fd, chain.readable_views(memory))
             except OSError as error:
                 if error.errno not in (errno.EAGAIN, errno.EIO, errno.EINVAL, errno.ENOBUFS):
                     raise
                 # The host dropped the frame (queue full, link down, bad offload header): like a wire.
-            ctx.complete(queue, chain, 0)
+            sent.append((chain.head, 0))
+        if sent:
+            if ctx.complete_many is not None:
+                ctx.complete_many(queue, sent)
+            else:
+                for head, _ in sent:
+                    ctx.complete(queue, DescriptorChain(head), 0)
 
     # --- host → guest ----------------------------------------------------------------------
     def _tap_readable(self) -> None:
