@@ -145,10 +145,10 @@ def test_kill_9_then_rm_leaves_nothing(spec, vmctl_cli, tmp_path, victim):
     assert vmctl_cli("up", str(spec), "b").returncode == 0
     folder = tmp_path / "state/machines/b"
     record = json.loads((folder / "machine.json").read_text())
-    container_id = record["spec"]["container_id"]
+    container_id = record["plan"]["container_id"]
     veth = ps(vmctl_cli)["b"]["network"]["veth"]
     assert veth in host_traces(container_id, folder, veth)  # the mount, veth, cgroup and processes exist
-    pid = record["pid"] if victim == "init" else int(record["resources"]["monitor"][0])
+    pid = record["pid"] if victim == "init" else record["plan"]["monitor_pid"]
     os.kill(pid, signal.SIGKILL)
     if victim == "init":
         deadline = time.monotonic() + 10

@@ -229,7 +229,7 @@ def test_domain_on_the_remote_host_runs_from_an_overlay_there(folders, tmp_path,
     before = base.read_bytes()
     vmctl_ok(vmctl_cli, "up", str(spec_file(tmp_path, "lvr-run", base, remote.uri)), "--no-wait")
     record = json.loads((state / "machines/lvr-run/machine.json").read_text())
-    assert record["spec"]["remote"] and record["spec"]["console"] == f"{POOL}/vmctl-lvr-run.console.log"
+    assert record["plan"]["remote"] and record["plan"]["console"] == f"{POOL}/vmctl-lvr-run.console.log"
     assert json.loads(vmctl_ok(vmctl_cli, "ps", "--json"))[0]["state"] == "running"
 
     conn = libvirt.open(remote.uri)

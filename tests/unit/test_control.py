@@ -122,7 +122,7 @@ def test_a_vmm_that_is_gone_is_an_error_naming_the_socket(fake_vmm, tmp_path):
 
 
 def _record(store: StateStore, process: subprocess.Popen) -> MachineRecord:
-    record = MachineRecord(name="m", backend="kvm", spec={}, pid=process.pid)
+    record = MachineRecord(name="m", backend="kvm", pid=process.pid)
     store.save(record)
     return record
 

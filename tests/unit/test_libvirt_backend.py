@@ -59,7 +59,7 @@ def test_define_start_list_stop_undefine(tmp_path, backend, store):
     listed = domains(backend)
     assert "vmctl-t1" in listed and listed["vmctl-t1"].isPersistent() and listed["vmctl-t1"].isActive()
     described = ET.fromstring(listed["vmctl-t1"].XMLDesc(0))
-    assert described.findtext("uuid") == record.spec["uuid"] and described.findtext("vcpu") == "1"
+    assert described.findtext("uuid") == record.plan.uuid and described.findtext("vcpu") == "1"
     assert described.find("devices/disk/source").get("file") == str(overlay)
     assert described.findtext("os/kernel") == str(tmp_path / "bzImage")
     assert backend.status(store, record).state == "running"

@@ -13,17 +13,20 @@ import pytest
 
 from vmctl.errors import VmctlError
 from vmctl.proc import pid_alive
+from vmctl.plans import KvmPlan
 from vmctl.state import MachineRecord, StateStore
+
+PLAN = KvmPlan(cpus=2, memory=256 << 20, kernel="/k", cmdline="console=ttyS0")
 
 
 def test_records_round_trip_and_are_listed_by_name(tmp_path):
     store = StateStore(tmp_path)
     assert store.names() == []
-    store.create(MachineRecord(name="web", backend="kvm", spec={"cpus": 2}, pid=123, resources={"disks": ["a"]}))
-    store.create(MachineRecord(name="db", backend="kvm", spec={}, ephemeral=True))
+    store.create(MachineRecord(name="web", backend="kvm", plan=PLAN, pid=123, resources={"disks": ["a"]}))
+    store.create(MachineRecord(name="db", backend="kvm", ephemeral=True))
     assert store.names() == ["db", "web"]
     web = store.load("web")
-    assert (web.spec, web.pid, web.resources, web.ephemeral) == ({"cpus": 2}, 123, {"disks": ["a"]}, False)
+    assert (web.plan, web.pid, web.resources, web.ephemeral) == (PLAN, 123, {"disks": ["a"]}, False)
     web.pid = 456
     store.save(web)
     assert store.load("web").pid == 456
@@ -34,9 +37,9 @@ def test_records_round_trip_and_are_listed_by_name(tmp_path):
 
 def test_errors_name_the_machine_and_the_file(tmp_path):
     store = StateStore(tmp_path)
-    store.create(MachineRecord(name="a", backend="kvm", spec={}))
+    store.create(MachineRecord(name="a", backend="kvm"))
     with pytest.raises(VmctlError, match=r"machine 'a' already exists \(vmctl rm a first\)"):
-        store.create(MachineRecord(name="a", backend="kvm", spec={}))
+        store.create(MachineRecord(name="a", backend="kvm"))
     with pytest.raises(VmctlError, match=r"^no machine named 'b' \(machines: a\)$"):
         store.load("b")
     (store.folder("a") / "machine.json").write_text("{not json")
@@ -46,7 +49,7 @@ def test_errors_name_the_machine_and_the_file(tmp_path):
 
 def test_outcome_and_network_are_read_when_present(tmp_path):
     store = StateStore(tmp_path)
-    store.create(MachineRecord(name="a", backend="kvm", spec={}))
+    store.create(MachineRecord(name="a", backend="kvm"))
     assert store.outcome("a") is None and store.network("a") is None
     (store.folder("a") / "outcome.json").write_text(json.dumps({"exit_code": 3, "reason": "r", "crashed": False}))
     (store.folder("a") / "network.json").write_text(json.dumps({"tap": "vmctl7", "guest_ip": "172.30.0.2"}))

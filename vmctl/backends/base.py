@@ -6,7 +6,7 @@ import base64
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 from ..spec.model import MachineSpec
 from ..errors import VmctlError
@@ -58,7 +58,8 @@ def ready_marker(record: MachineRecord) -> bytes:
     command script's set-up (the ssh user) when it has one (guest_contract.user_setup)."""
     from ..guest_contract import SETUP_DONE, has_setup
 
-    user = (record.spec.get("ssh") or {}).get("user", "root")
+    access = record.plan.ssh if record.plan is not None else None
+    user = access.user if access is not None else "root"
     return SETUP_DONE.encode() if has_setup(user) else b"VMCTL-READY"
 
 
@@ -110,17 +111,22 @@ class MarkerScan:
         return False
 
 
-def ssh_target(store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
+class SshTarget(NamedTuple):
+    host: str
+    user: str
+    key: Path | None
+
+
+def ssh_target(store: StateStore, record: MachineRecord, probe: bool = True) -> SshTarget | None:
     """(guest IP, user, private key) of a machine on vmctl's network (its network.json) whose
     sshd accepts connections (unless `probe` is False); None otherwise."""
     from ..ssh import port_open
 
     network = store.network(record.name)
-    if network is None or (probe and not port_open(network["guest_ip"], 22)):
+    access = record.plan.ssh if record.plan is not None else None
+    if network is None or access is None or (probe and not port_open(network["guest_ip"], 22)):
         return None
-    ssh = record.spec.get("ssh") or {}
-    key = ssh.get("key")
-    return network["guest_ip"], ssh.get("user", "root"), Path(key) if key else None
+    return SshTarget(network["guest_ip"], access.user, Path(access.key) if access.key else None)
 
 
 def exec_over_ssh(store: StateStore, record: MachineRecord, script: str, timeout: float,
@@ -161,6 +167,8 @@ class Usage:
 
     pids: tuple[int, ...]
     disk_bytes: int
+    helper_pids: tuple[int, ...] = ()  # vmctl's own processes among `pids` (the container monitor)
+    runner: str | None = None  # what runs the machine when it is not vmctl's VMM (crun, runc, qemu)
 
 
 def allocated_bytes(path: Path) -> int:
@@ -197,6 +205,10 @@ class Backend(Protocol):
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         """Stop it if needed and release everything it holds (processes, disks, taps, state)."""
+
+    def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> SshTarget | None:
+        """Where `vmctl ssh` connects: a machine on vmctl's network with a key; None otherwise
+        (`probe`: only when its sshd answers)."""
 
     def usage(self, store: StateStore, record: MachineRecord) -> Usage:
         """Host processes and disk bytes of a running machine (local machines only)."""

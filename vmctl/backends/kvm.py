@@ -13,11 +13,13 @@ from pathlib import Path
 from .. import signals
 from ..errors import VmctlError
 from ..spec.model import MachineSpec
-from ..proc import pid_alive, reap, send_signal, wait_gone
-from ..state import CONSOLE, CONTROL, VMM_LOG, MachineRecord, StateStore
+from ..machine_files import CONSOLE, CONTROL, VMM_LOG, VMM_PLAN
+from ..plans import KvmPlan
+from ..proc import pid_alive, reap, send_signal, wait_gone, write_json_atomic
+from ..state import MachineRecord, StateStore
 from ..guest_contract import ExecResult, exec_script
 from ..vmm.control import request
-from .base import (MachineStatus, MarkerScan, Usage, allocated_bytes, exec_over_ssh, exec_with_input,
+from .base import (MachineStatus, MarkerScan, SshTarget, Usage, allocated_bytes, exec_over_ssh, exec_with_input,
                    process_status, read_tail, ready_marker, setup_failure, ssh_target)
 from .kvm_prepare import prepare
 
@@ -33,11 +35,12 @@ class KvmBackend:
         problem = linux_guest_problem(spec.kernel)
         if problem:
             raise VmctlError(f"{spec.name}: {problem}")
-        record = MachineRecord(name=spec.name, backend=self.name, spec={}, spec_file=spec_file, ephemeral=spec.ephemeral)
+        record = MachineRecord(name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral)
         folder = store.create(record)
         try:
-            record.spec = prepare(spec, folder)
-            record.resources = {"disks": [d["path"] for d in record.spec["disks"] if d["created"]]}
+            plan = prepare(spec, folder)
+            record.plan = plan
+            record.resources = {"disks": [disk.path for disk in plan.disks if disk.created]}
             store.save(record)
             spawn(store, record)
         except BaseException:
@@ -55,7 +58,7 @@ class KvmBackend:
         folder = store.folder(record.name)
         start = time.monotonic()
         console = MarkerScan(folder / CONSOLE, ready_marker(record))
-        restored = bool(record.spec.get("restore"))
+        restored = record.plan_as(KvmPlan).restore is not None
         while time.monotonic() - start < timeout:
             if restored and _restored_ready(folder):
                 return time.monotonic() - start
@@ -106,7 +109,7 @@ class KvmBackend:
         otherwise through the guest agent on COM2."""
         if not pid_alive(record.pid) or store.outcome(record.name) is not None:
             raise VmctlError(f"{record.name}: not running")
-        script = exec_script(command, record.spec.get("environment", {}))
+        script = exec_script(command, record.plan_as(KvmPlan).environment)
         over_ssh = exec_over_ssh(store, record, script, timeout, stdin)
         if over_ssh is not None:
             return over_ssh
@@ -118,7 +121,7 @@ class KvmBackend:
 
         return exec_with_input(agent, script, stdin)
 
-    def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
+    def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> SshTarget | None:
         return ssh_target(store, record, probe)
 
     def usage(self, store: StateStore, record: MachineRecord) -> Usage:
@@ -137,17 +140,19 @@ class KvmBackend:
 
 
 def spawn(store: StateStore, record: MachineRecord) -> None:
-    """Start the machine's VMM daemon, detached, on its recorded plan: forked by the
-    pre-initialised launcher when $VMCTL_LAUNCHER asks for one (vmctl.launcher; it reaps
-    the daemon), else as a new interpreter."""
+    """Start the machine's VMM daemon, detached, on its recorded plan (handed to it as a file):
+    forked by the pre-initialised launcher when $VMCTL_LAUNCHER asks for one (vmctl.launcher;
+    it reaps the daemon), else as a new interpreter."""
     from ..launcher.client import spawn_detached
 
     folder = store.folder(record.name)
+    write_json_atomic(folder / VMM_PLAN, record.plan_as(KvmPlan).to_json(), indent=2)
+    argv = [str(folder), str(folder / VMM_PLAN)]
     with open(folder / VMM_LOG, "ab") as log, open(os.devnull, "rb") as null:
-        pid = spawn_detached("vmctl.vmm.daemon", [str(folder)], (null.fileno(), log.fileno(), log.fileno()))
+        pid = spawn_detached("vmctl.vmm.daemon", argv, (null.fileno(), log.fileno(), log.fileno()))
         if pid is None:
             pid = subprocess.Popen(
-                [sys.executable, "-m", "vmctl.vmm.daemon", str(folder)],
+                [sys.executable, "-m", "vmctl.vmm.daemon", *argv],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
             ).pid
     record.pid = pid

@@ -13,6 +13,7 @@ from ..disk.qcow2.create import create, create_overlay
 from ..errors import VmctlError
 from ..guest_contract import (AGENT_CMDLINE, DEFAULT_CMDLINE, GUEST_AGENT, ROOT_CMDLINE, InitArgs, boot_script,
                               reference_images)
+from ..plans import DiskPlan, ForwardPlan, KvmPlan, NetworkPlan, SshAccess
 from ..spec.model import MachineSpec
 from ..ssh import generate_key
 
@@ -31,7 +32,7 @@ def machine_keys(spec: MachineSpec, folder: Path) -> tuple[str | None, list[str]
     return private_key, keys
 
 
-def oci_boot(spec: MachineSpec, folder: Path) -> tuple[Path, Path, list[dict], list[str], str]:
+def oci_boot(spec: MachineSpec, folder: Path) -> tuple[Path, Path, list[DiskPlan], list[str], str]:
     """`image: oci:…` as a VM (vmctl/oci/vm.py): (kernel, first-stage initramfs, disks: one
     read-only ext4 per layer then this machine's qcow2 upper, cmdline words, vmctl.cmd script).
     Records the layers in the folder so `vmctl image rm` keeps them while the machine exists."""
@@ -40,8 +41,8 @@ def oci_boot(spec: MachineSpec, folder: Path) -> tuple[Path, Path, list[dict], l
     (folder / "disks").mkdir(parents=True, exist_ok=True)
     upper = folder / "disks" / "upper.qcow2"
     create_overlay(str(upper_base), str(upper), absolute=True, durable=False)
-    disks = [{"path": str(path), "read_only": True, "created": False} for path in layers]
-    disks.append({"path": str(upper), "read_only": False, "created": True})
+    disks = [DiskPlan(str(path), read_only=True, created=False) for path in layers]
+    disks.append(DiskPlan(str(upper), read_only=False, created=True))
     return kernel, initrd, disks, words, script
 
 
@@ -67,12 +68,12 @@ def oci_parts(spec: MachineSpec, folder: Path | None) -> tuple[list[Path], Path,
     return layers, upper_base, initrd, [f"vmctl.layers={len(layers)}"], vm.guest_script(image, proc, GUEST_AGENT)
 
 
-def prepare(spec: MachineSpec, folder: Path) -> dict:
-    """Create the machine's disks and key in `folder`; the JSON-safe plan for the VMM."""
+def prepare(spec: MachineSpec, folder: Path) -> KvmPlan:
+    """Create the machine's disks and key in `folder`; the plan the VMM process runs."""
     from ..oci.runconfig import is_oci
 
     kernel, initrd, root_disk = spec.kernel, spec.initrd, None
-    oci_disks: list[dict] = []
+    oci_disks: list[DiskPlan] = []
     oci_words: list[str] = []
     oci_script = None
     if is_oci(spec.image):
@@ -82,12 +83,12 @@ def prepare(spec: MachineSpec, folder: Path) -> dict:
         kernel, root_disk = images.kernel, images.root_disk
         initrd = initrd or images.initrd
     disks_dir = folder / "disks"
-    disks: list[dict] = list(oci_disks)
+    disks: list[DiskPlan] = list(oci_disks)
     if root_disk is not None:
         disks_dir.mkdir(parents=True, exist_ok=True)
         overlay = disks_dir / "root.qcow2"
         create_overlay(str(root_disk), str(overlay), absolute=True, durable=False)
-        disks.append({"path": str(overlay), "read_only": False, "created": True})
+        disks.append(DiskPlan(str(overlay), read_only=False, created=True))
     for index, disk in enumerate(spec.disks):
         own = disks_dir / f"disk{index}.qcow2"
         try:
@@ -98,11 +99,11 @@ def prepare(spec: MachineSpec, folder: Path) -> dict:
                 disks_dir.mkdir(parents=True, exist_ok=True)
                 create_overlay(str(disk.image), str(own), absolute=True, size=disk.size, durable=False)
             else:  # read-only, or written in place on request
-                disks.append({"path": str(disk.image), "read_only": disk.read_only, "created": False})
+                disks.append(DiskPlan(str(disk.image), read_only=disk.read_only, created=False))
                 continue
         except VmctlError as error:
             raise VmctlError(f"{spec.source}: disks[{index}]: {error}") from None
-        disks.append({"path": str(own), "read_only": disk.read_only, "created": True})
+        disks.append(DiskPlan(str(own), read_only=disk.read_only, created=True))
 
     private_key, keys = machine_keys(spec, folder)
 
@@ -110,12 +111,11 @@ def prepare(spec: MachineSpec, folder: Path) -> dict:
     words = InitArgs(hostname=spec.name, sshkey="\n".join(keys) if keys else None, cmd=script).words()
     cmdline = " ".join([spec.cmdline or DEFAULT_CMDLINE, AGENT_CMDLINE, *([ROOT_CMDLINE] if root_disk else []),
                         *oci_words, *words])
-    return {
-        "cpus": spec.cpus, "memory": spec.memory, "memory_merge": spec.memory_merge, "image": spec.image,
-        "kernel": str(kernel), "initrd": str(initrd) if initrd else None, "cmdline": cmdline,
-        "command": list(spec.command), "environment": dict(spec.environment),
-        "disks": disks,
-        "network": {"mode": spec.network.mode, "mac": spec.network.mac,
-                    "forwards": [[f.host_port, f.guest_port, f.protocol] for f in spec.network.forwards]},
-        "ssh": {"user": spec.ssh.user, "key": private_key},
-    }
+    return KvmPlan(
+        cpus=spec.cpus, memory=spec.memory, memory_merge=spec.memory_merge, image=spec.image,
+        kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=cmdline,
+        command=tuple(spec.command), environment=dict(spec.environment), disks=tuple(disks),
+        network=NetworkPlan(spec.network.mode, spec.network.mac,
+                            tuple(ForwardPlan(f.host_port, f.guest_port, f.protocol) for f in spec.network.forwards)),
+        ssh=SshAccess(spec.ssh.user, private_key), ephemeral=spec.ephemeral,
+    )

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from ..errors import VmctlError
+from ..guest_contract import exec_script
 
 KINDS = ("native", "container", "vm")
 
@@ -163,8 +164,7 @@ def summarize(samples: list[dict]) -> dict:
 
 
 def _script(spec) -> str:
-    exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in spec.environment.items())
-    return exports + shlex.join(spec.command)
+    return exec_script(spec.command, spec.environment)
 
 
 def measure(kind: str, spec, timeout: float, index: int) -> dict:
@@ -192,8 +192,9 @@ def measure(kind: str, spec, timeout: float, index: int) -> dict:
             command = time.perf_counter() - start
             usage = backend.usage(store, record)
             sample = {"ready_s": ready, "command_s": command, "pss_bytes": _pss(list(usage.pids)),
-                      "disk_bytes": usage.disk_bytes, "exit_code": outcome.exit_code,
-                      "runtime": _runtime_name() if kind == "container" else None}
+                      "disk_bytes": usage.disk_bytes, "exit_code": outcome.exit_code, "runtime": usage.runner}
+            if usage.helper_pids:  # how much of it is vmctl's monitor (a Python process)
+                sample["pss_monitor_bytes"] = _pss(list(usage.helper_pids))
         finally:
             with store.locked():
                 backend.remove(store, record)
@@ -227,13 +228,6 @@ def _measure_native(spec) -> dict:
     if result.returncode:
         raise VmctlError(f"native: the command failed with status {result.returncode}: {result.stderr[-300:]!r}")
     return {"ready_s": 0.0, "command_s": elapsed, "pss_bytes": 0, "disk_bytes": disk, "exit_code": 0, "runtime": None}
-
-
-def _runtime_name() -> str:
-    """The OCI runtime the container backend picks here (the same choice it made)."""
-    from ..backends.container.runtime import choose
-
-    return choose().name
 
 
 def _pss(pids: list[int]) -> int:

@@ -275,7 +275,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{
             "name": s.name, "backend": s.backend, "state": s.state, "pid": s.pid, "exit_code": s.exit_code,
-            "detail": s.detail, "cpus": r.spec.get("cpus"), "memory": r.spec.get("memory"), "created": r.created,
+            "detail": s.detail, "cpus": r.plan.cpus if r.plan else None, "memory": r.plan.memory if r.plan else None, "created": r.created,
             "ephemeral": r.ephemeral, "network": _store().network(r.name),
         } for r, s in rows], indent=2))
         return 0
@@ -284,9 +284,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for record, status in rows:
         age = time.time() - record.created
         age_text = f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m" if age < 7200 else f"{age / 3600:.0f}h"
-        memory = f"{record.spec.get('memory', 0) >> 20}M"
+        memory = f"{(record.plan.memory if record.plan else 0) >> 20}M"
+        cpus = record.plan.cpus if record.plan else "-"
         print(f"{status.name:{width}} {status.backend:9} {status.state:8} {status.pid or '-':>7} "
-              f"{record.spec.get('cpus', '-'):>4} {memory:>7} {age_text:>6}  {status.detail}")
+              f"{cpus:>4} {memory:>7} {age_text:>6}  {status.detail}")
     return 0
 
 
@@ -296,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = get_backend(record.backend).status(store, record)
     print(json.dumps({
         "name": record.name, "backend": record.backend, "state": status.state, "pid": status.pid,
-        "exit_code": status.exit_code, "detail": status.detail, "spec": record.spec, "spec_file": record.spec_file,
+        "exit_code": status.exit_code, "detail": status.detail, "spec": record.plan.to_json() if record.plan else {}, "spec_file": record.spec_file,
         "ephemeral": record.ephemeral, "folder": str(store.folder(record.name)), "network": store.network(record.name),
         "sandbox": _sandbox_state(store.folder(record.name)),
     }, indent=2))
@@ -585,14 +586,13 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     if record.backend == "container":
         raise VmctlError(f"{args.name}: a container runs no sshd: `vmctl exec {args.name} -- sh -c ...` runs "
                          f"commands in it")
-    target = getattr(backend, "ssh_target", None)
-    found = target(store, record, probe=False) if target else None
+    found = backend.ssh_target(store, record, probe=False)
     if found is None:
         raise VmctlError(f"{args.name}: no network to SSH to (give it `network: isolated` or `nat`; "
                          f"without one use vmctl exec or vmctl console)")
     host, user, key = found
     if not port_open(host, 22):
-        image = record.spec.get("image")
+        image = record.plan.image if record.plan else None
         why = "the busybox image has no sshd (image: debian has one)" if image == "busybox" else \
             "its sshd does not answer (yet?)"
         raise VmctlError(f"{args.name}: nothing listens on {host}:22: {why}; `vmctl exec {args.name} -- CMD` "

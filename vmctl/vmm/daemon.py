@@ -1,6 +1,8 @@
-"""A detached VMM process for one machine: `python -m vmctl.vmm.daemon <machine folder>`.
+"""A detached VMM process for one machine: `python -m vmctl.vmm.daemon FOLDER PLAN_FILE`.
 
-It reads machine.json (the plan `vmctl.backends.kvm_prepare` wrote), opens the machine's
+PLAN_FILE holds a `vmctl.plans.KvmPlan` (`vmctl.backends.kvm_prepare` made it); FOLDER is
+where the machine's files go (vmctl.machine_files). The daemon knows nothing of the state
+store or the machine record. It opens the machine's
 network (TAP, NAT, port forwards) and disks, runs the machine with its console in
 console.log and on console.sock, answers the control socket, and writes outcome.json when
 the guest ends (however it ends). Everything it holds that the kernel would not release by
@@ -24,7 +26,8 @@ from pathlib import Path
 from ..errors import VmctlError
 from ..guest_contract import SHUTDOWN_SCRIPT
 from ..proc import write_json_atomic
-from ..state import CONSOLE, CONSOLE_SOCKET, CONTROL, NETWORK, OUTCOME, RECORD, VMM_LOG, MachineRecord
+from ..machine_files import CONSOLE, CONSOLE_SOCKET, CONTROL, DISKS, NETWORK, OUTCOME, VMM_LOG
+from ..plans import KvmPlan
 from .control import ControlServer
 from .console_server import ConsoleServer
 from .forward import Forwarder
@@ -37,9 +40,9 @@ log = logging.getLogger("vmctl.vmm")
 class MachineProcess:
     """One machine's devices and services around `Machine`, and their teardown."""
 
-    def __init__(self, folder: Path, record: MachineRecord) -> None:
+    def __init__(self, folder: Path, plan: KvmPlan) -> None:
         self.folder = folder
-        self.record = record
+        self.plan = plan
         self.started = time.time()
         self.net = None
         self.forwarders: list[Forwarder] = []
@@ -47,7 +50,7 @@ class MachineProcess:
         self.console_server: ConsoleServer | None = None
         self.machine: Machine | None = None
         self.shutdown_requested = threading.Event()
-        self.restore = record.spec.get("restore")  # {"snapshot": folder, "hostname": ...} for a clone
+        self.restore = plan.restore  # a memory snapshot to continue (a clone or a restore)
         self.ready = threading.Event()  # a restored guest: restored and told its identity
 
     def _type(self, data: bytes) -> None:
@@ -57,25 +60,25 @@ class MachineProcess:
     def build(self) -> Machine:
         from ..virtio.factories import NetFactory, block
 
-        spec = self.record.spec
+        plan = self.plan
         self.console_server = ConsoleServer(self.folder / CONSOLE_SOCKET, self._type)
-        devices = [block(disk["path"], disk["read_only"]) for disk in spec.get("disks", [])]
-        cmdline = spec["cmdline"]
-        network = spec.get("network") or {"mode": "none"}
-        if network["mode"] != "none":
-            self.net = NetFactory(network["mode"], network.get("mac"))
+        devices = [block(disk.path, disk.read_only) for disk in plan.disks]
+        cmdline = plan.cmdline
+        network = plan.network
+        if network.mode != "none":
+            self.net = NetFactory(network.mode, network.mac)
             devices.append(self.net)
             cmdline = " ".join([cmdline, *self.net.cmdline_words()])
             host = self.net.network
-            info = host.describe() | {"forwards": network.get("forwards", [])}
+            info = host.describe() | {"forwards": [forward.to_json() for forward in network.forwards]}
             write_json_atomic(self.folder / NETWORK, info)
-            for host_port, guest_port, protocol in network.get("forwards", []):
-                self.forwarders.append(Forwarder(host_port, host.guest_ip, guest_port, protocol))
+            for forward in network.forwards:
+                self.forwarders.append(Forwarder(forward.host_port, host.guest_ip, forward.guest_port, forward.protocol))
         before_start = self._enter_sandbox if os.environ.get("VMCTL_SANDBOX") == "1" else None
         config = MachineConfig(
             before_start=before_start,
-            kernel=Path(spec["kernel"]), initrd=Path(spec["initrd"]) if spec.get("initrd") else None, cmdline=cmdline,
-            cpus=spec["cpus"], memory=spec["memory"], memory_merge=spec.get("memory_merge", False),
+            kernel=Path(plan.kernel), initrd=Path(plan.initrd) if plan.initrd else None, cmdline=cmdline,
+            cpus=plan.cpus, memory=plan.memory, memory_merge=plan.memory_merge,
             console_sinks=[self.console_file, self.console_server],
             agent=True, devices=devices,
         )
@@ -83,7 +86,7 @@ class MachineProcess:
         if self.restore:
             from ..snapshot.snapshot_file import read_snapshot
 
-            restore_from = read_snapshot(Path(self.restore["snapshot"]))
+            restore_from = read_snapshot(Path(self.restore.snapshot))
         self.machine = Machine(config, restore_from=restore_from)
         return self.machine
 
@@ -95,7 +98,7 @@ class MachineProcess:
         `vmctl status` shows."""
         from .sandbox import SandboxState, current, enter
 
-        network = (self.record.spec.get("network") or {}).get("mode", "none")
+        network = self.plan.network.mode
         if network != "none":
             state: SandboxState = current()
             state.notes.append(f"not entered: network {network} is torn down with ip/iptables")
@@ -128,17 +131,17 @@ class MachineProcess:
         layers: list[dict] = []
 
         def switch_disks() -> None:
-            for index, disk in enumerate(self.record.spec.get("disks", [])):
-                if not disk.get("created") or disk.get("read_only"):
+            for index, disk in enumerate(self.plan.disks):
+                if not disk.created or disk.read_only:
                     continue
                 device = self.machine.mmio_devices[index].transport.device
                 device.backend.flush()
                 device.backend.close()
                 layer = folder / f"disk{index}.qcow2"
                 try:
-                    freeze_overlay(Path(disk["path"]), layer)
+                    freeze_overlay(Path(disk.path), layer)
                 finally:
-                    device.backend = open_disk(disk["path"])  # the new overlay (or the old one, on failure)
+                    device.backend = open_disk(disk.path)  # the new overlay (or the old one, on failure)
                 info = layer.stat()
                 layers.append({"index": index, "path": str(layer), "size": info.st_size, "mtime_ns": info.st_mtime_ns})
 
@@ -177,7 +180,7 @@ class MachineProcess:
                 return
             agent = self.machine.agent
             if agent is not None and agent.ready.is_set():
-                result = agent.exec(identity_script(self.restore.get("hostname"), self.net), 60)
+                result = agent.exec(identity_script(self.restore.hostname, self.net), 60)
                 if result.exit_code:
                     log.warning("clone identity: exit %d: %s", result.exit_code, result.stderr.decode(errors="replace"))
         except VmctlError as error:
@@ -194,8 +197,8 @@ class MachineProcess:
         if self.console_server is not None:
             self.console_server.close()
         self.console_file.close()
-        if self.record.ephemeral:  # throwaway guest: its overlays go as soon as it stops
-            shutil.rmtree(self.folder / "disks", ignore_errors=True)
+        if self.plan.ephemeral:  # throwaway guest: its overlays go as soon as it stops
+            shutil.rmtree(self.folder / DISKS, ignore_errors=True)
 
 
 def _reachable_by_others(folder: Path) -> bool:
@@ -203,9 +206,8 @@ def _reachable_by_others(folder: Path) -> bool:
     return all(os.stat(parent).st_mode & 0o001 for parent in folder.resolve().parents)
 
 
-def serve(folder: Path) -> int:
-    record = MachineRecord(**json.loads((folder / RECORD).read_text()))
-    process = MachineProcess(folder, record)
+def serve(folder: Path, plan: KvmPlan) -> int:
+    process = MachineProcess(folder, plan)
     server = None
     try:
         try:
@@ -261,11 +263,29 @@ def _write_outcome(folder: Path, outcome: Outcome, started: float) -> None:
                                    "crashed": outcome.crashed, "started": started, "ended": time.time()})
 
 
-def main() -> int:
-    folder = Path(sys.argv[1])
+def read_plan(path: Path) -> KvmPlan:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise VmctlError(f"{path}: unreadable VMM plan: {error}") from None
+    return KvmPlan.from_json(data, str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m vmctl.vmm.daemon FOLDER PLAN_FILE", file=sys.stderr)
+        return 2
+    folder, plan_file = Path(args[0]), Path(args[1])
     logging.basicConfig(filename=folder / VMM_LOG, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return serve(folder)
+        plan = read_plan(plan_file)
+    except VmctlError as error:
+        log.error("%s", error)
+        _write_outcome(folder, Outcome(1, str(error)), time.time())
+        return 1
+    try:
+        return serve(folder, plan)
     except Exception:
         log.exception("VMM failed")
         _write_outcome(folder, Outcome(1, "VMM failed: see vmm.log"), time.time())

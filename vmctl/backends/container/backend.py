@@ -18,16 +18,18 @@ import subprocess
 import sys
 import time
 import uuid
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
 from ... import signals
 from ...errors import VmctlError
 from ...spec.model import LibvirtSpec, MachineSpec
+from ...plans import ContainerRecord
 from ...guest_contract import READY_MARKER_BYTES, ExecResult, exec_script
 from ...proc import pid_alive, reap, send_signal
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
-from ..base import MachineStatus, MarkerScan, Usage, allocated_bytes, process_status
+from ..base import MachineStatus, MarkerScan, SshTarget, Usage, allocated_bytes, process_status, ssh_target
 from .bundle import build_config
 from .monitor import MONITOR_PID, PLAN, Plan, paths, release
 from .overlay_root import base_tree
@@ -64,9 +66,9 @@ class ContainerBackend:
         container_id = f"vmctl-{spec.name}-{uuid.uuid4().hex[:8]}"
         record = MachineRecord(
             name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral,
-            spec={"cpus": spec.cpus, "memory": spec.memory, "image": spec.image, "command": list(spec.command),
-                  "environment": dict(spec.environment), "network": {"mode": spec.network.mode},
-                  "runtime": runtime.name, "container_id": container_id},
+            plan=ContainerRecord(cpus=spec.cpus, memory=spec.memory, runtime=runtime.name, container_id=container_id,
+                                 image=spec.image, command=tuple(spec.command), environment=dict(spec.environment),
+                                 network_mode=spec.network.mode),
             resources={"container": [container_id], "cgroup": [f"/{CGROUP_PARENT}/{container_id}"]},
         )
         folder = store.create(record)
@@ -131,7 +133,7 @@ class ContainerBackend:
         _reap_monitor(record)
         if store.outcome(record.name) is None and not pid_alive(record.pid) and _monitor_alive(record):
             _wait_monitor(record, 10.0)  # the init just ended: its monitor is writing the outcome
-        return process_status(self.name, store, record, link="veth", running=record.spec["runtime"],
+        return process_status(self.name, store, record, link="veth", running=_rec(record).runtime,
                               gone="the container's init is gone without an outcome (its monitor was killed?)")
 
     def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
@@ -166,7 +168,7 @@ class ContainerBackend:
             raise VmctlError(f"{record.name}: not running")
         folder = store.folder(record.name)
         plan = Plan.load(folder)
-        script = exec_script(command, record.spec.get("environment", {}))
+        script = exec_script(command, _rec(record).environment)
         return Runtime(plan.runtime, plan.binary).exec(record.name, paths(folder)["oci"], plan.container_id,
                                                         ["/bin/sh", "-c", script], timeout,
                                                         stdin=stdin)
@@ -182,17 +184,20 @@ class ContainerBackend:
             except OSError:
                 continue
         monitor = _monitor_pid(record)
-        if monitor is not None and pid_alive(monitor):
-            pids.add(monitor)
-        return Usage(tuple(sorted(pids)), allocated_bytes(paths(folder)["rootfs"] / "upper"))
+        helpers = (monitor,) if monitor is not None and pid_alive(monitor) else ()
+        pids.update(helpers)
+        return Usage(tuple(sorted(pids)), allocated_bytes(paths(folder)["rootfs"] / "upper"),
+                     helper_pids=helpers, runner=plan.runtime)
+
+    def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> SshTarget | None:
+        return ssh_target(store, record, probe)  # None: containers have no ssh access of their own
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         folder = store.folder(record.name)
         _adopt(store, record)
         if (folder / PLAN).exists():
             self.stop(store, record, timeout=5)
-            for pid in record.resources.get("monitor", []):
-                send_signal(int(pid), signal.SIGKILL)
+            send_signal(_monitor_pid(record), signal.SIGKILL)
             problems = release(folder, Plan.load(folder))
             if problems:  # never delete the folder through a mount that is still there
                 raise VmctlError(f"{record.name}: not removed: {'; '.join(problems)}")
@@ -243,7 +248,7 @@ def _launch(store: StateStore, record: MachineRecord, folder: Path) -> subproces
         detail = report[len("error "):] if report.startswith("error ") else _tail(folder / MONITOR_LOG)
         raise VmctlError(detail or f"{record.name}: the container monitor ended without a report")
     record.pid = int(report.split()[1])
-    record.resources["monitor"] = [str(monitor.pid)]
+    record.plan = dataclasses.replace(_rec(record), monitor_pid=monitor.pid)
     store.save(record)
     return monitor
 
@@ -275,20 +280,27 @@ def _adopt(store: StateStore, record: MachineRecord) -> None:
     """A record without pids is a `vmctl up` killed between the monitor's report and saving
     the record: take the init's pid from the runtime's pid file and the monitor's from its
     own, so `ps` tells the truth (running) and `rm` finds everything."""
-    if record.pid is not None:
+    if record.pid is not None or not isinstance(record.plan, ContainerRecord):
         return
     folder = store.folder(record.name)
-    for name, apply in ((paths(folder)["pid"].name, lambda pid: setattr(record, "pid", pid)),
-                        (MONITOR_PID, lambda pid: record.resources.setdefault("monitor", [str(pid)]))):
+
+    def monitor(pid: int) -> None:
+        if _rec(record).monitor_pid is None:
+            record.plan = dataclasses.replace(_rec(record), monitor_pid=pid)
+
+    for name, apply in ((paths(folder)["pid"].name, lambda pid: setattr(record, "pid", pid)), (MONITOR_PID, monitor)):
         try:
             apply(int((folder / name).read_text().strip()))
         except (OSError, ValueError):
             pass
 
 
+def _rec(record: MachineRecord) -> ContainerRecord:
+    return record.plan_as(ContainerRecord)
+
+
 def _monitor_pid(record: MachineRecord) -> int | None:
-    pids = record.resources.get("monitor") or []
-    return int(pids[0]) if pids else None
+    return _rec(record).monitor_pid if isinstance(record.plan, ContainerRecord) else None
 
 
 def _monitor_alive(record: MachineRecord) -> bool:

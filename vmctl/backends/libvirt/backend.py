@@ -8,6 +8,7 @@ a `vmctl` storage pool on the other host).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -23,9 +24,10 @@ from ...errors import VmctlError
 from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
 from ...guest_contract import ExecResult, exec_script, exit_code_in
+from ...plans import LibvirtRecord, SshAccess
 from ...vmm.agent import AgentChannel
-from ..base import (MachineStatus, Usage, allocated_bytes, ended_status, exec_over_ssh, exec_with_input, ready_marker,
-                    setup_failure, ssh_target)
+from ..base import (MachineStatus, SshTarget, Usage, allocated_bytes, ended_status, exec_over_ssh, exec_with_input,
+                    ready_marker, setup_failure, ssh_target)
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
@@ -78,9 +80,9 @@ class LibvirtBackend:
         name = domain_name(spec.name)
         record = MachineRecord(
             name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral,
-            spec={"cpus": spec.cpus, "memory": spec.memory, "uri": uri, "domain": name,
-                  "uuid": str(uuid_module.uuid4()), "remote": remote, "persistent": not spec.ephemeral,
-                  "environment": dict(spec.environment), "console": None, "agent_socket": None},
+            plan=LibvirtRecord(cpus=spec.cpus, memory=spec.memory, uri=uri, domain=name, uuid=str(uuid_module.uuid4()),
+                               remote=remote, persistent=not spec.ephemeral, environment=dict(spec.environment),
+                               image=spec.image),
         )
         folder = store.create(record)
         remote_disks: RemoteDisks | None = None
@@ -110,8 +112,8 @@ class LibvirtBackend:
                 else:
                     disks = local_disks(spec, folder, root)
             console = f"{POOL_PATH}/{name}.console.log" if remote else str(folder / CONSOLE)
-            agent = None if remote else self._agent_path(folder, record.spec["uuid"])
-            plan = domain_plan(spec, uuid=record.spec["uuid"], domain_type=domain_type_for(uri, settings.domain_type),
+            agent = None if remote else self._agent_path(folder, _rec(record).uuid)
+            plan = domain_plan(spec, uuid=_rec(record).uuid, domain_type=domain_type_for(uri, settings.domain_type),
                                disks=disks, console_log=console, agent_socket=agent, run_as=self._run_as(uri),
                                state_folder=str(folder), tap=tap, extra_words=extra_words)
             if remote and remote_disks is not None:
@@ -120,7 +122,7 @@ class LibvirtBackend:
                         raise VmctlError(f"{spec.name}: {path} does not exist on {uri} (copy it there)")
             xml = render(plan)
             (folder / DOMAIN_XML).write_text(xml)
-            record.spec.update(console=console, agent_socket=agent)
+            record.plan = dataclasses.replace(_rec(record), console=console, agent_socket=agent)
             record.resources = {"volumes": list(remote_disks.created) if remote_disks else []}
             store.save(record)
             if plan.nic is not None and plan.nic.kind == "network":
@@ -152,7 +154,7 @@ class LibvirtBackend:
         network = host.detach()
         (folder / NETWORK).write_text(json.dumps(network))
         private_key, keys = machine_keys(spec, folder)
-        record.spec["ssh"] = {"user": spec.ssh.user, "key": private_key}
+        record.plan = dataclasses.replace(_rec(record), ssh=SshAccess(spec.ssh.user, private_key))
         return network["tap"], (ip_word, *InitArgs(sshkey="\n".join(keys)).words())
 
     def _check_name_free(self, conn: Any, machine: str, name: str, uri: str) -> None:
@@ -206,14 +208,14 @@ class LibvirtBackend:
 
     def _domain(self, record: MachineRecord) -> Any | None:
         """The machine's domain, or None when libvirt no longer has it."""
-        conn = self._conn(record.spec["uri"], record.name)
+        conn = self._conn(_rec(record).uri, record.name)
         libvirt = libvirt_module()
         try:
-            return conn.lookupByUUIDString(record.spec["uuid"])
+            return conn.lookupByUUIDString(_rec(record).uuid)
         except libvirt.libvirtError as error:
             if not_found(error):
                 return None
-            raise VmctlError(f"{record.name}: looking up domain {record.spec['domain']}: {message(error)}") from None
+            raise VmctlError(f"{record.name}: looking up domain {_rec(record).domain}: {message(error)}") from None
 
     def _console(self, store: StateStore, record: MachineRecord) -> bytes:
         self._sync_console(store, record)
@@ -225,13 +227,13 @@ class LibvirtBackend:
     def _sync_console(self, store: StateStore, record: MachineRecord) -> None:
         """Remote machines: copy the console log from the other host (a volume of the pool), so
         `vmctl logs` reads it where it reads every machine's."""
-        if not record.spec.get("remote"):
+        if not _rec(record).remote:
             return
         libvirt = libvirt_module()
-        conn = self._conn(record.spec["uri"], record.name)
+        conn = self._conn(_rec(record).uri, record.name)
         try:
             conn.storagePoolLookupByName("vmctl").refresh(0)
-            volume = conn.storageVolLookupByPath(record.spec["console"])
+            volume = conn.storageVolLookupByPath(_rec(record).console)
             chunks: list[bytes] = []
             stream = conn.newStream(0)
             volume.download(stream, 0, 0, 0)
@@ -265,9 +267,9 @@ class LibvirtBackend:
             return ended
         code = exit_code_in(self._console(store, record))
         if domain is None:
-            if record.spec.get("persistent"):
+            if _rec(record).persistent:
                 return MachineStatus(record.name, self.name, "dead", None,
-                                     f"domain {record.spec['domain']} was undefined outside vmctl")
+                                     f"domain {_rec(record).domain} was undefined outside vmctl")
             if code is None:
                 return MachineStatus(record.name, self.name, "crashed", None,
                                      "the guest ended without reporting an exit status")
@@ -317,7 +319,7 @@ class LibvirtBackend:
         while time.monotonic() < deadline and self._active(domain):
             time.sleep(POLL)
         if self._active(domain):
-            with translated(record.name, f"destroying domain {record.spec['domain']}"):
+            with translated(record.name, f"destroying domain {_rec(record).domain}"):
                 try:
                     domain.destroy()
                 except libvirt.libvirtError as error:
@@ -325,7 +327,7 @@ class LibvirtBackend:
                         return
                     raise
         self._sync_console(store, record)
-        if not record.spec.get("persistent"):
+        if not _rec(record).persistent:
             # A transient domain leaves nothing to ask afterwards: note how it ended.
             code = exit_code_in(self._console(store, record))
             outcome = {"exit_code": code, "reason": "stopped by vmctl", "crashed": False}
@@ -340,13 +342,13 @@ class LibvirtBackend:
 
     def usage(self, store: StateStore, record: MachineRecord) -> Usage:
         """QEMU's process (local URIs) and the machine's own disks (its overlays)."""
-        pid = self._qemu_pid(record.spec["uri"], record.name)
+        pid = self._qemu_pid(_rec(record).uri, record.name)
         return Usage((pid,) if pid else (), allocated_bytes(store.folder(record.name) / "disks"))
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)
-        conn = self._conn(record.spec["uri"], record.name)
-        remote_disks = RemoteDisks(conn, record.name, False) if record.spec.get("remote") else None
+        conn = self._conn(_rec(record).uri, record.name)
+        remote_disks = RemoteDisks(conn, record.name, False) if _rec(record).remote else None
         problems = self._discard(conn, record, remote_disks, store.network(record.name))
         if problems:
             raise VmctlError(f"{record.name}: could not remove everything: {'; '.join(problems)}")
@@ -362,19 +364,19 @@ class LibvirtBackend:
             return problems
         libvirt = libvirt_module()
         try:
-            domain = conn.lookupByUUIDString(record.spec["uuid"])
+            domain = conn.lookupByUUIDString(_rec(record).uuid)
             if domain.isActive():
                 domain.destroy()
             if domain.isPersistent():
                 domain.undefine()
         except libvirt.libvirtError as error:
             if not not_found(error):
-                problems.append(f"domain {record.spec['domain']}: {message(error)}")
+                problems.append(f"domain {_rec(record).domain}: {message(error)}")
         if remote_disks is not None:
             volumes = list(record.resources.get("volumes", [])) + [v for v in remote_disks.created
                                                                    if v not in record.resources.get("volumes", [])]
-            if record.spec.get("console"):
-                volumes.append(record.spec["console"])
+            if _rec(record).console:
+                volumes.append(_rec(record).console)
             try:
                 remote_disks.pool()  # refreshed, so the console log is a volume we can delete
             except libvirt.libvirtError as error:
@@ -384,7 +386,7 @@ class LibvirtBackend:
             from ...net.host import remove_detached
 
             remove_detached(network)  # the TAP QEMU had, and its NAT rule
-        agent = record.spec.get("agent_socket")
+        agent = _rec(record).agent_socket
         if agent and os.path.basename(agent).startswith("vmctl-agent-"):  # outside the state folder
             try:
                 os.unlink(agent)
@@ -400,18 +402,22 @@ class LibvirtBackend:
         as for native guests; otherwise through the guest agent on COM2 (local URIs)."""
         if self.status(store, record).state != "running":
             raise VmctlError(f"{record.name}: not running")
-        script = exec_script(command, record.spec.get("environment", {}))
+        script = exec_script(command, _rec(record).environment)
         over_ssh = exec_over_ssh(store, record, script, timeout, stdin)
         if over_ssh is not None:
             return over_ssh
-        path = record.spec.get("agent_socket")
+        path = _rec(record).agent_socket
         if not path:
             raise VmctlError(f"{record.name}: exec needs the agent socket, which only a local libvirt has "
-                             f"({record.spec['uri']} is remote)")
+                             f"({_rec(record).uri} is remote)")
         return exec_with_input(lambda text: agent_exec(record.name, path, text, timeout), script, stdin)
 
-    def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> tuple[str, str, Path | None] | None:
+    def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> SshTarget | None:
         return ssh_target(store, record, probe)
+
+
+def _rec(record: MachineRecord) -> LibvirtRecord:
+    return record.plan_as(LibvirtRecord)
 
 
 def agent_exec(machine: str, path: str, script: str, timeout: float) -> ExecResult:
