@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from ..errors import VmctlError
 from ..snapshot.disk_layers import backing_of, freeze_overlay, merge_layer_into, overlay_on
 from ..snapshot.snapshot_file import SnapshotError, discard, read_snapshot
 from ..snapshot.snapshot_store import Layer, SnapshotMeta, SnapshotStore
+from ..plans import DiskPlan, KvmPlan, RestorePlan
 from ..proc import pid_alive
 from ..state import CONSOLE, CONTROL, OUTCOME, MachineRecord, StateStore
 from ..vmm.control import request
@@ -46,12 +47,12 @@ def take(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, nam
             memory_bytes = int(answer.get("memory_bytes", 0))
         else:
             layers = []
-            for index, disk in _own_disks(record):
+            for index, disk in _own_disks(record.plan_as(KvmPlan)):
                 layer = folder / f"disk{index}.qcow2"
-                freeze_overlay(Path(disk["path"]), layer)
+                freeze_overlay(Path(disk.path), layer)
                 layers.append(Layer.of(index, layer))
             memory_bytes = 0
-        plan = {key: value for key, value in record.spec.items() if key != "restore"}
+        plan = dataclasses.replace(record.plan_as(KvmPlan), restore=None).to_json()
         meta = SnapshotMeta(name, record.name, record.backend, "memory" if memory else "disk", layers, plan,
                             memory_bytes=memory_bytes)
         snapshots.save(meta)
@@ -64,10 +65,9 @@ def take(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, nam
     return meta
 
 
-def _own_disks(record: MachineRecord) -> list[tuple[int, dict]]:
+def _own_disks(plan: KvmPlan) -> list[tuple[int, DiskPlan]]:
     """The disks whose overlay vmctl made (the ones a snapshot freezes), by slot index."""
-    return [(index, disk) for index, disk in enumerate(record.spec.get("disks", []))
-            if disk.get("created") and not disk.get("read_only")]
+    return [(index, disk) for index, disk in enumerate(plan.disks) if disk.created and not disk.read_only]
 
 
 def _layer_for(meta: SnapshotMeta, index: int) -> Path:
@@ -91,11 +91,12 @@ def restore(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, 
     if running(store, record):
         raise VmctlError(f"{record.name}: running: vmctl stop {record.name} first")
     _check_usable(snapshots, meta)
-    for index, disk in _own_disks(record):
-        overlay_on(_layer_for(meta, index), Path(disk["path"]))
+    plan = record.plan_as(KvmPlan)
+    for index, disk in _own_disks(plan):
+        overlay_on(_layer_for(meta, index), Path(disk.path))
     if meta.kind != "memory":
         return False
-    record.spec["restore"] = {"snapshot": str(snapshots.folder(meta.name)), "hostname": record.name}
+    record.plan = dataclasses.replace(plan, restore=RestorePlan(str(snapshots.folder(meta.name)), record.name))
     _start(store, record)
     return True
 
@@ -104,32 +105,31 @@ def clone(store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta, name:
           spec_file: str | None = None) -> MachineRecord:
     """A new machine `name` from the snapshot (started; a memory snapshot continues its guest)."""
     _check_usable(snapshots, meta)
-    plan = copy.deepcopy(meta.plan)
-    for index, disk in enumerate(plan.get("disks", [])):
-        if not disk.get("read_only") and not disk.get("created"):
-            raise VmctlError(f"snapshot {meta.name!r}: disk {index} ({disk['path']}) is written in place by "
+    plan = KvmPlan.from_json(meta.plan, f"snapshot {meta.name!r}: plan")
+    for index, disk in enumerate(plan.disks):
+        if not disk.read_only and not disk.created:
+            raise VmctlError(f"snapshot {meta.name!r}: disk {index} ({disk.path}) is written in place by "
                              f"{meta.machine}: a clone cannot share it (give it overlay: true)")
-    record = MachineRecord(name=name, backend="kvm", spec={}, spec_file=spec_file)
+    record = MachineRecord(name=name, backend="kvm", spec_file=spec_file)
     folder = store.create(record)
     try:
-        for index, disk in _own_disks(MachineRecord(name, "kvm", plan)):
+        disks = list(plan.disks)
+        for index, disk in _own_disks(plan):
             own = folder / "disks" / f"disk{index}.qcow2"
             own.parent.mkdir(parents=True, exist_ok=True)
             overlay_on(_layer_for(meta, index), own)
-            disk["path"] = str(own)
-        network = plan.get("network") or {"mode": "none"}
-        if network.get("forwards"):
-            network["forwards"] = []  # the host ports are the source's
-        network["mac"] = None  # a new one
-        key = (plan.get("ssh") or {}).get("key")
-        if key and Path(key).exists():  # the guest trusts the source's key: the clone keeps a copy
+            disks[index] = dataclasses.replace(disk, path=str(own))
+        # The host ports are the source's; the MAC is a new one.
+        network = dataclasses.replace(plan.network, forwards=(), mac=None)
+        ssh = plan.ssh
+        if ssh.key and Path(ssh.key).exists():  # the guest trusts the source's key: the clone keeps a copy
             (folder / "ssh").mkdir(mode=0o700, exist_ok=True)
-            plan["ssh"]["key"] = str(shutil.copy2(key, folder / "ssh" / Path(key).name))
-        if meta.kind == "memory":
-            plan["restore"] = {"snapshot": str(snapshots.folder(meta.name)), "hostname": name}
-        record.spec = plan
-        record.resources = {"disks": [d["path"] for d in plan.get("disks", []) if d.get("created")]}
-        record.spec["snapshot"] = meta.name  # what it came from (deleting that snapshot is refused)
+            ssh = dataclasses.replace(ssh, key=str(shutil.copy2(ssh.key, folder / "ssh" / Path(ssh.key).name)))
+        restore = RestorePlan(str(snapshots.folder(meta.name)), name) if meta.kind == "memory" else None
+        # `snapshot`: what it came from (deleting that snapshot is refused)
+        record.plan = dataclasses.replace(plan, disks=tuple(disks), network=network, ssh=ssh, restore=restore,
+                                          snapshot=meta.name)
+        record.resources = {"disks": [d.path for d in disks if d.created]}
         store.save(record)
         spawn(store, record)
     except BaseException:
@@ -147,7 +147,7 @@ def restart(store: StateStore, record: MachineRecord) -> None:
     """`vmctl start`: the VMM again on the machine's own disks (a clone boots them too)."""
     if running(store, record):
         raise VmctlError(f"{record.name}: already running")
-    record.spec.pop("restore", None)
+    record.plan = dataclasses.replace(record.plan_as(KvmPlan), restore=None)
     _start(store, record)
 
 
@@ -172,9 +172,9 @@ def dependents(store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta) 
             blocking.append(f"snapshot {other.name}")
     for name in store.names():
         record = store.load(name)
-        if record.backend != "kvm":
+        if not isinstance(record.plan, KvmPlan):
             continue
-        disks = [Path(d["path"]) for d in record.spec.get("disks", [])]
+        disks = [Path(d.path) for d in record.plan.disks]
         used = [disk for disk in disks if backing_of(disk) in layers]
         if not used:
             continue
