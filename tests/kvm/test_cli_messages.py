@@ -121,9 +121,9 @@ def test_ps_tells_the_truth_after_up_was_killed_before_saving_the_record(spec, v
     assert vmctl_cli("up", str(spec), "idle").returncode == 0
     folder = tmp_path / "state/machines/idle"
     record = json.loads((folder / "machine.json").read_text())
-    init_pid, monitor_pid = record["pid"], int(record["resources"]["monitor"][0])
+    init_pid, monitor_pid = record["pid"], record["plan"]["monitor_pid"]
     record["pid"] = None
-    del record["resources"]["monitor"]
+    record["plan"]["monitor_pid"] = None
     (folder / "machine.json").write_text(json.dumps(record))
     try:
         row = {r["name"]: r for r in json.loads(vmctl_cli("ps", "--json").stdout)}["idle"]

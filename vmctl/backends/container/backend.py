@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
