@@ -249,7 +249,7 @@ class ExitHistogram:
 
     def read(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for event, key in self.TRIGGERS:
+        for event, _key in self.TRIGGERS:
             counts: dict[str, int] = {}
             for line in (TRACING / event / "hist").read_text().splitlines():
                 if line.startswith("{"):

@@ -88,9 +88,9 @@ def main() -> int:
 
         # without layer sharing: each image flattened on its own (a tree for containers, an ext4 for VMs)
         flat_trees, flat_disks = 0, 0
-        from vmctl.oci.vm import _run
         from vmctl.images.ext4 import image_size_mib
         from vmctl.images.rootfs import tree_size
+        from vmctl.oci.vm import _run
 
         for image in ("image-a", "image-b"):
             tree = work / f"flat-{image}"

@@ -138,7 +138,7 @@ def phase_chart(run: dict):
     phases = [p for p in run["vmctl"] if p != "total"]
     rows = [("vmctl", run["vmctl"]), ("QEMU", run["qemu"])]
     figure, axes = plt.subplots(figsize=(9, 2.2))
-    for y, (name, row) in enumerate(rows):
+    for y, (_name, row) in enumerate(rows):
         left = 0.0
         for i, phase in enumerate(phases):
             width = row.get(phase, 0.0)

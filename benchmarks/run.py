@@ -196,10 +196,9 @@ def main() -> int:
         sys.stderr.write(result.stderr)
         return result.exit_code
 
-    from vmctl.guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE
+    from vmctl.guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, InitArgs
     from vmctl.host_probe import check_host
     from vmctl.images import locate
-    from vmctl.guest_contract import InitArgs
 
     report = check_host()
     if not report.boots_linux:

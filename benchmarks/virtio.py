@@ -232,7 +232,7 @@ def measure(kernel: Path, runs: int, logs: Path | None, vhost: bool) -> dict:
             result["vmctl"].append(run_guest(vmctl_command(kernel, initrd, disk), 900, logs / f"vmctl-{index}.log"))
             progress(f"run {index + 1}/{runs}: qemu")
             result["qemu"].append(with_qemu_tap(
-                lambda: run_guest(qemu_command(kernel, initrd, disk, vhost), 900, logs / f"qemu-{index}.log")))
+                lambda index=index: run_guest(qemu_command(kernel, initrd, disk, vhost), 900, logs / f"qemu-{index}.log")))
         result["medians"] = {vmm: {key: statistics.median(row[key] for row in result[vmm]) for key in result[vmm][0]}
                              for vmm in ("vmctl", "qemu")}
         return result

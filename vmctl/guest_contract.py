@@ -77,14 +77,13 @@ class InitArgs:
         out: list[str] = []
         if self.ip is not None:
             ip = self.ip
-            _check(lambda: ipaddress.IPv4Interface(ip), "vmctl.ip", ip)
+            _check(ipaddress.IPv4Interface, "vmctl.ip", ip)
             if "/" not in ip:
                 raise VmctlError(f"vmctl.ip needs a prefix length: {ip!r} (e.g. /24)")
             out.append(f"vmctl.ip={ip}")
         for name, value in (("gw", self.gw), ("dns", self.dns)):
             if value is not None:
-                address = value
-                _check(lambda: ipaddress.IPv4Address(address), f"vmctl.{name}", address)
+                _check(ipaddress.IPv4Address, f"vmctl.{name}", value)
                 out.append(f"vmctl.{name}={value}")
         for name, value in (("iface", self.iface), ("hostname", self.hostname)):
             if value is not None:
@@ -104,9 +103,9 @@ class InitArgs:
         return " ".join(self.words())
 
 
-def _check(parse: Callable[[], object], name: str, value: str) -> None:
+def _check(parse: Callable[[str], object], name: str, value: str) -> None:
     try:
-        parse()
+        parse(value)
     except ValueError:
         raise VmctlError(f"{name}: not an IPv4 value: {value!r}") from None
 

@@ -176,13 +176,16 @@ class GuestMemory:
         return self.view(address, 1)[0]
 
     def read_u16(self, address: int) -> int:
-        return struct.unpack("<H", self.view(address, 2))[0]
+        value: int = struct.unpack("<H", self.view(address, 2))[0]
+        return value
 
     def read_u32(self, address: int) -> int:
-        return struct.unpack("<I", self.view(address, 4))[0]
+        value: int = struct.unpack("<I", self.view(address, 4))[0]
+        return value
 
     def read_u64(self, address: int) -> int:
-        return struct.unpack("<Q", self.view(address, 8))[0]
+        value: int = struct.unpack("<Q", self.view(address, 8))[0]
+        return value
 
     def write_u16(self, address: int, value: int) -> None:
         struct.pack_into("<H", self.view(address, 2), 0, value)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from .errors import VmctlError
 
@@ -306,7 +306,7 @@ class ContainerRecord:
         )
 
 
-BackendRecord = Union[KvmPlan, LibvirtRecord, ContainerRecord]
+BackendRecord = KvmPlan | LibvirtRecord | ContainerRecord
 RECORD_TYPES: dict[str, type[KvmPlan] | type[LibvirtRecord] | type[ContainerRecord]] = {
     cls.backend: cls for cls in (KvmPlan, LibvirtRecord, ContainerRecord)
 }

@@ -62,7 +62,7 @@ def _decode(kind: Any, data: Any, path: str) -> Any:
             if name not in data:
                 raise StateFieldError(f"{path}.{name}: missing")
             values[name] = _decode(hints[name], data[name], f"{path}.{name}")
-        return kind(**values)
+        return kind(**values)  # type: ignore[operator]  # a dataclass type, known by is_dataclass
     if kind is bool:
         if not isinstance(data, bool):
             raise StateFieldError(f"{path}: expected true or false")

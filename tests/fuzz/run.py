@@ -7,7 +7,6 @@ hypothesis's fuzz_one_input. Findings are saved under tests/fuzz/findings/ and c
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import sys
 import time

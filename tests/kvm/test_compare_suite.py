@@ -48,7 +48,7 @@ def _leftovers(pid: int) -> list[str]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "vmctl-suite-" in cmdline or f"suite-container-" in cmdline and f"-{pid}" in cmdline:
+            if "vmctl-suite-" in cmdline or "suite-container-" in cmdline and f"-{pid}" in cmdline:
                 found.append(f"process {entry}: {cmdline[:120]}")
     for root in Path("/sys/fs/cgroup").glob("*/vmctl"):
         found += [str(d) for d in root.iterdir() if d.is_dir() and "suite-container-" in d.name and f"-{pid}-" in d.name]

@@ -34,10 +34,10 @@ LISTING = ("cd / && sha256sum bin/busybox etc/os-release etc/passwd srv/a.txt sr
 
 @pytest.fixture
 def docker(tmp_path: Path):
+    import tempfile
+
     from vmctl.suite.columns.base import ColumnUnavailable
     from vmctl.suite.columns.docker import Dockerd
-
-    import tempfile
 
     short = Path(tempfile.mkdtemp(prefix="vmoci-", dir="/tmp"))  # containerd's socket path must be short
     daemon = Dockerd(short)

@@ -8,7 +8,6 @@ import shutil
 import struct
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 

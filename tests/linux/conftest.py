@@ -99,7 +99,7 @@ def _reports(item: pytest.Item, relay: RelayRun) -> list[TestReport]:
     ]
     if found:
         return found
-    keywords = {name: 1 for name in item.keywords}
+    keywords = dict.fromkeys(item.keywords, 1)
 
     def report(when: str, outcome: str, longrepr: str | None = None) -> TestReport:
         return TestReport(item.nodeid, item.location, keywords, outcome, longrepr, when)

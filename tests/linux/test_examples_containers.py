@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from examples_doc import CONTAINER_EXAMPLES, EXAMPLES, leftovers, run_documented
+
 from vmctl.images import locate
 
 

@@ -23,8 +23,8 @@ import pytest
 
 from vmctl.errors import VmctlError
 from vmctl.nested import NestedHost, NestedHostError, NestedResult, NestedTimeout
-from vmctl.nested.l1_host import NestedStall, Stall
 from vmctl.nested.detect import FORCE_ENV, nested_problem
+from vmctl.nested.l1_host import NestedStall, Stall
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOP_ITERATIONS = 100_000_000  # as in docs: 141 s at CPL 0 on the kvm_pvm host

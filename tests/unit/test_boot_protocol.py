@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.arch import gdt, paging
+from vmctl.arch import gdt, memory_map, paging
 from vmctl.arch.mptable import build_mptable
-from vmctl.arch import memory_map
 from vmctl.boot import kernel_image, params
 from vmctl.boot.loader import load_linux
 from vmctl.errors import VmctlError

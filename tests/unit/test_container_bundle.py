@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import subprocess
 
 import pytest
 
 from vmctl.backends.container.backend import check_spec
-from vmctl.backends.container.bundle import (DEFAULT_CAPABILITIES, DENIED_SYSCALLS, IDLE_SCRIPT, build_config)
+from vmctl.backends.container.bundle import DEFAULT_CAPABILITIES, DENIED_SYSCALLS, IDLE_SCRIPT, build_config
 from vmctl.errors import VmctlError
 from vmctl.spec import parse_spec
 

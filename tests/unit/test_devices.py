@@ -6,7 +6,7 @@ import pytest
 
 from vmctl.devices import serial as uart
 from vmctl.devices.bus import Bus
-from vmctl.devices.simple import ExitPort, I8042
+from vmctl.devices.simple import I8042, ExitPort
 
 
 class Recorder:

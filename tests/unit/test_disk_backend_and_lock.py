@@ -9,8 +9,7 @@ import subprocess
 import pytest
 
 from vmctl.cli import main
-from vmctl.disk import (DiskRangeError, ImageLockedError, ReadOnlyError, open_disk,
-                        probe_format)
+from vmctl.disk import DiskRangeError, ImageLockedError, ReadOnlyError, open_disk, probe_format
 from vmctl.disk.qcow2.create import create, create_overlay
 
 MiB = 1 << 20

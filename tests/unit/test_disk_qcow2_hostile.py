@@ -14,8 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmctl.disk import (DiskError, DiskFormatError, ImageCorruptError,
-                        UnsupportedFeatureError, open_disk)
+from vmctl.disk import DiskError, DiskFormatError, ImageCorruptError, UnsupportedFeatureError, open_disk
 from vmctl.disk.qcow2 import Qcow2Image
 from vmctl.disk.qcow2.check import check
 from vmctl.disk.qcow2.create import create, create_overlay

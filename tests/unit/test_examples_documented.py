@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from examples_doc import CONTAINER_EXAMPLES, all_examples, documented_commands
+
 from vmctl.spec import load_spec
 
 

@@ -7,7 +7,6 @@ import errno
 import os
 import shutil
 import stat
-import struct
 import subprocess
 from pathlib import Path
 

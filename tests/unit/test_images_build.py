@@ -14,8 +14,7 @@ import pytest
 from vmctl.cli import main as cli_main
 from vmctl.errors import VmctlError
 from vmctl.images import build, ext4, kernel, locate, rootfs
-from vmctl.images.steps import StepContext, atomic_output, clean_stale, digest, \
-    dpkg_version, require_packages
+from vmctl.images.steps import StepContext, atomic_output, clean_stale, digest, dpkg_version, require_packages
 
 HAVE_TOOLS = all(shutil.which(t) for t in ("mkfs.ext4", "debugfs", "qemu-img", "cpio")) \
     and dpkg_version("busybox-static") is not None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.errors import VmctlError
 from vmctl import guest_contract as initargs
+from vmctl.errors import VmctlError
 from vmctl.guest_contract import InitArgs
 from vmctl.images.rootfs import INIT_SCRIPT
 

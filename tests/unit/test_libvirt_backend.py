@@ -11,10 +11,10 @@ import pytest
 
 from vmctl.backends import get_backend
 from vmctl.backends.libvirt.backend import LibvirtBackend
-from vmctl.guest_contract import exit_code_in
 from vmctl.backends.libvirt.connection import libvirt_module
 from vmctl.disk.qcow2.create import create
 from vmctl.errors import VmctlError
+from vmctl.guest_contract import exit_code_in
 from vmctl.spec import parse_spec
 from vmctl.state import StateStore
 

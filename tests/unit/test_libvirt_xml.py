@@ -13,9 +13,8 @@ from vmctl.backends.libvirt.domain_xml import machine_of, render
 from vmctl.backends.libvirt.plan import default_mac, domain_plan
 from vmctl.disk.qcow2.create import create, create_overlay
 from vmctl.errors import VmctlError
-from vmctl.guest_contract import decode
+from vmctl.guest_contract import GUEST_AGENT, decode
 from vmctl.spec import parse_spec
-from vmctl.guest_contract import GUEST_AGENT
 
 GOLDEN = Path(__file__).parent / "golden" / "libvirt"
 UUID = "6b1c2f4e-0d2a-4c55-9a51-2f0e8d3c7a10"

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from vmctl.arch.cpuid import cpuid_for_vcpu
 from vmctl.arch import memory_map
+from vmctl.arch.cpuid import cpuid_for_vcpu
 from vmctl.errors import GuestMemoryError, VmctlError
 from vmctl.kvm.abi import KvmCpuidEntry2
 from vmctl.memory import GuestMemory

@@ -5,7 +5,6 @@ nothing outside the store, and leave the store as it was (no image, blob, layer 
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -83,7 +82,7 @@ def test_two_images_share_the_base_layer_and_rm_keeps_what_is_used(tmp_path: Pat
     assert any(item.startswith("layer") for item in removed)
     assert not store.layer_dir(one.diff_ids[1]).exists() and os.stat(base / "data").st_ino == inode
     store.remove("two")
-    assert not list((store.root / "blobs/sha256").iterdir()) and not [p for p in (store.root / "layers").iterdir()]
+    assert not list((store.root / "blobs/sha256").iterdir()) and not list((store.root / "layers").iterdir())
 
 
 def test_multi_platform_index_picks_linux_amd64(tmp_path: Path, store: ImageStore) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from vmctl.guest_contract import GUEST_AGENT
 from vmctl.oci import vm
 from vmctl.oci.manifest import ImageConfig
 from vmctl.oci.runconfig import OciImage, Process
-from vmctl.guest_contract import GUEST_AGENT
 
 
 def test_stage2_init_is_vmctl_init_on_its_own_busybox() -> None:

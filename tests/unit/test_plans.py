@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 
 from vmctl.errors import VmctlError
-from vmctl.plans import (SCHEMA_VERSION, ContainerRecord, DiskPlan, ForwardPlan, KvmPlan, LibvirtRecord,
-                         NetworkPlan, SshAccess, plan_from_json)
+from vmctl.plans import (
+    SCHEMA_VERSION,
+    ContainerRecord,
+    DiskPlan,
+    ForwardPlan,
+    KvmPlan,
+    LibvirtRecord,
+    NetworkPlan,
+    SshAccess,
+    plan_from_json,
+)
 from vmctl.state import MachineRecord, StateStore
 
 pytestmark = pytest.mark.unit

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 
 import pytest
 
 from vmctl.devices.serial import IER_RX_AVAILABLE, LCR, Serial, SerialState
 from vmctl.kvm import abi
-from vmctl.kvm.state_json import StateError
 from vmctl.kvm.saved_state import VcpuState, VmState, msrs_to_save
+from vmctl.kvm.state_json import StateError
 from vmctl.memory import GuestMemory
 from vmctl.snapshot.cpu_check import missing_features
 from vmctl.state_codec import StateFieldError, state_from_json, state_to_json

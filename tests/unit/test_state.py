@@ -12,8 +12,8 @@ import textwrap
 import pytest
 
 from vmctl.errors import VmctlError
-from vmctl.proc import pid_alive
 from vmctl.plans import KvmPlan
+from vmctl.proc import pid_alive
 from vmctl.state import MachineRecord, StateStore
 
 PLAN = KvmPlan(cpus=2, memory=256 << 20, kernel="/k", cmdline="console=ttyS0")

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from vmctl.errors import VmctlError
 from vmctl.suite import report
-from vmctl.suite.model import HOST, NESTED, Column, Series, Stats, SuiteRun
+from vmctl.suite.model import NESTED, Column, Series, Stats, SuiteRun
 from vmctl.suite.ratios import comparable, ratio
 from vmctl.suite.runner import parse_columns, parse_instances, parse_suites
-from vmctl.errors import VmctlError
 
 pytestmark = pytest.mark.unit
 

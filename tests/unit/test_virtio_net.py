@@ -183,7 +183,9 @@ def test_closing_the_device_removes_the_tap():
 def test_nat_rule_is_removed_on_close_and_swept_after_a_kill():
     factory = NetFactory("nat")
     tag = f"vmctl:{factory.network.tap.name}"
-    rules = lambda: subprocess.run(["iptables", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True).stdout
+    def rules() -> str:
+        return subprocess.run(["iptables", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True).stdout
+
     assert tag in rules()
     assert factory.cmdline_words() == [f"ip={factory.network.guest_ip}::{factory.network.host_ip}:255.255.255.252::eth0:off"]
     factory.release()

@@ -10,8 +10,17 @@ from hypothesis import strategies as st
 
 from vmctl.memory import GuestMemory
 from vmctl.virtio.driver import QueueDriver
-from vmctl.virtio.queue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_INDIRECT, Buffer, DescriptorChain,
-                                QueueError, Virtqueue, need_event)
+from vmctl.virtio.queue import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    MAX_INDIRECT,
+    Buffer,
+    DescriptorChain,
+    QueueError,
+    Virtqueue,
+    need_event,
+)
 
 RAM = 2 << 20
 QUEUE_BASE = 0x10000

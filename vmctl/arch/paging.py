@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from . import memory_map
 from ..memory import GuestMemory
+from . import memory_map
 
 PRESENT = 1 << 0
 WRITABLE = 1 << 1

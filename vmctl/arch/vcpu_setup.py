@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import ctypes
 
-from . import memory_map
 from ..kvm.abi import KvmFpu, KvmLapicState
 from ..kvm.vcpu import VcpuFd
 from ..memory import GuestMemory
-from . import gdt, paging
+from . import gdt, memory_map, paging
 
 CR0_PE = 1 << 0
 CR0_ET = 1 << 4

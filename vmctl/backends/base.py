@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Protocol
 
-from ..spec.model import MachineSpec
 from ..errors import VmctlError
 from ..guest_contract import ExecResult
 from ..proc import pid_alive
+from ..spec.model import MachineSpec
 from ..state import MachineRecord, StateStore
 
 

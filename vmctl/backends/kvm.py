@@ -12,15 +12,27 @@ from pathlib import Path
 
 from .. import signals
 from ..errors import VmctlError
-from ..spec.model import MachineSpec
+from ..guest_contract import ExecResult, exec_script
 from ..machine_files import CONSOLE, CONTROL, VMM_LOG, VMM_PLAN
 from ..plans import KvmPlan
 from ..proc import pid_alive, reap, send_signal, wait_gone, write_json_atomic
+from ..spec.model import MachineSpec
 from ..state import MachineRecord, StateStore
-from ..guest_contract import ExecResult, exec_script
 from ..vmm.control import request
-from .base import (MachineStatus, MarkerScan, SshTarget, Usage, allocated_bytes, exec_over_ssh, exec_with_input,
-                   process_status, read_tail, ready_marker, setup_failure, ssh_target)
+from .base import (
+    MachineStatus,
+    MarkerScan,
+    SshTarget,
+    Usage,
+    allocated_bytes,
+    exec_over_ssh,
+    exec_with_input,
+    process_status,
+    read_tail,
+    ready_marker,
+    setup_failure,
+    ssh_target,
+)
 from .kvm_prepare import prepare
 
 POLL = 0.05

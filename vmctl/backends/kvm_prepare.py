@@ -11,11 +11,11 @@ from pathlib import Path
 
 from ..disk.qcow2.create import create, create_overlay
 from ..errors import VmctlError
-from ..guest_contract import (AGENT_CMDLINE, DEFAULT_CMDLINE, GUEST_AGENT, ROOT_CMDLINE, InitArgs, boot_script,
-                              reference_images)
+from ..guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, GUEST_AGENT, ROOT_CMDLINE, InitArgs, boot_script, reference_images
 from ..plans import DiskPlan, ForwardPlan, KvmPlan, NetworkPlan, SshAccess
 from ..spec.model import MachineSpec
 from ..ssh import generate_key
+
 
 def machine_keys(spec: MachineSpec, folder: Path) -> tuple[str | None, list[str]]:
     """(private key path, authorized_keys lines): a key made for the machine when it has a

@@ -17,11 +17,11 @@ import shutil
 from pathlib import Path
 
 from ..errors import VmctlError
+from ..plans import DiskPlan, KvmPlan, RestorePlan
+from ..proc import pid_alive
 from ..snapshot.disk_layers import backing_of, freeze_overlay, merge_layer_into, overlay_on
 from ..snapshot.snapshot_file import SnapshotError, discard, read_snapshot
 from ..snapshot.snapshot_store import Layer, SnapshotMeta, SnapshotStore
-from ..plans import DiskPlan, KvmPlan, RestorePlan
-from ..proc import pid_alive
 from ..state import CONSOLE, CONTROL, OUTCOME, MachineRecord, StateStore
 from ..vmm.control import request
 from .kvm import spawn
@@ -168,7 +168,7 @@ def dependents(store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta) 
     blocking: list[str] = []
     mergeable: list[tuple[MachineRecord, Path]] = []
     for other in snapshots.list():
-        if other.name != meta.name and any(backing_of(Path(l.path)) in layers for l in other.layers):
+        if other.name != meta.name and any(backing_of(Path(layer.path)) in layers for layer in other.layers):
             blocking.append(f"snapshot {other.name}")
     for name in store.names():
         record = store.load(name)

@@ -10,8 +10,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import VmctlError
 from ..arch import memory_map
+from ..errors import VmctlError
 
 # Setup header offsets (Documentation/arch/x86/boot.rst), identical in file and zero page.
 SETUP_SECTS = 0x1F1
@@ -89,11 +89,13 @@ def _u8(data: bytes, offset: int) -> int:
 
 
 def _u16(data: bytes, offset: int) -> int:
-    return struct.unpack_from("<H", data, offset)[0]
+    value: int = struct.unpack_from("<H", data, offset)[0]
+    return value
 
 
 def _u32(data: bytes, offset: int) -> int:
-    return struct.unpack_from("<I", data, offset)[0]
+    value: int = struct.unpack_from("<I", data, offset)[0]
+    return value
 
 
 def parse_bzimage(path: Path, data: bytes) -> KernelImage:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..arch import memory_map
 from ..errors import VmctlError
 from ..memory import GuestMemory
 from ..units import format_size
-from ..arch import memory_map
 from . import params
 from .kernel_image import KernelImage, read_kernel
 

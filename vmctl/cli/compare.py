@@ -246,8 +246,7 @@ def _pss(pids: list[int]) -> int:
 def _vm_in_nested_host(spec_path: Path, name: str, runs: int, timeout: float, host_kvm: str) -> dict:
     """The VM side inside L1, the same command with --only vm; the results come back
     through a shared directory."""
-    from ..nested import NestedHost
-    from ..nested import scratch
+    from ..nested import NestedHost, scratch
 
     exchange = scratch.make("vmctl-compare-")
     try:

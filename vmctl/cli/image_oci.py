@@ -66,7 +66,7 @@ def _human(size: int) -> str:
     for unit in ("B", "K", "M", "G"):
         if size < 1024 or unit == "G":
             return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024
+        size /= 1024  # type: ignore[assignment]  # bytes, then K/M/G as a float
     return str(size)
 
 

@@ -575,9 +575,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_ssh(args: argparse.Namespace) -> int:
-    from ..ssh import ssh_argv
-
-    from ..ssh import port_open
+    from ..ssh import port_open, ssh_argv
 
     store = _store()
     record = store.load(args.name)

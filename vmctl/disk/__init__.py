@@ -1,8 +1,16 @@
 """Virtual disks for the VMMs: the BlockBackend interface, raw files and qcow2 images."""
 
-from .block_backend import (BlockBackend, DiskError, DiskFormatError, DiskRangeError,
-                            ImageCorruptError, ReadOnlyError, UnsupportedFeatureError, open_disk,
-                            probe_format)
+from .block_backend import (
+                            BlockBackend,
+                            DiskError,
+                            DiskFormatError,
+                            DiskRangeError,
+                            ImageCorruptError,
+                            ReadOnlyError,
+                            UnsupportedFeatureError,
+                            open_disk,
+                            probe_format,
+)
 from .image_lock import ImageLockedError
 
 __all__ = [

@@ -120,7 +120,7 @@ class BlockBackend(abc.ABC):
             raise ReadOnlyError(f"{self.path}: {what} refused: disk is open read-only")
 
 
-class ByteViews(list):
+class ByteViews(list[memoryview]):
     """Views a caller already knows to be flat unsigned-byte memoryviews, with their total
     length: a virtio-blk request's pages (slices of guest RAM, lengths from the descriptor
     chain). The backend then skips checking and summing them one by one, which for a 1 MiB

@@ -48,7 +48,8 @@ NONE = LockMode(frozenset(), frozenset())
 def _flock(fd: int, command: int, kind: int, byte: int) -> int:
     packed = _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0)
     result = fcntl.fcntl(fd, command, packed)
-    return _FLOCK.unpack(result)[0]
+    kind_now: int = _FLOCK.unpack(result)[0]
+    return kind_now
 
 
 def _someone_else_locks(fd: int, byte: int) -> bool:

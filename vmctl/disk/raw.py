@@ -8,9 +8,8 @@ import os
 import threading
 from typing import Sequence
 
-from .block_backend import (BlockBackend, DiskError, as_bytes_views, chunks, slice_buffers,
-                      total_length)
 from . import image_lock as lock_mod
+from .block_backend import BlockBackend, DiskError, as_bytes_views, chunks, slice_buffers, total_length
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02

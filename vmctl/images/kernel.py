@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .steps import Reporter, StepContext, atomic_output, digest, dpkg_version, \
-    require_packages, stderr_reporter
+from .steps import Reporter, StepContext, atomic_output, digest, dpkg_version, require_packages, stderr_reporter
 
 RECIPE_VERSION = "kernel-1"  # bump when the steps below change what they produce
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -130,7 +129,7 @@ def _extract(cache: Path, version: str, ctx: StepContext) -> Path:
 
 def _configure(source: Path, work: Path, fragment: Path, ctx: StepContext) -> None:
     ctx.say("configuring (tinyconfig + microvm.config)")
-    make = ["make", "-C", source, f"O={work}", "ARCH=x86_64"]
+    make: list[str | Path] = ["make", "-C", source, f"O={work}", "ARCH=x86_64"]
     ctx.run(make + ["tinyconfig"], "configure: tinyconfig", cwd=work)
     ctx.run([source / "scripts/kconfig/merge_config.sh", "-m", "-O", work,
              work / ".config", fragment], "configure: merge fragment", cwd=work)

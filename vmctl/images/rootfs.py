@@ -23,8 +23,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .steps import Reporter, StepContext, atomic_output, digest, dpkg_version, \
-    require_packages, stderr_reporter
+from .steps import Reporter, StepContext, atomic_output, digest, dpkg_version, require_packages, stderr_reporter
 
 RECIPE_VERSION = "rootfs-1"  # bump when a tree's content rules below change
 INIT_SCRIPT = Path(__file__).parent / "data" / "init"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any
 
 # glibc's soname, not ctypes.util.find_library("c"): that runs `ldconfig -p` in a
 # subprocess (and imports subprocess, tempfile, shutil...) on every VMM start-up.
@@ -12,7 +13,7 @@ _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _libc.ioctl.restype = ctypes.c_int
 
 
-def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array | int | None = None) -> int:
+def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array[Any] | ctypes._SimpleCData[Any] | int | None = None) -> int:
     """Issue one ioctl; a struct argument is passed by pointer, an int by value.
 
     ctypes drops the GIL around the call, so a vCPU blocked in KVM_RUN does not stall the
@@ -24,7 +25,7 @@ def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array | int | No
         pointer = arg
     else:
         pointer = ctypes.addressof(arg)
-    result = _libc.ioctl(fd, request, pointer)
+    result: int = _libc.ioctl(fd, request, pointer)
     if result < 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"{os.strerror(errno)} (ioctl 0x{request:x})")

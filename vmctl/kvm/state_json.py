@@ -18,7 +18,7 @@ class StateError(VmctlError):
     """Saved machine state that does not fit the structure it should restore."""
 
 
-def _is_byte_array(kind: type) -> bool:
+def _is_byte_array(kind: Any) -> bool:  # kind: a ctypes type (reflection: Any)
     return issubclass(kind, ctypes.Array) and kind._type_ in (ctypes.c_uint8, ctypes.c_char)
 
 
@@ -35,7 +35,7 @@ def encode(value: Any) -> Any:
     return value
 
 
-def decode(kind: type, data: Any, path: str) -> Any:
+def decode(kind: Any, data: Any, path: str) -> Any:
     """Build a `kind` (struct, array or integer ctype) from `encode`'s output."""
     if issubclass(kind, ctypes.Structure):
         if not isinstance(data, dict):
@@ -80,7 +80,7 @@ def decode(kind: type, data: Any, path: str) -> Any:
     return _integer(kind, data, path)
 
 
-def _integer(kind: type, data: Any, path: str) -> int:
+def _integer(kind: Any, data: Any, path: str) -> int:
     if not isinstance(data, int) or isinstance(data, bool):
         raise StateError(f"{path}: expected an integer, found {type(data).__name__}")
     bits = 8 * ctypes.sizeof(kind)
@@ -93,10 +93,10 @@ def _integer(kind: type, data: Any, path: str) -> int:
 
 def to_hex(struct: ctypes.Structure) -> str:
     """A whole struct as one hex string (large opaque areas: the LAPIC page, XSAVE)."""
-    return bytes(struct).hex()  # type: ignore[call-overload]
+    return bytes(struct).hex()
 
 
-def from_hex(kind: type, data: Any, path: str, size: int | None = None) -> Any:
+def from_hex(kind: Any, data: Any, path: str, size: int | None = None) -> Any:
     if not isinstance(data, str):
         raise StateError(f"{path}: expected a hex string")
     try:

@@ -35,7 +35,8 @@ class VcpuFd:
     def run(self) -> int:
         """Enter the guest until the next exit; returns kvm_run.exit_reason (EINTR raises)."""
         ioctl(self.fd, abi.KVM_RUN)
-        return self.run_state.exit_reason
+        reason: int = self.run_state.exit_reason
+        return reason
 
     def get_regs(self) -> abi.KvmRegs:
         regs = abi.KvmRegs()
@@ -95,7 +96,8 @@ class VcpuFd:
     def get_mp_state(self) -> int:
         state = abi.KvmMpState()
         ioctl(self.fd, abi.KVM_GET_MP_STATE, state)
-        return state.mp_state
+        mp_state: int = state.mp_state
+        return mp_state
 
     def set_mp_state(self, value: int) -> None:
         ioctl(self.fd, abi.KVM_SET_MP_STATE, abi.KvmMpState(mp_state=value))

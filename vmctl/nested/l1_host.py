@@ -161,7 +161,7 @@ class NestedHost:
             watch.supervise(timeout, _one_line(shlex.join(command)))
         except (KeyboardInterrupt, NestedHostError) as error:
             # Ctrl-C, a timeout: keep what the command wrote so far (the I/O share goes with `work`).
-            error.partial = (_read(io_dir / "stdout"), _read(io_dir / "stderr"))
+            error.partial = (_read(io_dir / "stdout"), _read(io_dir / "stderr"))  # type: ignore[union-attr]
             raise
         return NestedResult(
             exit_code=_exit_code(io_dir, watch),
@@ -258,7 +258,7 @@ class _Watch:
             time.sleep(POLL)
         if not self.done_at:
             # QEMU's own stderr says why when it failed; TCG's feature warnings never do.
-            errors = [l for l in _read(self.stderr_path).splitlines() if l.strip() and "warning:" not in l]
+            errors = [line for line in _read(self.stderr_path).splitlines() if line.strip() and "warning:" not in line]
             console = self.tail().splitlines()
             why = errors[-1] if process.returncode and errors else (console or ["no console output"])[-1]
             raise NestedHostError(

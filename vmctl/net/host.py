@@ -25,7 +25,7 @@ from .tap import Tap
 
 log = logging.getLogger(__name__)
 
-SUBNET_POOL = ipaddress.ip_network("172.30.0.0/16")
+SUBNET_POOL = ipaddress.IPv4Network("172.30.0.0/16")
 TAP_PREFIX = "vmctl"
 RULE_TAG = "vmctl:"
 
@@ -51,7 +51,7 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     for link in json.loads(_ip("-j", "addr", "show") or "[]"):
         for info in link.get("addr_info", []):
             if info.get("family") == "inet":
-                used.append(ipaddress.ip_network(f"{info['local']}/{info['prefixlen']}", strict=False))
+                used.append(ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}", strict=False))
     return used
 
 

@@ -81,7 +81,7 @@ class ImageConfig:
         return cls(strings("Env"), strings("Entrypoint"), strings("Cmd"), text("WorkingDir"), text("User"))
 
     def environment(self) -> dict[str, str]:
-        return dict(item.split("=", 1) if "=" in item else (item, "") for item in self.env)
+        return dict(tuple(item.split("=", 1)) if "=" in item else (item, "") for item in self.env)  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _resolve_oci(source: Source) -> Resolved:
     where = f"{source.label}: index.json"
     index = _object(load_json(source.read_small("index.json", where), where), where)
     ref_name = None
-    for depth in range(MAX_DEPTH):
+    for _depth in range(MAX_DEPTH):
         manifests = index.get("manifests")
         if not isinstance(manifests, list) or not manifests:
             raise VmctlError(f"{where}: manifests: expected a non-empty list")

@@ -117,7 +117,7 @@ class TarSource(Source):
             raise VmctlError(f"{self.label}: {name}: missing from the archive")
         handle = self.tar.extractfile(member)
         assert handle is not None
-        yield _Guarded(handle, f"{self.label}: {name}"), member.size
+        yield _Guarded(handle, f"{self.label}: {name}"), member.size  # type: ignore[misc, arg-type]  # file-like
 
     def close(self) -> None:
         self.tar.close()

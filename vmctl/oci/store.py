@@ -209,10 +209,9 @@ class ImageStore:
             _write_atomic(meta, json.dumps(stats[diff_id]).encode())
             os.rename(staged, self.layer_dir(diff_id))
         record = ImageRecord(name, resolved.manifest_digest, resolved.config_digest,
-                             tuple(LayerRecord(l.digest, l.diff_id, l.size, l.media_type) for l in resolved.layers),
+                             tuple(LayerRecord(layer.digest, layer.diff_id, layer.size, layer.media_type) for layer in resolved.layers),
                              origin, time.time())
-        data = asdict(record)
-        _write_atomic(self._record_path(name), json.dumps(data, indent=2).encode())
+        _write_atomic(self._record_path(name), json.dumps(asdict(record), indent=2).encode())
         return record
 
     def _clean_stale(self) -> None:

@@ -164,7 +164,7 @@ def export_oci(store, name: str, out: Path) -> None:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as archive:
             _add_bytes(archive, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
             _add_bytes(archive, "index.json", json.dumps(index).encode())
-            for digest in dict.fromkeys([image.manifest, image.config, *(l.digest for l in image.layers)]):
+            for digest in dict.fromkeys([image.manifest, image.config, *(layer.digest for layer in image.layers)]):
                 with open(store.blob(digest), "rb") as handle:
                     _add_stream(archive, f"blobs/sha256/{dg.hex_part(digest)}", handle)
         tmp.rename(out)

@@ -12,6 +12,7 @@ the snapshot unusable, said in one line.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -109,7 +110,7 @@ class SnapshotStore:
                 continue
         return found
 
-    def incomplete(self) -> list[str]:
+    def incomplete(self) -> builtins.list[str]:
         if not self.root.exists():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not (p / META).exists())

@@ -17,8 +17,19 @@ import yaml
 from ..errors import VmctlError
 from ..limits import MAX_CPUS, MIN_MEMORY
 from ..units import parse_size
-from .model import (BACKENDS, IMAGE_PROFILES, LIBVIRT_DOMAIN_TYPES, NETWORK_MODES, DiskSpec, LibvirtSpec, MachineSpec, NetworkSpec,
-                    PortForward, SpecFile, SshSpec)
+from .model import (
+    BACKENDS,
+    IMAGE_PROFILES,
+    LIBVIRT_DOMAIN_TYPES,
+    NETWORK_MODES,
+    DiskSpec,
+    LibvirtSpec,
+    MachineSpec,
+    NetworkSpec,
+    PortForward,
+    SpecFile,
+    SshSpec,
+)
 
 MAX_DISK = 64 << 40  # qemu-img's limit for qcow2 is 64 TiB too
 USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")

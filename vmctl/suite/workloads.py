@@ -121,8 +121,8 @@ def _net(run: SuiteRun, column: str, instance: Instance, client: Instance, p: Pa
     try:
         for _ in range(p.repeats):
             for row, reverse in (("net_tcp_to_instance_mbit_s", False), ("net_tcp_from_instance_mbit_s", True)):
-                out = client.run(iperf3.client_command(address, p.seconds, reverse), timeout=p.seconds + 60)
-                run.add(row, column, iperf3.parse(out.stdout))
+                tcp = client.run(iperf3.client_command(address, p.seconds, reverse), timeout=p.seconds + 60)
+                run.add(row, column, iperf3.parse(tcp.stdout))
             out = check_ok("redis-benchmark", client.run(
                 redis.benchmark_command(address, "ping", p.latency_requests, 1)))
             result = redis.parse(out)["PING_INLINE"]

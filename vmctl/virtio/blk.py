@@ -74,7 +74,7 @@ class BlkRequest:
 
 class BlkDevice(VirtioDevice):
     device_id = ID_BLOCK
-    queue_sizes = (QUEUE_SIZE,)
+    queue_sizes: tuple[int, ...] = (QUEUE_SIZE,)
     name = "blk"
 
     def __init__(self, backend: BlockBackend, serial: str = "", queues: int = 1) -> None:
@@ -127,7 +127,7 @@ class BlkDevice(VirtioDevice):
             return
         requests = [self.parse(chain, ctx) for chain in chains]  # a bad one resets the device
         done: list[tuple[int, int]] = []
-        in_flight: list[tuple[int, Future]] = []
+        in_flight: list[tuple[int, Future[int]]] = []
         parallel = sum(request.parallel for request in requests)
         try:
             for chain, request in zip(chains, requests):

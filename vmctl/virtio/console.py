@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import struct
+from typing import Callable
 
 from ..errors import VmctlError
 from .device import ID_CONSOLE, QueueContext, VirtioDevice
@@ -48,7 +49,7 @@ class ConsoleDevice(VirtioDevice):
     def config_bytes(self) -> bytes:
         return struct.pack("<HHII", 80, 25, 1, 0)  # cols, rows, max_nr_ports, emerg_wr
 
-    def extra_fds(self):
+    def extra_fds(self) -> dict[int, Callable[[], None]]:
         return {self.listener.fileno(): self._accept}
 
     def activate(self, features: int, ctx: QueueContext) -> None:
@@ -113,6 +114,8 @@ class ConsoleDevice(VirtioDevice):
                     self._drop_client()
                 return
             chain = queue.pop()
+            if chain is None:
+                return
             views = chain.writable_views(ctx.memory)
             got = self.client.recvmsg_into(views)[0] if views else 0
             ctx.complete(queue, chain, got)

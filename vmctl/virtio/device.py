@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from ..memory import GuestMemory
 from .queue import DescriptorChain, Virtqueue
@@ -97,11 +97,11 @@ class VirtioDevice(abc.ABC):
     unwatch: Callable[[int], None] | None = None
 
     # --- snapshots ---------------------------------------------------------------------------
-    def save_state(self) -> dict:
+    def save_state(self) -> dict[str, Any]:
         """Device-specific state beyond the transport's (JSON values); the default has none."""
         return {}
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: dict[str, Any]) -> None:
         """Take `save_state`'s output, after the transport restored the queues."""
 
     def unconsumed(self, index: int) -> int:

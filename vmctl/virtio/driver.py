@@ -117,7 +117,8 @@ class MmioDriver:
         self.transport = transport
 
     def read(self, offset: int) -> int:
-        return struct.unpack("<I", self.transport.read(offset, 4))[0]
+        value: int = struct.unpack("<I", self.transport.read(offset, 4))[0]
+        return value
 
     def write(self, offset: int, value: int) -> None:
         self.transport.write(offset, struct.pack("<I", value & 0xFFFFFFFF))

@@ -46,6 +46,7 @@ class NetFactory(VirtioMmioFactory):
 
     def _make(self) -> VirtioDevice:
         from .net import NetDevice
+        assert self.network.tap is not None, "the host network is open"
         return NetDevice(self.network.tap, self.network.mac, on_close=self.network.close)
 
     def cmdline_words(self) -> list[str]:

@@ -13,12 +13,20 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import GuestMemoryError
 from ..memory import GuestMemory
-from .device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TRANSPORT_FEATURES, DeviceError, QueueContext, \
-    QueueHandoff, VirtioDevice
+from .device import (
+    F_EVENT_IDX,
+    F_INDIRECT_DESC,
+    F_VERSION_1,
+    TRANSPORT_FEATURES,
+    DeviceError,
+    QueueContext,
+    QueueHandoff,
+    VirtioDevice,
+)
 from .queue import DescriptorChain, QueueError, QueueState, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -66,7 +74,7 @@ class TransportState:
     broken: bool
     interrupt_status: int
     queues: list[QueueState]
-    device: dict = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
 
 
 class TransportStateError(Exception):

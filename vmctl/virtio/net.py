@@ -20,12 +20,15 @@ import errno
 import logging
 import os
 import struct
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE, Tap
 from ..memory import GuestMemory
+from ..net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_SIZE, Tap
 from .device import ID_NET, TRANSPORT_FEATURES, DeviceError, QueueContext, QueueHandoff, VirtioDevice
 from .queue import DescriptorChain, Virtqueue
+
+if TYPE_CHECKING:
+    from . import vhost
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class NetDevice(VirtioDevice):
         # MRG_RXBUF chains taken from the ring but not filled yet, with their views and sizes.
         self._held: list[tuple[DescriptorChain, list[memoryview], int]] = []
         self._held_bytes = 0
-        self._vhost = None  # a VhostNet while the kernel serves the queues
+        self._vhost: vhost.VhostNet | None = None  # while the kernel serves the queues
         self._vhost_problem_logged = False
 
     @property
@@ -255,6 +258,7 @@ class NetDevice(VirtioDevice):
             used.append((chain.head, min(size, left)))
             left -= size
         _put(header_views, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))  # the TAP leaves it alone
+        assert ctx.complete_many is not None  # the mmio transport always batches
         ctx.complete_many(queue, used)
 
     def _deliver(self, queue: Virtqueue, ctx: QueueContext) -> bool:
@@ -291,6 +295,7 @@ class NetDevice(VirtioDevice):
             _put(views, 0, frame[offset : offset + count])
             used.append((chain.head, count))
             offset += count
+        assert ctx.complete_many is not None  # the mmio transport always batches
         ctx.complete_many(queue, used)
         self._pending = 0
         return True

@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import threading
+from typing import Any, Callable
 
 from .mmio import VirtioMmioTransport
 
@@ -18,7 +19,7 @@ class DeviceWorker:
         self.transport = transport
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll = select.epoll()
-        self._handlers: dict[int, object] = {}
+        self._handlers: dict[int, tuple[str, Any]] = {}
         self.watch_queues(True)
         transport.watch_queues = self.watch_queues
         for fd, callback in transport.device.extra_fds().items():
@@ -28,7 +29,7 @@ class DeviceWorker:
         self._watch(self._stop_fd, ("stop", None))
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def _watch(self, fd: int, what: tuple, events: int = select.EPOLLIN) -> None:
+    def _watch(self, fd: int, what: tuple[str, Any], events: int = select.EPOLLIN) -> None:
         self._epoll.register(fd, events)
         self._handlers[fd] = what
 
@@ -41,7 +42,7 @@ class DeviceWorker:
             else:
                 self.unwatch_host_fd(fd)
 
-    def watch_host_fd(self, fd: int, callback) -> None:
+    def watch_host_fd(self, fd: int, callback: Callable[[], None]) -> None:
         # Edge-triggered: a device that stops reading (no guest buffers) is not woken
         # again and again; it resumes when the guest posts buffers and kicks.
         self._watch(fd, ("host", callback), select.EPOLLIN | select.EPOLLET)

@@ -22,17 +22,21 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import VmctlError
 from ..guest_contract import SHUTDOWN_SCRIPT
-from ..proc import write_json_atomic
 from ..machine_files import CONSOLE, CONSOLE_SOCKET, CONTROL, DISKS, NETWORK, OUTCOME, VMM_LOG
 from ..plans import KvmPlan
-from .control import ControlServer
+from ..proc import write_json_atomic
 from .console_server import ConsoleServer
+from .control import ControlServer
 from .forward import Forwarder
 from .machine import Machine, MachineConfig
 from .outcome import Outcome
+
+if TYPE_CHECKING:
+    from ..virtio.factories import NetFactory
 
 log = logging.getLogger("vmctl.vmm")
 
@@ -44,7 +48,7 @@ class MachineProcess:
         self.folder = folder
         self.plan = plan
         self.started = time.time()
-        self.net = None
+        self.net: NetFactory | None = None
         self.forwarders: list[Forwarder] = []
         self.console_file = open(folder / CONSOLE, "ab", buffering=0)
         self.console_server: ConsoleServer | None = None
@@ -134,7 +138,7 @@ class MachineProcess:
             for index, disk in enumerate(self.plan.disks):
                 if not disk.created or disk.read_only:
                     continue
-                device = self.machine.mmio_devices[index].transport.device
+                device = self.machine.mmio_devices[index].transport.device  # type: ignore[attr-defined]  # a VirtioMmioSlot
                 device.backend.flush()
                 device.backend.close()
                 layer = folder / f"disk{index}.qcow2"

@@ -13,12 +13,11 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
-from ..arch import vcpu_setup
+from ..arch import memory_map, vcpu_setup
 from ..arch.cpuid import cpuid_for_vcpu
 from ..arch.mptable import build_mptable
-from ..arch import memory_map
 from ..boot.loader import BootInfo, load_linux
 from ..devices import simple
 from ..devices.bus import Bus
@@ -32,8 +31,8 @@ from ..limits import MAX_CPUS, MIN_MEMORY
 from ..memory import GuestMemory
 from ..units import format_size
 from .agent import COM2_IRQ, COM2_PORT, AgentChannel
-from .serial_console import ConsoleInput, ConsoleOutput
 from .outcome import EXIT_TIMEOUT, Outcome
+from .serial_console import ConsoleInput, ConsoleOutput, ConsoleSink
 from .vcpu_thread import VcpuThread, install_kick_handler
 
 if TYPE_CHECKING:  # virtio is imported only when a VM gets a virtio device
@@ -75,10 +74,10 @@ class MachineConfig:
     memory: int = 256 << 20
     memory_backing: str = "anonymous"
     memory_merge: bool = False  # guest RAM MADV_MERGEABLE: the host's KSM may merge identical pages
-    console_sinks: list[BinaryIO] = field(default_factory=list)
+    console_sinks: list[ConsoleSink] = field(default_factory=list)
     interactive: bool = False  # forward stdin to the serial console
     timeout: float | None = None
-    devices: list[MmioDeviceFactory] = field(default_factory=list)  # virtio-mmio slots, in order
+    devices: Sequence[MmioDeviceFactory] = field(default_factory=list)  # virtio-mmio slots, in order
     agent: bool = False  # a second UART (COM2) for the guest agent's exec channel
     # Called once every fd is open, just before the vCPUs start: where vmm/sandbox.py goes in.
     before_start: Callable[[], None] | None = None
@@ -341,8 +340,8 @@ class IrqLine:
             pass  # counter saturated: an interrupt is already pending
 
 
-def default_console_sinks(log_path: Path | None, quiet: bool) -> list[BinaryIO]:
-    sinks: list[BinaryIO] = []
+def default_console_sinks(log_path: Path | None, quiet: bool) -> list[ConsoleSink]:
+    sinks: list[ConsoleSink] = []
     if not quiet:
         sinks.append(sys.stdout.buffer)
     if log_path is not None:

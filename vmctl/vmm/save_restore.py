@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
-from ..arch.cpuid import cpuid_for_vcpu
 from ..arch import memory_map
+from ..arch.cpuid import cpuid_for_vcpu
 from ..devices.serial import SerialState
 from ..errors import VmctlError
-from ..kvm.state_json import StateError
 from ..kvm.saved_state import VcpuState, VmState, msrs_to_save, xsave_size
+from ..kvm.state_json import StateError
 from ..kvm.system import Kvm
 from ..kvm.vcpu import VcpuFd
 from ..kvm.vm import VmFd
@@ -78,7 +78,7 @@ def save_machine(machine: "Machine", path: Path, extra: dict[str, Any], then: st
                 path.mkdir(exist_ok=True)
                 if while_paused is not None:
                     while_paused()
-                summary = _write(machine, transports, path, extra) if save_memory else {"path": str(path)}
+                summary: dict[str, Any] = _write(machine, transports, path, extra) if save_memory else {"path": str(path)}
             finally:
                 for transport in transports:
                     transport.resume()
@@ -136,7 +136,6 @@ def build_restored(machine: "Machine", snapshot: SnapshotFile) -> None:
     began = time.monotonic()
     parsed = _parse(snapshot, machine)
     vcpus, vm_state, devices, serial = parsed["vcpus"], parsed["vm"], parsed["devices"], parsed["serial"]
-    config = machine.config
 
     machine.kvm = Kvm()
     machine.vm = VmFd(machine.kvm)
@@ -170,7 +169,7 @@ def build_restored(machine: "Machine", snapshot: SnapshotFile) -> None:
         raise SnapshotError(f"{state_path}: vm: KVM refused the saved irqchip/PIT/clock: {error}") from None
     for index, (slot, saved_device) in enumerate(zip(machine.mmio_devices, devices)):
         try:
-            slot.transport.restore_state(saved_device)
+            slot.transport.restore_state(saved_device)  # type: ignore[attr-defined]  # a VirtioMmioSlot
         except TransportStateError as error:
             raise SnapshotError(f"{state_path}: devices[{index}]: {error}") from None
     machine.serial.restore_state(serial)

@@ -9,16 +9,24 @@ import sys
 import termios
 import threading
 import tty
-from typing import BinaryIO, Callable
+from typing import Callable, Protocol
 
 ESCAPE_PREFIX = 0x01  # Ctrl-A, then 'x' quits (as in QEMU)
 LINE_LIMIT = 4096
 
 
+
+class ConsoleSink(Protocol):
+    """Where console output goes: a binary file, or anything written and flushed like one."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> None: ...
+
 class ConsoleOutput:
     """Receives the guest's console bytes; writes them out and reports each complete line."""
 
-    def __init__(self, sinks: list[BinaryIO], on_line: Callable[[str], None] | None = None, tail_lines: int = 40):
+    def __init__(self, sinks: list[ConsoleSink], on_line: Callable[[str], None] | None = None, tail_lines: int = 40):
         self.sinks = sinks
         self.on_line = on_line
         self._line = bytearray()

@@ -161,7 +161,7 @@ class VcpuThread(threading.Thread):
 
 
 def format_registers(regs: abi.KvmRegs, sregs: abi.KvmSregs) -> str:
-    general = [f"{name}=0x{getattr(regs, name):016x}" for name, _ in abi.KvmRegs._fields_]
+    general = [f"{name}=0x{getattr(regs, name):016x}" for name, *_ in abi.KvmRegs._fields_]
     control = [f"{name}=0x{getattr(sregs, name):x}" for name in ("cr0", "cr2", "cr3", "cr4", "efer", "apic_base")]
     segments = [f"{name}={getattr(sregs, name).selector:#x}" for name in ("cs", "ds", "ss", "tr")]
     rows = [" ".join(general[i : i + 4]) for i in range(0, len(general), 4)]

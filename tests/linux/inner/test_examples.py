@@ -8,8 +8,8 @@ The container examples run on the host instead (tests/linux/test_examples_contai
 from __future__ import annotations
 
 import pytest
-
 from examples_doc import CONTAINER_EXAMPLES, all_examples, leftovers, run_documented
+
 from vmctl.images import locate
 
 # (example, start of the command) -> text its stdout must contain

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from ... import signals
 from ...errors import VmctlError
-from ...spec.model import LibvirtSpec, MachineSpec
-from ...plans import ContainerRecord
 from ...guest_contract import READY_MARKER_BYTES, ExecResult, exec_script
+from ...plans import ContainerRecord
 from ...proc import pid_alive, reap, send_signal
+from ...spec.model import LibvirtSpec, MachineSpec
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
 from ..base import MachineStatus, MarkerScan, SshTarget, Usage, allocated_bytes, process_status, ssh_target
 from .bundle import build_config

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from ...errors import VmctlError
 
 # The VM network's helpers: one address pool, one rule format, one sweeper for both.
-from ...net.host import PointToPoint, _ip, _quiet_ipv6, disable_nat, enable_nat, free_link_name, free_subnet, \
-    sweep_stale_rules
+from ...net.host import PointToPoint, _ip, _quiet_ipv6, disable_nat, enable_nat, free_link_name, free_subnet, sweep_stale_rules
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,34 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ...errors import VmctlError
-from ...spec.model import MachineSpec
-from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
 from ...guest_contract import ExecResult, exec_script, exit_code_in
 from ...plans import LibvirtRecord, SshAccess
+from ...spec.model import MachineSpec
+from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
 from ...vmm.agent import AgentChannel
-from ..base import (MachineStatus, SshTarget, Usage, allocated_bytes, ended_status, exec_over_ssh, exec_with_input,
-                    ready_marker, setup_failure, ssh_target)
+from ..base import (
+    MachineStatus,
+    SshTarget,
+    Usage,
+    allocated_bytes,
+    ended_status,
+    exec_over_ssh,
+    exec_with_input,
+    ready_marker,
+    setup_failure,
+    ssh_target,
+)
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
 from .plan import (
-    boot_for, check_network, default_mac, domain_name, domain_plan, root_image, uses_vmctl_tap,
+    boot_for,
+    check_network,
+    default_mac,
+    domain_name,
+    domain_plan,
+    root_image,
+    uses_vmctl_tap,
 )
 
 DOMAIN_XML = "domain.xml"

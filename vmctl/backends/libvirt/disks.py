@@ -82,7 +82,7 @@ def local_disks(spec: MachineSpec, folder: Path, root: str | None = None) -> tup
         if disk.image is None:
             disks_dir.mkdir(parents=True, exist_ok=True)
             create(str(own), disk.size or 0)
-            layers = (DiskLayer(str(own), "qcow2"),)
+            layers: tuple[DiskLayer, ...] = (DiskLayer(str(own), "qcow2"),)
         elif disk.overlay and not disk.read_only:
             disks_dir.mkdir(parents=True, exist_ok=True)
             try:

@@ -13,6 +13,7 @@ import struct
 from array import array
 from dataclasses import dataclass, field
 from itertools import compress
+from typing import Any
 
 from ..block_backend import DiskError, DiskFormatError
 from . import constants as C
@@ -49,7 +50,7 @@ class CheckReport:
         if len(self.messages) < MAX_MESSAGES:
             self.messages.append(message)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """The keys of `qemu-img check --output=json`."""
         out = {
             "image-end-offset": self.image_end_offset,
@@ -189,7 +190,7 @@ class _Checker:
         report.image_end_offset = (self.highest + 1) * self.cs
         return report
 
-    def walk_l1(self, l1: array, l1_offset: int, active: bool) -> None:
+    def walk_l1(self, l1: array[int], l1_offset: int, active: bool) -> None:
         self.ref(l1_offset, len(l1) * 8, "L1 table")
         next_offset = 0
         for index in compress(range(len(l1)), l1):
@@ -217,7 +218,7 @@ class _Checker:
             table = decode_u64(self.image.read_metadata(offset, self.cs, "L2 table"))
             next_offset = self.walk_l2(table, offset, active, next_offset)
 
-    def walk_l2(self, table: array, l2_offset: int, active: bool, next_offset: int) -> int:
+    def walk_l2(self, table: array[int], l2_offset: int, active: bool, next_offset: int) -> int:
         report, image = self.report, self.image
         for index in compress(range(len(table)), table):
             entry = table[index]

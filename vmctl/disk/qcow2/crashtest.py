@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from . import check as check_mod
 from .create import CreateOptions, create
@@ -74,8 +75,8 @@ def _inject(rng: random.Random, code: int) -> None:
     rate = rng.choice([0.05, 0.3, 1.0])
     real_pwritev, real_pwrite, real_fdatasync = os.pwritev, os.pwrite, os.fdatasync
 
-    def failing(real):
-        def call(*args):
+    def failing(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
             if time.monotonic() > start and rng.random() < rate:
                 raise OSError(code, os.strerror(code))
             return real(*args)
@@ -116,7 +117,7 @@ def iteration(seed: int, workdir: str, fault: str = "kill") -> Outcome:
 def _verify(path: str, log_path: str, size: int, outcome: Outcome) -> None:
     with open(log_path) as file:
         lines = file.read().splitlines()
-    ops: list[tuple] = []
+    ops: list[tuple[Any, ...]] = []
     flushed = 0
     for line in lines:
         parts = line.split()

@@ -14,6 +14,7 @@ import random
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..block_backend import open_disk
 from . import check as check_mod
@@ -46,7 +47,7 @@ class Config:
 class Result:
     seed: int
     config: Config
-    ops: list[tuple] = field(default_factory=list)
+    ops: list[tuple[Any, ...]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -74,9 +75,9 @@ def _make(path: str, config: Config, backing: str | None) -> None:
                    cwd=os.path.dirname(path))
 
 
-def _ops(rng: random.Random, config: Config, count: int) -> list[tuple]:
+def _ops(rng: random.Random, config: Config, count: int) -> list[tuple[Any, ...]]:
     cs, size = config.cluster_size, config.size
-    ops: list[tuple] = []
+    ops: list[tuple[Any, ...]] = []
     for _ in range(count):
         kind = rng.choices(["write", "zero", "discard", "flush"], [8, 2, 2, 1])[0]
         if kind == "flush":
@@ -100,7 +101,7 @@ def _ops(rng: random.Random, config: Config, count: int) -> list[tuple]:
     return ops
 
 
-def _apply_mirror(mirror: bytearray, op: tuple) -> None:
+def _apply_mirror(mirror: bytearray, op: tuple[Any, ...]) -> None:
     if op[0] == "write":
         _, start, length, pattern = op
         mirror[start:start + length] = bytes([pattern]) * length
@@ -109,7 +110,7 @@ def _apply_mirror(mirror: bytearray, op: tuple) -> None:
         mirror[start:start + length] = bytes(length)
 
 
-def _apply_vmctl(path: str, ops: list[tuple]) -> None:
+def _apply_vmctl(path: str, ops: list[tuple[Any, ...]]) -> None:
     with open_disk(path, read_only=False) as disk:
         for op in ops:
             if op[0] == "write":
@@ -122,7 +123,7 @@ def _apply_vmctl(path: str, ops: list[tuple]) -> None:
                 disk.flush()
 
 
-def _apply_qemu(path: str, ops: list[tuple]) -> None:
+def _apply_qemu(path: str, ops: list[tuple[Any, ...]]) -> None:
     commands = []
     for op in ops:
         if op[0] == "write":

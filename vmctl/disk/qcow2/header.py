@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..block_backend import DiskFormatError, UnsupportedFeatureError
@@ -212,7 +213,7 @@ def _check_features(header: Header, path: str) -> None:
                                       f"{header.compression_type} (zstd) is not supported")
 
 
-def _check_geometry(header: Header, path: str, file_size: int, fail) -> None:
+def _check_geometry(header: Header, path: str, file_size: int, fail: Callable[..., DiskFormatError]) -> None:
     cs = header.cluster_size
     if header.size > C.MAX_VIRTUAL_SIZE:
         raise fail("size", f"virtual size {header.size} is absurd")
@@ -251,7 +252,7 @@ def _check_geometry(header: Header, path: str, file_size: int, fail) -> None:
                    f"table {rt[0]:#x}..{rt[1]:#x}")
 
 
-def _check_table(offset: int, name: str, cs: int, file_size: int, fail) -> None:
+def _check_table(offset: int, name: str, cs: int, file_size: int, fail: Callable[..., DiskFormatError]) -> None:
     if offset % cs:
         raise fail(name, f"{offset:#x} is not aligned to the cluster size {cs:#x}")
     if offset >= file_size:

@@ -18,12 +18,20 @@ import os
 import threading
 import zlib
 from array import array
-from typing import Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from .. import image_lock as lock_mod
-from ..block_backend import (BlockBackend, DiskError, DiskFormatError, ImageCorruptError,
-                             UnsupportedFeatureError, as_bytes_views, chunks, slice_buffers,
-                             total_length)
+from ..block_backend import (
+    BlockBackend,
+    DiskError,
+    DiskFormatError,
+    ImageCorruptError,
+    UnsupportedFeatureError,
+    as_bytes_views,
+    chunks,
+    slice_buffers,
+    total_length,
+)
 from . import constants as C
 from . import header as header_mod
 from . import overlap as ol
@@ -107,7 +115,7 @@ class Qcow2Image(BlockBackend):
         self._l2_valid: dict[int, int] = {}  # L1 index -> checked L2 offset
         self.overlap: ol.MetadataMap | None = None  # writers only (_check_writable_image)
         capacity = max(self._l2_cache_bytes // self.cluster_size, 4)
-        self.l2_cache: TableCache[array] = TableCache(capacity, self._load_l2,
+        self.l2_cache: TableCache[array[int]] = TableCache(capacity, self._load_l2,
                                                       self.flush_metadata)
         self._refcounts: Refcounts | None = None
         self._data_dirty = False
@@ -145,7 +153,7 @@ class Qcow2Image(BlockBackend):
         found.add(h.l1_table_offset, h.l1_size * 8, ol.L1)
         found.add(h.refcount_table_offset, h.refcount_table_clusters * cs, ol.REFTABLE)
         refcounts = self.refcounts
-        entries = [(self._l2_offset, index, ol.L2) for index in range(len(self.l1))]
+        entries: list[tuple[Callable[[int], int], int, str]] = [(self._l2_offset, index, ol.L2) for index in range(len(self.l1))]
         entries += [(refcounts.block_offset, index, ol.REFBLOCK)
                     for index in range(len(refcounts.table))]
         for lookup, index, kind in entries:
@@ -177,7 +185,7 @@ class Qcow2Image(BlockBackend):
 
     # Corruption (QEMU's qcow2_signal_corruption)
 
-    def signal_corruption(self, field: str, offset: int, problem: str):
+    def signal_corruption(self, field: str, offset: int, problem: str) -> NoReturn:
         """Refuse what was about to happen; a writer marks the image corrupt (v3: incompatible
         bit 1, on disk at once) and stops all further I/O. Always raises."""
         h = self.header
@@ -207,7 +215,7 @@ class Qcow2Image(BlockBackend):
             self.signal_corruption(what, offset, f"write of {kind} at {offset:#x} "
                                    f"(+{length:#x}) would overwrite {victim}")
 
-    def _corrupt_entry(self, field: str, offset: int, problem: str):
+    def _corrupt_entry(self, field: str, offset: int, problem: str) -> NoReturn:
         """A table entry that cannot be right: EIO for readers, corruption for writers."""
         if self._read_only:
             raise DiskFormatError(self.path, field, offset, problem)
@@ -383,7 +391,7 @@ class Qcow2Image(BlockBackend):
             raise DiskError(f"{self.path}: image disabled after an earlier error: "
                             f"{self._poisoned}")
 
-    def _guarded(self, operation, *args) -> None:
+    def _guarded(self, operation: Callable[..., None], *args: Any) -> None:
         """A format or I/O error in the middle of a change leaves memory ahead of the file:
         stop writing metadata rather than persist a half-made change."""
         try:
@@ -419,7 +427,7 @@ class Qcow2Image(BlockBackend):
             raise DiskFormatError(self.path, f"L1 entry {l1_index}", where, problem)
         return offset
 
-    def _load_l2(self, offset: int) -> array:
+    def _load_l2(self, offset: int) -> array[int]:
         return decode_u64(self.read_metadata(offset, self.cluster_size, "L2 table"))
 
     def _entry(self, cluster: int) -> tuple[int, int, int]:
@@ -529,7 +537,7 @@ class Qcow2Image(BlockBackend):
     def _read_backing(self, pos: int, count: int, dest: list[memoryview]) -> None:
         backing = self.backing
         inside = 0 if backing is None else max(0, min(count, backing.size - pos))
-        if inside:
+        if inside and backing is not None:
             backing.readinto(pos, slice_buffers(dest, 0, inside))
         if inside < count:
             zero_fill(slice_buffers(dest, inside, count - inside))
@@ -594,7 +602,7 @@ class Qcow2Image(BlockBackend):
     def _write(self, offset: int, length: int, views: list[memoryview]) -> None:
         cb, cs = self.cluster_bits, self.cluster_size
         l2_mask = (1 << self.l2_bits) - 1
-        segments: list[list] = []  # [host offset, buffers, byte count], host-contiguous
+        segments: list[list[Any]] = []  # [host offset, buffers, byte count], host-contiguous
         updates: list[tuple[int, int, int, int]] = []  # (l2 offset, index, new, old entry)
         pos, end, done = offset, offset + length, 0
         while pos < end:
@@ -675,7 +683,7 @@ class Qcow2Image(BlockBackend):
     def _drop_clusters(self, offset: int, length: int, zeroes: bool) -> None:
         """Discard (zeroes=False) or write-zeroes over whole clusters via L2 entries; the
         partial clusters at the ends are written (zeroes) or left alone (discard)."""
-        cb, cs = self.cluster_bits, self.cluster_size
+        cs = self.cluster_size
         end = offset + length
         first = -(-offset // cs)
         last = end // cs  # exclusive
@@ -814,7 +822,7 @@ class Qcow2Image(BlockBackend):
         self._l1_dirty.clear()
 
 
-def _append(segments: list[list], host: int, buffers: list[memoryview], count: int) -> None:
+def _append(segments: list[list[Any]], host: int, buffers: list[memoryview], count: int) -> None:
     if segments and segments[-1][0] + segments[-1][2] == host and len(segments[-1][1]) < 512:
         segments[-1][1].extend(buffers)
         segments[-1][2] += count

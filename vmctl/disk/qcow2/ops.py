@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..block_backend import BlockBackend, DiskError, open_disk, probe_format
 from ..raw import RawDisk
 from . import constants as C
-from .create import CreateOptions, create, describe_base, _unlink_quietly
+from .create import CreateOptions, _unlink_quietly, create, describe_base
 from .image import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Image
 
 CHUNK = 2 << 20  # bytes per copy step: big enough for throughput, small for memory
@@ -17,14 +17,14 @@ CHUNK = 2 << 20  # bytes per copy step: big enough for throughput, small for mem
 
 # info
 
-def info(path: str) -> dict:
+def info(path: str) -> dict[str, Any]:
     """What `qemu-img info --output=json` reports, for raw or qcow2 (no lock: inspection)."""
     fmt = probe_format(path)
     try:
         stat = os.stat(path)
     except OSError as error:
         raise DiskError(f"{path}: cannot stat: {error.strerror}") from None
-    out: dict = {"filename": path, "format": fmt, "actual-size": stat.st_blocks * 512}
+    out: dict[str, Any] = {"filename": path, "format": fmt, "actual-size": stat.st_blocks * 512}
     if fmt == "raw":
         out["virtual-size"] = stat.st_size
         return out
@@ -65,12 +65,12 @@ def info(path: str) -> dict:
 
 # map
 
-def map_image(path: str) -> list[dict]:
+def map_image(path: str) -> list[dict[str, Any]]:
     """Allocation of every guest range through the chain, merged like `qemu-img map`:
     depth (0 = this image), present, zero, data and the host offset in that layer's file."""
     disk = open_disk(path, read_only=True, lock=False)
     try:
-        merged: list[dict] = []
+        merged: list[dict[str, Any]] = []
         for extent in _layer(disk, 0, disk.size, 0):
             _merge(merged, extent)
         return merged
@@ -78,7 +78,7 @@ def map_image(path: str) -> list[dict]:
         disk.close()
 
 
-def _merge(merged: list[dict], extent: dict) -> None:
+def _merge(merged: list[dict[str, Any]], extent: dict[str, Any]) -> None:
     if merged:
         last = merged[-1]
         same = all(last[k] == extent[k] for k in ("depth", "present", "zero", "data"))
@@ -92,7 +92,7 @@ def _merge(merged: list[dict], extent: dict) -> None:
 
 
 def _extent(start: int, length: int, depth: int, present: bool, zero: bool, data: bool,
-            offset: int | None = None) -> dict:
+            offset: int | None = None) -> dict[str, Any]:
     out = {"start": start, "length": length, "depth": depth, "present": present,
            "zero": zero, "data": data}
     if offset is not None:
@@ -100,7 +100,7 @@ def _extent(start: int, length: int, depth: int, present: bool, zero: bool, data
     return out
 
 
-def _layer(disk: BlockBackend, start: int, end: int, depth: int) -> Iterator[dict]:
+def _layer(disk: BlockBackend, start: int, end: int, depth: int) -> Iterator[dict[str, Any]]:
     if isinstance(disk, RawDisk):
         yield from _raw_layer(disk, start, end, depth)
         return
@@ -117,14 +117,14 @@ def _layer(disk: BlockBackend, start: int, end: int, depth: int) -> Iterator[dic
         else:
             backing = disk.backing
             inside = 0 if backing is None else max(0, min(count, backing.size - pos))
-            if inside:
+            if inside and backing is not None:
                 yield from _layer(backing, pos, pos + inside, depth + 1)
             if inside < count:
                 yield _extent(pos + inside, count - inside, depth, False, True, False)
         pos += count
 
 
-def _raw_layer(disk: RawDisk, start: int, end: int, depth: int) -> Iterator[dict]:
+def _raw_layer(disk: RawDisk, start: int, end: int, depth: int) -> Iterator[dict[str, Any]]:
     """Holes of a sparse raw file read as zeros (SEEK_DATA/SEEK_HOLE)."""
     pos = start
     while pos < end:
@@ -282,7 +282,7 @@ def _copy_differences(image: Qcow2Image, new: BlockBackend | None) -> int:
                 n = min(cs, pos + count - start)
                 image._read(start, n, [old_view[:n]])  # through the old backing chain
                 inside = 0 if new is None else max(0, min(n, new.size - start))
-                if inside:
+                if inside and new is not None:
                     new.readinto(start, [new_view[:inside]])
                 new_view[inside:n] = bytes(n - inside)
                 if old_view[:n] != new_view[:n]:

@@ -11,10 +11,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 from array import array
+from typing import TYPE_CHECKING
+
 from ..block_backend import DiskFormatError
 from . import constants as C
 from . import overlap as ol
 from .tables import TableCache, decode_u64, encode_u64
+
+if TYPE_CHECKING:
+    from .image import Qcow2Image
 
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 
@@ -82,7 +87,7 @@ class RefcountBlock:
 class Refcounts:
     """The refcount table of one open image, its cached blocks and the cluster allocator."""
 
-    def __init__(self, image, cache_capacity: int) -> None:
+    def __init__(self, image: Qcow2Image, cache_capacity: int) -> None:
         self.image = image  # Qcow2Image: file access, header, ordered flush
         header = image.header
         self.path = image.path

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..block_backend import DiskFormatError
 from . import constants as C
+
+if TYPE_CHECKING:
+    from .image import Qcow2Image
 
 _ENTRY = struct.Struct(">QIHHIIQII")  # 40 bytes, then extra data, id, name, padding to 8
 MAX_EXTRA = 1024  # QEMU's limit on a snapshot's extra data
@@ -28,18 +32,18 @@ class Snapshot:
     vm_state_size: int
     icount: int | None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         """The keys of one `qemu-img info --output=json` snapshot."""
         out = {"vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000, "name": self.name,
                "date-sec": self.date_sec, "date-nsec": self.date_nsec,
                "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000, "id": self.id,
                "vm-state-size": self.vm_state_size}
         if self.icount is not None:
-            out = {"icount": self.icount} | out
+            out = {"icount": self.icount, **out}
         return out
 
 
-def read_table(image) -> tuple[list[Snapshot], int]:
+def read_table(image: Qcow2Image) -> tuple[list[Snapshot], int]:
     """(snapshots, table length in bytes) of an open Qcow2Image; DiskFormatError if the
     table runs past the file or QEMU's size limits."""
     h = image.header

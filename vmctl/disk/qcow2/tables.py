@@ -10,7 +10,7 @@ _SWAP = sys.byteorder == "little"
 T = TypeVar("T")
 
 
-def decode_u64(data: bytes | bytearray | memoryview) -> array:
+def decode_u64(data: bytes | bytearray | memoryview) -> array[int]:
     """Big-endian u64 table → native array('Q'); one C-level pass, no per-entry Python."""
     table = array("Q")
     table.frombytes(data)
@@ -19,7 +19,7 @@ def decode_u64(data: bytes | bytearray | memoryview) -> array:
     return table
 
 
-def encode_u64(table: array) -> bytes:
+def encode_u64(table: array[int]) -> bytes:
     if not _SWAP:
         return table.tobytes()
     copy = array("Q", table)

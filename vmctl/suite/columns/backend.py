@@ -64,7 +64,7 @@ class BackendColumn:
             name=f"suite-{self.name}-{index}-{os.getpid()}", backend=self.backend_name, cpus=spec.cpus,
             memory=spec.memory_mib << 20, image=spec.image,
             network=NetworkSpec(mode="isolated" if spec.network else "none"),
-            **({"memory_merge": True} if spec.memory_merge else {}),
+            **({"memory_merge": True} if spec.memory_merge else {}),  # type: ignore[arg-type]
         )
         with self.store.locked():
             record = self.backend.start(self.store, machine, None)

@@ -31,7 +31,7 @@ def _free_bridge_subnet() -> ipaddress.IPv4Network:
     routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
     used = {line.split()[0] for line in routes.splitlines() if line and line[0].isdigit()}
     for third in range(10 + os.getpid() % 200, 256):
-        net = ipaddress.ip_network(f"172.30.{third}.0/24")
+        net = ipaddress.IPv4Network(f"172.30.{third}.0/24")
         if not any(ipaddress.ip_network(u, strict=False).overlaps(net) for u in used if "/" in u):
             return net
     raise VmctlError("docker: no free /24 in 172.30.0.0/16 for the suite's bridge")
