@@ -151,7 +151,7 @@ class Qemu:
                     data += chunk
                     if data.rstrip().endswith(b"(qemu)") and command.encode() in data:
                         break
-            except socket.timeout:
+            except TimeoutError:
                 pass
             return data.decode(errors="replace")
 

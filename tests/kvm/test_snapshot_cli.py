@@ -8,6 +8,7 @@ import shutil
 import struct
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 

@@ -238,7 +238,7 @@ def _child(fds: list[int], request: dict, client_pid: int) -> None:
 def _rebind_stdio() -> None:
     """sys.std* over the client's fds, buffered as CPython would for them."""
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-    sys.stdin = open(0, "r", closefd=False)
+    sys.stdin = open(0, closefd=False)
     sys.stdout = open(1, "w", closefd=False, buffering=1 if os.isatty(1) else -1)
     sys.stderr = open(2, "w", closefd=False, buffering=1)
     if unbuffered:

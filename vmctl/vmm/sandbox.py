@@ -14,6 +14,7 @@ Optional dependency: libseccomp through `pyseccomp` (the `sandbox` extra).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 ALLOWED_SYSCALLS: dict[str, tuple[str, ...]] = {
@@ -84,7 +85,7 @@ def current() -> SandboxState:
     return SandboxState(user, fields.get("NoNewPrivs") == "1", mode)
 
 
-def enter(drop_user: str | None = SANDBOX_USER, writable: list[str] = ()) -> SandboxState:
+def enter(drop_user: str | None = SANDBOX_USER, writable: Sequence[str] = ()) -> SandboxState:
     """Drop privileges (when `drop_user`; `writable` paths are handed to that user first),
     then install the filter on every thread (TSYNC). Irreversible for this process."""
     import pwd
