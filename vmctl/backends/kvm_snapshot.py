@@ -192,13 +192,13 @@ def _remove_incomplete(store: StateStore, folder: Path) -> int:
     merged = 0
     for machine in store.names():
         record = store.load(machine)
-        for disk in record.spec.get("disks", []) if record.backend == "kvm" else []:
-            backing = backing_of(Path(disk["path"]))
+        for disk in record.plan.disks if isinstance(record.plan, KvmPlan) else ():
+            backing = backing_of(Path(disk.path))
             if backing and Path(backing).parent == folder:
                 if running(store, record):
                     raise VmctlError(f"snapshot {folder.name!r} is incomplete and the running machine {machine} "
                                      f"reads its disk layer: vmctl stop {machine}, then vmctl snapshot delete {folder.name}")
-                merge_layer_into(Path(disk["path"]), Path(backing))
+                merge_layer_into(Path(disk.path), Path(backing))
                 merged += 1
     discard(folder)
     return merged

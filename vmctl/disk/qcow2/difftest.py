@@ -207,6 +207,7 @@ def _make_chain(rng: random.Random, config: Config, workdir: str, mirror: bytear
         for op in ops:
             _apply_mirror(mirror, op)
         below = path
+    assert below is not None  # at least one level
     return below
 
 
