@@ -206,6 +206,10 @@ class Backend(Protocol):
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         """Stop it if needed and release everything it holds (processes, disks, taps, state)."""
 
+    def restart(self, store: StateStore, record: MachineRecord) -> None:
+        """`vmctl start`: a stopped machine again, on its own disks (VmctlError where the
+        backend cannot)."""
+
     def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> SshTarget | None:
         """Where `vmctl ssh` connects: a machine on vmctl's network with a key; None otherwise
         (`probe`: only when its sshd answers)."""

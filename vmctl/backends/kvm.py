@@ -141,6 +141,11 @@ class KvmBackend:
         pids = (record.pid,) if pid_alive(record.pid) else ()
         return Usage(pids, allocated_bytes(store.folder(record.name) / "disks"))
 
+    def restart(self, store: StateStore, record: MachineRecord) -> None:
+        from .kvm_snapshot import restart  # it builds on this module (spawn)
+
+        restart(store, record)
+
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)
         if store.network(record.name) is not None:

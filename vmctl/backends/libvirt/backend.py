@@ -361,6 +361,10 @@ class LibvirtBackend:
         pid = self._qemu_pid(_rec(record).uri, record.name)
         return Usage((pid,) if pid else (), allocated_bytes(store.folder(record.name) / "disks"))
 
+    def restart(self, store: StateStore, record: MachineRecord) -> None:
+        raise VmctlError(f"{record.name}: vmctl start is native-only for now (backend kvm); "
+                         f"virsh -c {_rec(record).uri} start {_rec(record).domain} starts the domain")
+
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)
         conn = self._conn(_rec(record).uri, record.name)
