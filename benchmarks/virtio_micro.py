@@ -6,6 +6,8 @@ device's worker path (`transport.process_queue`, the same code a kick runs) serv
   blk_read_1m    one 1 MiB read: an indirect table of header + 256 scattered 4 KiB pages + status
   blk_write_1m   the same, as a write
   blk_read_4k    one 4 KiB read (header, one page, status in one indirect table)
+  blk_read_4k_x32  32 such reads posted before one kick (a QD 32 guest): one batch
+  blk_read_1m_x4   4 one-MiB reads before one kick: a batch whose copies run on the pool
   net_tx_1500    one 1514-byte UDP frame to a TAP: vnet header + two fragments (needs root)
   net_rx_1500    one 1514-byte frame from the TAP into a posted MRG_RXBUF buffer (needs root)
 
@@ -114,6 +116,32 @@ def blk_case(memory: GuestMemory, disk: Path, kind: int, pages: int) -> tuple[Ca
     return once, rig.close
 
 
+def blk_batch_case(memory: GuestMemory, disk: Path, kind: int, pages: int,
+                   batch: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """`batch` requests, each its own table, header, pages and status, posted before one kick."""
+    rig = Rig(blk.open_block_device(str(disk)), memory)
+    write = kind == blk.T_IN
+    statuses = []
+    for index in range(batch):
+        table = TABLES + index * 0x2000
+        header = PAGES - 0x1000 - 64 * index
+        memory.write(header, struct.pack("<IIQ", kind, 0, 8 + 2048 * index))
+        status = header + 32
+        statuses.append(status)
+        first_page = PAGES + index * pages * 2 * 4096
+        buffers = [(header, 16, False), *[(page, 4096, write) for page in scattered_pages(pages, first_page)],
+                   (status, 1, True)]
+        rig.indirect(0, index, table, buffers)
+
+    def once() -> None:
+        for index in range(batch):
+            rig.post(0, index)
+        rig.transport.process_queue(0)
+        assert all(memory.read(status, 1) == b"\0" for status in statuses)
+
+    return once, rig.close
+
+
 def net_case(memory: GuestMemory, direction: str) -> tuple[Callable[[], None], Callable[[], None]]:
     from vmctl.net.host import HostNetwork
     from vmctl.virtio.net import F_MRG_RXBUF, NetDevice
@@ -213,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             "blk_read_1m": lambda: blk_case(memory, disk, blk.T_IN, 256),
             "blk_write_1m": lambda: blk_case(memory, disk, blk.T_OUT, 256),
             "blk_read_4k": lambda: blk_case(memory, disk, blk.T_IN, 1),
+            "blk_read_4k_x32": lambda: blk_batch_case(memory, disk, blk.T_IN, 1, 32),
+            "blk_read_1m_x4": lambda: blk_batch_case(memory, disk, blk.T_IN, 256, 4),
         }
+        per_request = {"blk_read_4k_x32": 32, "blk_read_1m_x4": 4}  # µs per request, not per batch
         if os.geteuid() == 0 and os.path.exists("/dev/net/tun"):
             cases["net_tx_1500"] = lambda: net_case(memory, "tx")
             cases["net_rx_1500"] = lambda: net_case(memory, "rx")
@@ -222,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             once, close = make()
             try:
-                results[name] = measure(once, args.seconds, args.rounds)
+                results[name] = round(measure(once, args.seconds, args.rounds) / per_request.get(name, 1), 1)
                 print(f"{name:14} {results[name]:8.1f} us/request", flush=True)
                 if args.profile:
                     profiler = cProfile.Profile()

@@ -55,9 +55,10 @@ class Rig:
 def rig(disk_file):
     rigs = []
 
-    def make(queues: int = 1, **kwargs) -> Rig:
-        made = Rig(blk.open_block_device(str(disk_file), serial="batch"), queues, **kwargs) if queues == 1 else \
-            Rig(blk.BlkDevice(blk.open_disk(str(disk_file)), "batch", queues), queues, **kwargs)
+    def make(queues: int = 1, pool_threads: int = 4, **kwargs) -> Rig:
+        device = blk.BlkDevice(blk.open_disk(str(disk_file)), "batch", queues)
+        device.pool_threads = pool_threads  # whatever this host's CPU count: the pool is under test
+        made = Rig(device, queues, **kwargs)
         rigs.append(made)
         return made
 
@@ -104,6 +105,31 @@ def test_a_flooded_queue_is_served_in_one_batch_with_one_interrupt(rig, disk_fil
             assert used[chain.head] == 1
     made.device.backend.flush()
     assert disk_file.read_bytes() == bytes(disk)
+
+
+def test_without_spare_cpus_a_batch_is_served_in_order_without_a_pool(rig, disk_file):
+    made = rig(pool_threads=0)
+    queue = made.queues[0]
+    disk = disk_file.read_bytes()
+    chains = [post_read(queue, index * (LARGE // 512), LARGE) for index in range(8)]
+    made.transport.process_queue(0)
+    assert len(queue.take_used()) == 8 and made.irqs == 1 and made.device._pool is None
+    for index, chain in enumerate(chains):
+        start = index * LARGE
+        assert made.memory.read(chain.writable[0][0], LARGE) == disk[start : start + LARGE]
+
+
+def test_the_pool_is_sized_by_the_cpus_left_over(disk_file, monkeypatch):
+    monkeypatch.setattr(blk.os, "cpu_count", lambda: 2)
+    device = blk.open_block_device(str(disk_file))
+    try:
+        device.fit_machine(1)
+        assert device.pool_threads == 0  # 2 CPUs: the vCPU and the worker
+        monkeypatch.setattr(blk.os, "cpu_count", lambda: 16)
+        device.fit_machine(2)
+        assert device.pool_threads == blk.POOL_THREADS
+    finally:
+        device.close()
 
 
 def test_a_single_large_request_stays_on_the_worker_thread(rig):

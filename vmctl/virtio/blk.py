@@ -6,10 +6,10 @@ header, discard segments and status byte may be split across descriptors any way
 driver likes (the spec forbids assuming a framing).
 
 Per kick the device takes every available request at once and returns them with one
-used-index update and at most one interrupt. Large reads and writes of one batch run in
-parallel on a small thread pool (preadv/pwritev release the GIL, so copies overlap with the
-Python work of the next request); flushes and the other commands wait for the requests
-before them. With VIRTIO_BLK_F_MQ the device has one queue per vCPU (`fit_machine`), so the
+used-index update and at most one interrupt. Where the host has CPUs to spare beyond the
+vCPUs and the worker, large reads and writes of one batch run in parallel on a small thread
+pool (preadv/pwritev release the GIL, so copies overlap with the Python work of the next
+request); flushes and the other commands wait for the requests before them. With VIRTIO_BLK_F_MQ the device has one queue per vCPU (`fit_machine`), so the
 guest's CPUs do not contend for one ring.
 """
 
@@ -51,7 +51,14 @@ MAX_QUEUES = 16  # request queues with F_MQ: one per vCPU, up to this many
 # Reads and writes at least this large go to the pool when a batch has several: below it
 # the hand-off (a future, a thread wake-up) costs more than the copy it would overlap.
 PARALLEL_BYTES = 64 << 10
-POOL_THREADS = 4
+POOL_THREADS = 4  # at most
+
+
+def spare_cpus(vcpus: int) -> int:
+    """Host CPUs left after the vCPU threads and the device worker: the pool's threads only
+    pay off on those (on the 2-CPU development host they lost 25% to the extra hand-offs,
+    benchmarks-virtio.md), so a machine without spare CPUs serves its batches serially."""
+    return max(0, (os.cpu_count() or 1) - vcpus - 1)
 
 
 @dataclass(slots=True)
@@ -82,6 +89,7 @@ class BlkDevice(VirtioDevice):
         self.serial = serial.encode()[:SERIAL_LENGTH]
         self._io_errors_logged = False
         self._pool: ThreadPoolExecutor | None = None  # made on the first batch that needs it
+        self.pool_threads = min(POOL_THREADS, spare_cpus(queues))  # 0: no pool
         self.set_queues(queues)
 
     def set_queues(self, count: int) -> None:
@@ -92,6 +100,7 @@ class BlkDevice(VirtioDevice):
 
     def fit_machine(self, cpus: int) -> None:
         self.set_queues(max(1, min(cpus, MAX_QUEUES)))
+        self.pool_threads = min(POOL_THREADS, spare_cpus(cpus))
 
     @property
     def read_only(self) -> bool:
@@ -127,8 +136,8 @@ class BlkDevice(VirtioDevice):
             return
         requests = [self.parse(chain, ctx) for chain in chains]  # a bad one resets the device
         done: list[tuple[int, int]] = []
-        in_flight: list[tuple[int, Future[int]]] = []
-        parallel = sum(request.parallel for request in requests)
+        in_flight: list[tuple[int, Future[int]] = []
+        parallel = sum(request.parallel for request in requests) if self.pool_threads else 0
         try:
             for chain, request in zip(chains, requests):
                 if parallel > 1 and request.parallel:
@@ -152,7 +161,7 @@ class BlkDevice(VirtioDevice):
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="virtio-blk-io")
+            self._pool = ThreadPoolExecutor(self.pool_threads, thread_name_prefix="virtio-blk-io")
         return self._pool
 
     def handle(self, chain: DescriptorChain, ctx: QueueContext) -> int:
