@@ -136,7 +136,7 @@ class BlkDevice(VirtioDevice):
             return
         requests = [self.parse(chain, ctx) for chain in chains]  # a bad one resets the device
         done: list[tuple[int, int]] = []
-        in_flight: list[tuple[int, Future[int]] = []
+        in_flight: list[tuple[int, Future[int]]] = []
         parallel = sum(request.parallel for request in requests) if self.pool_threads else 0
         try:
             for chain, request in zip(chains, requests):
