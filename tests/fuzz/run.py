@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from targets import TARGETS  # noqa: E402
+from targets import TARGETS, cleanup  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -59,8 +59,11 @@ def main() -> int:
         return 2
     names = list(TARGETS) if sys.argv[1] == "all" else [sys.argv[1]]
     failed = 0
-    for name in names:
-        result = fuzz(name, float(sys.argv[2]))
+    try:
+        results = [fuzz(name, float(sys.argv[2])) for name in names]
+    finally:
+        cleanup()
+    for result in results:
         print(f"{result['target']:<10} {result['execs']:>8} execs  {result['crashes']} crashes "
               f"({result['distinct']} distinct) in {result['seconds']:.0f} s", flush=True)
         failed += result["crashes"]

@@ -156,12 +156,14 @@ class _Sink:
 
 
 _BLK: list = []
+_WORK: list[str] = []  # temporary folders of the device targets, removed by cleanup()
 
 
 def blk_device():
     if not _BLK:
         from vmctl.virtio.blk import open_block_device
         work = tempfile.mkdtemp(prefix="vmctl-fuzz-blk-")
+        _WORK.append(work)
         path = os.path.join(work, "disk.raw")
         with open(path, "wb") as file:
             file.truncate(1 << 20)
@@ -208,13 +210,10 @@ _NET: list = []
 def net_device():
     """One real TAP (isolated /30) for the whole fuzz session: frames go out of it."""
     if not _NET:
-        import atexit
-
         from vmctl.net import host as hostnet
         from vmctl.virtio.net import NetDevice
         network = hostnet.HostNetwork("isolated").open()
         device = NetDevice(network.tap, network.mac, on_close=network.close)
-        atexit.register(device.close)
         _NET.append(device)
     return _NET[0]
 
@@ -238,17 +237,16 @@ _CONSOLE: list = []
 def console_device():
     """A real virtio-console with a connected client on its unix socket."""
     if not _CONSOLE:
-        import atexit
         import socket
 
         from vmctl.virtio.console import ConsoleDevice
         work = tempfile.mkdtemp(prefix="vmctl-fuzz-console-")
+        _WORK.append(work)
         device = ConsoleDevice(os.path.join(work, "console.sock"))
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         client.connect(device.socket_path)
         client.setblocking(False)
         device._accept()
-        atexit.register(client.close)
         _CONSOLE.append((device, client))
     return _CONSOLE[0]
 
@@ -302,6 +300,23 @@ def spec(picks):
         parse_spec(text, source="fuzz.yaml", base_dir=Path("/nonexistent-fuzz-dir"))
     except VmctlError as error:
         assert "\n" not in str(error).strip() or "fuzz.yaml" in str(error)
+
+
+def cleanup() -> None:
+    """Close the devices the targets opened and remove their folders."""
+    import shutil
+
+    for device in _BLK:
+        device.close()
+    for device, client in _CONSOLE:
+        client.close()
+        device.close()
+    for device in _NET:
+        device.close()
+    _BLK.clear(), _CONSOLE.clear(), _NET.clear()
+    for work in _WORK:
+        shutil.rmtree(work, ignore_errors=True)
+    _WORK.clear()
 
 
 TARGETS = {"qcow2": qcow2, "virtqueue": virtqueue, "blk": blk, "rng": rng, "net": net,

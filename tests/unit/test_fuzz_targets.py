@@ -12,10 +12,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent / "fuzz"))
 
 from run import fuzz  # noqa: E402
-from targets import TARGETS  # noqa: E402
+from targets import TARGETS, cleanup  # noqa: E402
 
 from vmctl.spec import parse_spec  # noqa: E402
 from vmctl.spec.parse import SpecError  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _devices_closed_after():
+    yield
+    cleanup()
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
