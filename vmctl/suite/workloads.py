@@ -35,8 +35,8 @@ class Params:
         if quick:
             return Params(repeats=1, seconds=1, fio_mib=32, redis_requests=2000, latency_requests=500, startup_runs=1)
         if nested:  # everything runs under TCG there: shorter runs, the same number of samples
-            return Params(repeats=3, seconds=3, fio_mib=128, redis_requests=10000, latency_requests=1000,
-                          startup_runs=3)
+            return Params(repeats=2, seconds=2, fio_mib=64, redis_requests=5000, latency_requests=500,
+                          startup_runs=2)
         return Params(repeats=3, seconds=5, fio_mib=256, redis_requests=50000, latency_requests=5000, startup_runs=3)
 
 
