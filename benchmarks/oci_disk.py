@@ -30,7 +30,7 @@ MIB = 1 << 20
 
 
 def du(path: Path) -> int:
-    from vmctl.oci.store import disk_usage
+    from vmctl.proc import allocated_bytes as disk_usage
 
     return disk_usage(path) if path.is_dir() else (path.stat().st_blocks * 512 if path.exists() else 0)
 

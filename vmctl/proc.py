@@ -1,4 +1,5 @@
-"""Processes and files every part of vmctl shares: liveness, signals, waits, atomic writes.
+"""Processes and files every part of vmctl shares: liveness, signals, waits, atomic writes,
+allocated bytes.
 
 One implementation each, because the subtle parts are easy to get wrong twice: a zombie
 still answers kill(pid, 0); a process name may contain ")" (so /proc/PID/stat is split at
@@ -71,6 +72,25 @@ def wait_gone(pid: int | None, timeout: float, poll: float = POLL) -> bool:
         reap(pid)
         time.sleep(poll)
     return not pid_alive(pid)
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes allocated at and under `path` (st_blocks: sparse files count what they hold),
+    hard links counted once, like `du -s`; 0 when it does not exist."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in [".", *dirs, *files] if root == str(path) else [*dirs, *files]:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+    if not seen and path.is_file():  # os.walk yields nothing for a file
+        total = path.lstat().st_blocks * 512
+    return total
 
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:

@@ -47,3 +47,19 @@ def test_write_json_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path
         write_json_atomic(target, {"bad": object()})
     assert json.loads(target.read_text())["exit_code"] == 0
     assert [p.name for p in tmp_path.iterdir()] == ["outcome.json"]
+
+
+def test_allocated_bytes_counts_blocks_and_hard_links_once(tmp_path: Path):
+    from vmctl.proc import allocated_bytes
+
+    assert allocated_bytes(tmp_path / "missing") == 0
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "full").write_bytes(b"x" * 65536)
+    with open(data / "sparse", "wb") as handle:
+        handle.truncate(64 << 20)  # 64 MiB long, nothing allocated
+    empty_dir = allocated_bytes(data) - allocated_bytes(data / "full")
+    assert allocated_bytes(data / "full") >= 65536
+    (data / "link").hardlink_to(data / "full")
+    assert allocated_bytes(data) - allocated_bytes(data / "full") == empty_dir  # the link adds nothing
+    assert allocated_bytes(data) < 1 << 20  # the sparse file counts what it holds

@@ -171,19 +171,6 @@ class Usage:
     runner: str | None = None  # what runs the machine when it is not vmctl's VMM (crun, runc, qemu)
 
 
-def allocated_bytes(path: Path) -> int:
-    """Bytes allocated under `path` (st_blocks, so sparse files count what they hold)."""
-    if not path.exists():
-        return 0
-    total = 0
-    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        try:
-            total += item.lstat().st_blocks * 512
-        except OSError:
-            continue
-    return total
-
-
 class Backend(Protocol):
     name: str
 

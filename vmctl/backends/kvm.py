@@ -15,7 +15,7 @@ from ..errors import VmctlError
 from ..guest_contract import ExecResult, exec_script
 from ..machine_files import CONSOLE, CONTROL, VMM_LOG, VMM_PLAN
 from ..plans import KvmPlan
-from ..proc import pid_alive, reap, send_signal, wait_gone, write_json_atomic
+from ..proc import allocated_bytes, pid_alive, reap, send_signal, wait_gone, write_json_atomic
 from ..spec.model import MachineSpec
 from ..state import MachineRecord, StateStore
 from ..vmm.control import request
@@ -24,7 +24,6 @@ from .base import (
     MarkerScan,
     SshTarget,
     Usage,
-    allocated_bytes,
     exec_over_ssh,
     exec_with_input,
     process_status,

@@ -208,7 +208,8 @@ def measure(kind: str, spec, timeout: float, index: int) -> dict:
 def _measure_native(spec) -> dict:
     """The command on the host, chrooted into an overlay of the same base tree (a private
     mount namespace with the host's /dev and a /proc): no namespaces, cgroup or VM."""
-    from ..backends.container.overlay_root import Overlay, base_tree, disk_usage
+    from ..backends.container.overlay_root import Overlay, base_tree
+    from ..proc import allocated_bytes
 
     folder = Path(tempfile.mkdtemp(prefix="vmctl-compare-native-"))
     overlay = Overlay(base_tree(spec.image), folder)
@@ -221,7 +222,7 @@ def _measure_native(spec) -> dict:
         result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", wrapper],
                                 capture_output=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
         elapsed = time.perf_counter() - start
-        disk = disk_usage(overlay.upper)
+        disk = allocated_bytes(overlay.upper)
     finally:
         overlay.unmount()
         shutil.rmtree(folder, ignore_errors=True)

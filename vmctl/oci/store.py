@@ -30,7 +30,7 @@ from typing import Iterator
 
 from ..errors import VmctlError
 from ..paths import cache_dir
-from ..proc import pid_alive
+from ..proc import allocated_bytes, pid_alive
 from . import digest as dg
 from .manifest import ImageConfig, LayerBlob, Resolved, load_json, resolve
 from .source import open_source
@@ -195,7 +195,7 @@ class ImageStore:
                     found: LayerStats = unpack(handle, layer.compression, where, layer.diff_id, label,
                                                lowers=list(reversed(lowers)))
                 staged_layers[layer.diff_id] = where
-                stats[layer.diff_id] = {**asdict(found), "disk_bytes": disk_usage(where)}
+                stats[layer.diff_id] = {**asdict(found), "disk_bytes": allocated_bytes(where)}
             check_whiteouts(stats[layer.diff_id]["whiteouts"], present, label)
             apply_layer(present, where)
             lowers.append(where)
@@ -298,7 +298,7 @@ class ImageStore:
             return 0
 
     def store_bytes(self) -> int:
-        return disk_usage(self.root) if self.root.exists() else 0
+        return allocated_bytes(self.root) if self.root.exists() else 0
 
 
 def _copy_verified(source, layer: LayerBlob, target: Path, label: str) -> None:
@@ -324,19 +324,3 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes allocated under `path` (st_blocks), hard links counted once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                info = os.lstat(os.path.join(root, name))
-            except FileNotFoundError:
-                continue
-            if (info.st_dev, info.st_ino) not in seen:
-                seen.add((info.st_dev, info.st_ino))
-                total += info.st_blocks * 512
-    return total

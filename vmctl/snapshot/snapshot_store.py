@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from ..errors import VmctlError
 from ..paths import state_dir
+from ..proc import write_json_atomic
 from .snapshot_file import SnapshotError, sync_directory
 
 META = "meta.json"
@@ -80,9 +80,7 @@ class SnapshotStore:
 
     def save(self, meta: SnapshotMeta) -> None:
         folder = self.folder(meta.name)
-        temporary = folder / f".{META}.tmp"
-        temporary.write_text(json.dumps(asdict(meta), indent=2))
-        os.replace(temporary, folder / META)
+        write_json_atomic(folder / META, asdict(meta), indent=2)
         sync_directory(folder)
 
     def load(self, name: str) -> SnapshotMeta:

@@ -25,10 +25,10 @@ from ... import signals
 from ...errors import VmctlError
 from ...guest_contract import READY_MARKER_BYTES, ExecResult, exec_script
 from ...plans import ContainerRecord
-from ...proc import pid_alive, reap, send_signal
+from ...proc import allocated_bytes, pid_alive, reap, send_signal
 from ...spec.model import LibvirtSpec, MachineSpec
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
-from ..base import MachineStatus, MarkerScan, SshTarget, Usage, allocated_bytes, process_status, ssh_target
+from ..base import MachineStatus, MarkerScan, SshTarget, Usage, process_status, ssh_target
 from .bundle import build_config
 from .monitor import MONITOR_PID, PLAN, Plan, paths, release
 from .overlay_root import base_tree

@@ -83,19 +83,3 @@ def is_mounted(path: Path) -> bool:
             if line.split()[4].encode().decode("unicode_escape") == target:
                 return True
     return False
-
-
-def disk_usage(path: Path) -> int:
-    """Bytes allocated under `path` (st_blocks), like `du -s`, hard links counted once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                info = os.lstat(os.path.join(root, name))
-            except FileNotFoundError:
-                continue
-            if (info.st_dev, info.st_ino) not in seen:
-                seen.add((info.st_dev, info.st_ino))
-                total += info.st_blocks * 512
-    return total

@@ -9,7 +9,6 @@ a `vmctl` storage pool on the other host).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import tempfile
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 from ...errors import VmctlError
 from ...guest_contract import ExecResult, exec_script, exit_code_in
 from ...plans import LibvirtRecord, SshAccess
+from ...proc import allocated_bytes, write_json_atomic
 from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
 from ...vmm.agent import AgentChannel
@@ -30,7 +30,6 @@ from ..base import (
     MachineStatus,
     SshTarget,
     Usage,
-    allocated_bytes,
     ended_status,
     exec_over_ssh,
     exec_with_input,
@@ -168,7 +167,7 @@ class LibvirtBackend:
         host = HostNetwork(spec.network.mode, spec.network.mac or default_mac(spec.name)).open()
         ip_word = host.kernel_ip_parameter()
         network = host.detach()
-        (folder / NETWORK).write_text(json.dumps(network))
+        write_json_atomic(folder / NETWORK, network)
         private_key, keys = machine_keys(spec, folder)
         record.plan = dataclasses.replace(_rec(record), ssh=SshAccess(spec.ssh.user, private_key))
         return network["tap"], (ip_word, *InitArgs(sshkey="\n".join(keys)).words())
@@ -347,7 +346,7 @@ class LibvirtBackend:
             # A transient domain leaves nothing to ask afterwards: note how it ended.
             code = exit_code_in(self._console(store, record))
             outcome = {"exit_code": code, "reason": "stopped by vmctl", "crashed": False}
-            (store.folder(record.name) / OUTCOME).write_text(json.dumps(outcome))
+            write_json_atomic(store.folder(record.name) / OUTCOME, outcome)
 
     @staticmethod
     def _active(domain: Any) -> bool:

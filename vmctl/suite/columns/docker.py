@@ -135,7 +135,7 @@ class DockerInstance:
         return sorted(pids + ([shim] if shim else []))
 
     def disk_bytes(self) -> int:
-        from ...backends.base import allocated_bytes
+        from ...proc import allocated_bytes
 
         upper = self._inspect().get("GraphDriver", {}).get("Data", {}).get("UpperDir")
         return allocated_bytes(Path(upper)) if upper else 0

@@ -18,9 +18,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from ...backends.base import allocated_bytes
 from ...backends.container.overlay_root import Overlay, base_tree
 from ...errors import VmctlError
+from ...proc import allocated_bytes
 from .base import ColumnUnavailable, InstanceSpec, Output
 
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
