@@ -5,7 +5,6 @@ reach the host over their own TAP; stop/start keeps what was written to disk."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
