@@ -29,6 +29,7 @@ READY_MARKER = "VMCTL-READY"  # /init: mounts, network and sshd are up
 READY_MARKER_BYTES = READY_MARKER.encode()
 EXIT_PREFIX = "VMCTL-EXIT "  # /init: the command ended with this status, a reset follows
 EXIT_LINE = re.compile(r"^VMCTL-EXIT (\d+)\s*$")
+_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 
 
@@ -71,6 +72,8 @@ class InitArgs:
     sshkey: str | None = None  # one authorized_keys line
     cmd: str | Sequence[str] | None = None
     read_only: bool = False
+    # shared folders: (type "virtiofs" or "9p", tag, absolute guest path, read-only)
+    mounts: Sequence[tuple[str, str, str, bool]] = ()
 
     def words(self) -> list[str]:
         """Kernel command-line words, validated (a bad value would be silently ignored)."""
@@ -95,6 +98,10 @@ class InitArgs:
         if self.cmd is not None:
             text = self.cmd if isinstance(self.cmd, str) else shlex.join(self.cmd)
             out.append(f"vmctl.cmd={encode(text)}")
+        for kind, tag, path, read_only in self.mounts:
+            if kind not in ("virtiofs", "9p") or not _TAG.match(tag) or not path.startswith("/"):
+                raise VmctlError(f"vmctl.mount: bad mount {kind} {tag!r} at {path!r}")
+            out.append(f"vmctl.mount={kind},{tag},{encode(path)},{'ro' if read_only else 'rw'}")
         if self.read_only:
             out.append("ro")
         return out

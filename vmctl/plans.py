@@ -187,6 +187,24 @@ class RestorePlan:
 
 # --- one record per backend ---------------------------------------------------------------
 @dataclass(frozen=True)
+class MountPlan:
+    """A host folder served to the guest by a virtio-fs device; /init mounts TAG at `guest`."""
+
+    host: str
+    guest: str
+    tag: str
+    read_only: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "guest": self.guest, "tag": self.tag, "read_only": self.read_only}
+
+    @staticmethod
+    def from_json(data: object, where: str) -> MountPlan:
+        f = _Fields(data, where)
+        return MountPlan(f.text("host"), f.text("guest"), f.text("tag"), f.flag("read_only", False))
+
+
+@dataclass(frozen=True)
 class KvmPlan:
     """What the native VMM process runs: `python -m vmctl.vmm.daemon FOLDER PLAN_FILE`."""
 
@@ -201,6 +219,7 @@ class KvmPlan:
     command: tuple[str, ...] = ()
     environment: dict[str, str] = field(default_factory=dict)
     disks: tuple[DiskPlan, ...] = ()
+    mounts: tuple[MountPlan, ...] = ()  # virtio-fs shares (the `mounts:` folders, then the transfer share)
     network: NetworkPlan = NetworkPlan()
     ssh: SshAccess = SshAccess()
     ephemeral: bool = False  # the VMM deletes the machine's overlays as soon as the guest ends
@@ -212,7 +231,7 @@ class KvmPlan:
         return {"cpus": self.cpus, "memory": self.memory, "image": self.image, "kernel": self.kernel,
                 "initrd": self.initrd, "cmdline": self.cmdline, "command": list(self.command),
                 "environment": dict(self.environment), "disks": [d.to_json() for d in self.disks],
-                "network": self.network.to_json(), "ssh": self.ssh.to_json(), "ephemeral": self.ephemeral,
+                "mounts": [m.to_json() for m in self.mounts], "network": self.network.to_json(), "ssh": self.ssh.to_json(), "ephemeral": self.ephemeral,
                 "memory_merge": self.memory_merge, "restore": self.restore.to_json() if self.restore else None,
                 "snapshot": self.snapshot}
 
@@ -225,6 +244,7 @@ class KvmPlan:
             initrd=f.opt_text("initrd"), image=f.text("image", "busybox"), command=f.texts("command"),
             environment=f.environment(),
             disks=tuple(DiskPlan.from_json(d, f"{where}.disks[{i}]") for i, d in enumerate(f.items("disks"))),
+            mounts=tuple(MountPlan.from_json(m, f"{where}.mounts[{i}]") for i, m in enumerate(f.items("mounts"))),
             network=NetworkPlan.from_json(f.data.get("network", {}), f"{where}.network"),
             ssh=SshAccess.from_json(f.data.get("ssh") or {}, f"{where}.ssh"),
             ephemeral=f.flag("ephemeral", False), memory_merge=f.flag("memory_merge", False),

@@ -42,6 +42,9 @@ class MachineRecord:
     created: float = field(default_factory=time.time)
     ephemeral: bool = False
     resources: dict[str, list[str]] = field(default_factory=dict)  # kind -> names to clean up
+    # The process the machine must not outlive ({"pid", "start"}: start time tells a reused
+    # pid apart); vmctl.reaper removes the machine once it is gone.
+    owner: dict | None = None
 
     def plan_as(self, kind: type[P]) -> P:
         """The plan, known to be of the backend's own type (a backend reading its own record)."""
@@ -55,7 +58,7 @@ class MachineRecord:
         return {"schema": SCHEMA_VERSION, "name": self.name, "backend": self.backend,
                 "plan": self.plan.to_json() if self.plan is not None else None,
                 "spec_file": self.spec_file, "pid": self.pid, "created": self.created,
-                "ephemeral": self.ephemeral, "resources": self.resources}
+                "ephemeral": self.ephemeral, "resources": self.resources, "owner": self.owner}
 
     @staticmethod
     def from_json(data: object, where: str) -> MachineRecord:
@@ -82,9 +85,18 @@ class MachineRecord:
                 spec_file=data.get("spec_file"), pid=data.get("pid"), created=float(data.get("created", 0)),
                 ephemeral=bool(data.get("ephemeral", False)),
                 resources={str(k): [str(v) for v in values] for k, values in resources.items()},
+                owner=_owner(data.get("owner"), where),
             )
         except KeyError as missing:
             raise VmctlError(f"{where}: missing {missing}") from None
+
+
+def _owner(value: object, where: str) -> dict | None:
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and isinstance(value.get("pid"), int) and isinstance(value.get("start"), int)):
+        raise VmctlError(f"{where}: owner: expected {{\"pid\": int, \"start\": int}}, got {value!r}")
+    return {"pid": value["pid"], "start": value["start"]}
 
 
 def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +119,9 @@ def _migrate_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class StateStore:
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, owner: dict | None = None) -> None:
         self.root = (root or state_dir()) / "machines"
+        self.owner = owner  # stamped on every machine created through this store
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["StateStore"]:
@@ -131,6 +144,8 @@ class StateStore:
         if self.exists(record.name):
             raise VmctlError(f"machine {record.name!r} already exists (vmctl rm {record.name} first)")
         folder.mkdir(parents=True, exist_ok=True)
+        if self.owner is not None and record.owner is None:
+            record.owner = dict(self.owner)  # recorded before anything is started
         self.save(record)
         return folder
 

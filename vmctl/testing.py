@@ -13,7 +13,8 @@
 
 `exec` goes through SSH (paramiko, the machine's own key) when the guest has a network and an
 sshd, and through the guest agent on its second serial port otherwise; `put`/`get` copy files
-over the same channel.
+and trees as one tar stream (`vmctl.transfer`: SSH, or the native VMM's virtio-fs transfer
+share). `address` and `host_port(80)` tell where the guest is; `ready=` probes are waited for.
 
 One guest for the whole session: `vmctl_session_guest` boots a guest the first time a spec is
 asked for and returns that same guest to every later test asking for the same spec (a dict
@@ -41,10 +42,11 @@ overlay and its state folder are removed.
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import os
+import sys
 import dataclasses
-import shlex
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -56,10 +58,8 @@ from .spec import load_spec, parse_spec
 from .spec.model import MachineSpec
 from .state import CONSOLE, MachineRecord, StateStore
 
-CHUNK = 24 * 1024  # bytes per exec when copying files: base64 twice (here and on the agent line) stays under the UART's 64 KiB input buffer
 
-
-def _spec_of(spec: dict | str | Path | MachineSpec, name: str | None) -> MachineSpec:
+def _spec_of(spec: dict | str | Path | MachineSpec, name: str | None, ready: list[dict] | None = None) -> MachineSpec:
     if isinstance(spec, MachineSpec):
         machine = spec
     elif isinstance(spec, dict):
@@ -69,7 +69,10 @@ def _spec_of(spec: dict | str | Path | MachineSpec, name: str | None) -> Machine
         machine = next((m for m in machines if m.name == name), None) if name else machines[0]
         if machine is None:
             raise ValueError(f"{spec}: no machine named {name!r}")
-    return dataclasses.replace(machine, name=f"{machine.name}-{uuid.uuid4().hex[:8]}", ephemeral=True)
+    extra = {}
+    if ready is not None:  # the fixture's ready=[{"tcp": 80}, ...]: the same probes as YAML's `ready:`
+        extra["ready"] = machine.ready + parse_spec({"name": "probes", "ready": ready}).machines[0].ready
+    return dataclasses.replace(machine, name=f"{machine.name}-{uuid.uuid4().hex[:8]}", ephemeral=True, **extra)
 
 
 @dataclasses.dataclass
@@ -77,6 +80,15 @@ class Guest:
     store: StateStore
     record: MachineRecord
     ready_seconds: float
+    keep: bool = False  # set by --vmctl-keep-on-failure: left running for inspection
+
+    def disown(self) -> None:
+        """Keep the guest after this process: no removal at teardown, none by the reaper."""
+        self.keep = True
+        with self.store.locked():
+            record = self.store.load(self.name)
+            record.owner = None
+            self.store.save(record)
 
     @property
     def name(self) -> str:
@@ -89,17 +101,52 @@ class Guest:
         return result.exit_code, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
 
     def put(self, data: bytes | str | Path, guest_path: str) -> None:
-        payload = Path(data).read_bytes() if isinstance(data, Path) else data.encode() if isinstance(data, str) else data
-        target = shlex.quote(guest_path)
-        self._check(self.exec(f": > {target}"), f"cannot create {guest_path}")
-        for start in range(0, len(payload), CHUNK):
-            chunk = base64.b64encode(payload[start : start + CHUNK]).decode()
-            self._check(self.exec(f"echo {chunk} | base64 -d >> {target}"), f"cannot write {guest_path}")
+        """Bytes or text become the file `guest_path`; a host Path (file or tree) is copied there
+        as with `vmctl cp` (one tar stream over SSH or the transfer share)."""
+        from .transfer import copy_in
 
-    def get(self, guest_path: str) -> bytes:
-        code, out, err = self.exec(f"base64 < {shlex.quote(guest_path)}")
-        self._check((code, out, err), f"cannot read {guest_path}")
-        return base64.b64decode(out)
+        if isinstance(data, Path):
+            copy_in(self._channel(), [data], guest_path)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / "payload"
+            local.write_bytes(data.encode() if isinstance(data, str) else data)
+            copy_in(self._channel(), [local], guest_path)
+
+    def get(self, guest_path: str, dest: Path | None = None) -> bytes | None:
+        """The contents of the guest file `guest_path`; with `dest`, the file or tree is copied
+        to the host path `dest` instead (returns None)."""
+        from .transfer import copy_out
+
+        if dest is not None:
+            copy_out(self._channel(), guest_path, Path(dest))
+            return None
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / "payload"
+            copy_out(self._channel(), guest_path, local)
+            if not local.is_file():
+                raise RuntimeError(f"{self.name}: {guest_path} is not a file (give dest= to copy a tree)")
+            return local.read_bytes()
+
+    def _channel(self):
+        from .transfer import channel_for
+
+        return channel_for(self.store, self.record)
+
+    @property
+    def address(self) -> str | None:
+        """The guest's IP address on vmctl's network (None without a network)."""
+        network = self.store.network(self.name)
+        return network.get("guest_ip") if network else None
+
+    def host_port(self, guest_port: int, protocol: str = "tcp") -> int:
+        """The host port (on 127.0.0.1) forwarded to `guest_port`; with `forwards: ["0:80"]`
+        it is a free port picked at start, so parallel test runs never collide."""
+        network = self.store.network(self.name) or {}
+        for host, guest, proto in network.get("forwards", []):
+            if guest == guest_port and proto == protocol:
+                return host
+        raise KeyError(f"{self.name}: no forward to guest port {guest_port}/{protocol}")
 
     @property
     def console_log(self) -> str:
@@ -113,17 +160,32 @@ class Guest:
 
 @contextlib.contextmanager
 def guest(spec: dict | str | Path | MachineSpec, name: str | None = None, timeout: float = 300,
-          store: StateStore | None = None) -> Iterator[Guest]:
-    machine = _spec_of(spec, name)
-    store = store or StateStore()
+          store: StateStore | None = None, ready: list[dict] | None = None) -> Iterator[Guest]:
+    """A throwaway guest for the `with` block. `ready`: probes to wait for after boot, as in
+    YAML (`[{"tcp": 80, "timeout": 30, "hint": "..."}]`)."""
+    from .reaper import ensure_watchdog, owner_of
+
+    machine = _spec_of(spec, name, ready)
+    if store is None:
+        # owned by this process: if it dies (even by kill -9) the watchdog removes the guest
+        store = StateStore(owner=owner_of(os.getpid()))
+        ensure_watchdog(store.owner, store.root.parent)
     backend = get_backend(machine.backend)
     with store.locked():
         record = backend.start(store, machine, None)
+    vm = None
     try:
-        yield Guest(store, record, backend.wait_ready(store, record, timeout))
+        from .probes import provision, wait_ready
+
+        seconds = backend.wait_ready(store, record, timeout)
+        provision(store, record, machine.provision)
+        seconds += wait_ready(store, record, machine.ready)
+        vm = Guest(store, record, seconds)
+        yield vm
     finally:
-        with store.locked():
-            backend.remove(store, record)
+        if not (vm is not None and vm.keep):
+            with store.locked():
+                backend.remove(store, record)
 
 
 @contextlib.contextmanager
@@ -184,16 +246,30 @@ class _Factory:
         self._stack = contextlib.ExitStack()
         self._share = share
         self._booted: dict[str, Guest] = {}
+        self.guests: list[Guest] = []
 
-    def __call__(self, spec: dict | str | Path | MachineSpec = None, name: str | None = None, timeout: float = 300) -> Guest:
+    def __call__(self, spec: dict | str | Path | MachineSpec = None, name: str | None = None, timeout: float = 300,
+                 ready: list[dict] | None = None) -> Guest:
         spec = spec if spec is not None else {}
-        key = repr((_spec_key(spec), name))
+        key = repr((_spec_key(spec), name, ready))
         if self._share and key in self._booted:
             return self._booted[key]
-        booted = self._stack.enter_context(guest(spec, name, timeout))
+        booted = self._stack.enter_context(guest(spec, name, timeout, ready=ready))
+        self.guests.append(booted)
         if self._share:
             self._booted[key] = booted
         return booted
+
+    def keep(self, reporter) -> None:
+        """A failed test's guests stay for inspection; say how to reach them."""
+        for vm in self.guests:
+            vm.disown()
+            message = (f"vmctl: kept {vm.name} for inspection: vmctl exec {vm.name} -- sh -c '...' | vmctl logs {vm.name}"
+                       f" | vmctl console {vm.name} | vmctl rm {vm.name}")
+            if reporter is not None:
+                reporter.write_line(message)
+            else:
+                print(message, file=sys.stderr)
 
     def close(self) -> None:
         self._booted.clear()
@@ -225,13 +301,30 @@ def pytest_configure(config: pytest.Config) -> None:
             pass
 
 
+def pytest_addoption(parser) -> None:
+    parser.getgroup("vmctl").addoption(
+        "--vmctl-keep-on-failure", action="store_true",
+        help="keep the guests of a failed test running (not removed, not reaped) and print how to reach them")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        item._vmctl_failed = True  # read by the fixture's teardown
+
+
 @pytest.fixture
-def vmctl_guest() -> Iterator[_Factory]:
-    """Boots throwaway guests for one test: `vm = vmctl_guest({...})`; removed after the test."""
+def vmctl_guest(request) -> Iterator[_Factory]:
+    """Boots throwaway guests for one test: `vm = vmctl_guest({...})`; removed after the test
+    (kept when it failed and pytest runs with --vmctl-keep-on-failure)."""
     factory = _Factory()
     try:
         yield factory
     finally:
+        if getattr(request.node, "_vmctl_failed", False) and request.config.getoption("vmctl_keep_on_failure", False):
+            factory.keep(request.config.pluginmanager.get_plugin("terminalreporter"))
         factory.close()
 
 

@@ -172,7 +172,7 @@ def test_default_mac_is_stable_and_unicast():
 
 @pytest.mark.parametrize("extra, message", [
     ("network: isolated", "net: network mode isolated needs libvirt.network"),
-    ("network: {mode: nat, forwards: ['8080:80']}", "net: port forwards are not supported by the libvirt backend"),
+    ("network: {mode: nat, forwards: ['8080:80']}", "net: port forwards need vmctl's own network on a local libvirt"),
 ])
 def test_network_refusals_name_the_machine(files, extra, message):
     with pytest.raises(VmctlError, match=message):

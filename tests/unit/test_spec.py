@@ -99,7 +99,7 @@ def test_a_dict_with_one_machine():
         ("machines:\n  a:\n    ssh: {authorized_key: keys/me.pub}\n", "x.yaml:3:27: machines.a.ssh.authorized_key: keys/me.pub: no such file"),
         ("machines:\n  a:\n    ssh: {user: Root}\n", "x.yaml:3:17: machines.a.ssh.user: 'Root' is not a user name"),
         ("machines:\n  a:\n    ssh: {usr: me}\n", "machines.a.ssh.usr: unknown key (did you mean 'user'?)"),
-        ("machines:\n  a:\n    network: {mode: nat, forwards: ['0:80']}\n", "machines.a.network.forwards[0]: ports must be 1..65535"),
+        ("machines:\n  a:\n    network: {mode: nat, forwards: ['70000:80']}\n", "machines.a.network.forwards[0]: ports must be 1..65535"),
         ("machines:\n  a:\n    network: {mac: '01:00:5e:00:00:01'}\n", "machines.a.network.mac: 01:00:5e:00:00:01 is a multicast address"),
         ("machines:\n  a:\n    network: {mode: nat, forward: []}\n", "machines.a.network.forward: unknown key (did you mean 'forwards'?)"),
         ("machines:\n  a:\n    environment: [A=1]\n", "machines.a.environment: expected a mapping of NAME: value, got a list"),

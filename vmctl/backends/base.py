@@ -48,6 +48,8 @@ def process_status(
     if pid_alive(record.pid):
         network = store.network(record.name)
         where = f"{network['guest_ip']} ({network[link]})" if network else ""
+        ports = ", ".join(f"127.0.0.1:{h}->{g}/{p}" for h, g, p in (network or {}).get("forwards", []))
+        where = f"{where}, {ports}" if ports else where
         detail = ", ".join(part for part in (running, where) if part)
         return MachineStatus(record.name, backend, "running", record.pid, detail)
     return MachineStatus(record.name, backend, "dead", record.pid, gone)

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..disk.qcow2.create import create, create_overlay
 from ..errors import VmctlError
 from ..guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, GUEST_AGENT, ROOT_CMDLINE, InitArgs, boot_script, reference_images
-from ..plans import DiskPlan, ForwardPlan, KvmPlan, NetworkPlan, SshAccess
+from ..plans import DiskPlan, ForwardPlan, KvmPlan, MountPlan, NetworkPlan, SshAccess
 from ..spec.model import MachineSpec
 from ..ssh import generate_key
 
@@ -70,8 +70,10 @@ def oci_parts(spec: MachineSpec, folder: Path | None) -> tuple[list[Path], Path,
 
 def prepare(spec: MachineSpec, folder: Path) -> KvmPlan:
     """Create the machine's disks and key in `folder`; the plan the VMM process runs."""
+    from ..net.ports import check_forwards
     from ..oci.runconfig import is_oci
 
+    check_forwards(spec.source, spec.network.forwards)
     kernel, initrd, root_disk = spec.kernel, spec.initrd, None
     oci_disks: list[DiskPlan] = []
     oci_words: list[str] = []
@@ -107,14 +109,22 @@ def prepare(spec: MachineSpec, folder: Path) -> KvmPlan:
 
     private_key, keys = machine_keys(spec, folder)
 
+    # Every machine also mounts its private transfer folder (vmctl cp without SSH).
+    from ..transfer import XFER_DIR, XFER_GUEST, XFER_TAG
+
+    xfer = folder / XFER_DIR
+    xfer.mkdir(mode=0o700, exist_ok=True)
+    mounts = tuple(MountPlan(str(m.host), m.guest, m.tag, m.read_only) for m in spec.mounts)
+    mounts += (MountPlan(str(xfer), XFER_GUEST, XFER_TAG, False),)
     script = oci_script or boot_script(spec.command, spec.environment, spec.ssh.user)
-    words = InitArgs(hostname=spec.name, sshkey="\n".join(keys) if keys else None, cmd=script).words()
+    words = InitArgs(hostname=spec.name, sshkey="\n".join(keys) if keys else None, cmd=script,
+                     mounts=[("virtiofs", m.tag, m.guest, m.read_only) for m in mounts]).words()
     cmdline = " ".join([spec.cmdline or DEFAULT_CMDLINE, AGENT_CMDLINE, *([ROOT_CMDLINE] if root_disk else []),
                         *oci_words, *words])
     return KvmPlan(
         cpus=spec.cpus, memory=spec.memory, memory_merge=spec.memory_merge, image=spec.image,
         kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=cmdline,
-        command=tuple(spec.command), environment=dict(spec.environment), disks=tuple(disks),
+        command=tuple(spec.command), environment=dict(spec.environment), disks=tuple(disks), mounts=mounts,
         network=NetworkPlan(spec.network.mode, spec.network.mac,
                             tuple(ForwardPlan(f.host_port, f.guest_port, f.protocol) for f in spec.network.forwards)),
         ssh=SshAccess(spec.ssh.user, private_key), ephemeral=spec.ephemeral,

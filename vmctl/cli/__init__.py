@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 LAUNCHABLE = ("boot",)
 
 # Command modules in help order, and the module that registers each command.
-COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "snapshot_cmd", "compare", "share")
+COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "snapshot_cmd", "compare", "share", "transfer")
 COMMAND_MODULE = {
-    "boot": "boot", "host-check": "hostcheck", "image": "image_cmd", "compare": "compare", "share": "share",
-    **dict.fromkeys(("up", "down", "ps", "status", "logs", "rm", "run", "exec", "console", "ssh"), "lifecycle"),
+    "boot": "boot", "host-check": "hostcheck", "image": "image_cmd", "compare": "compare", "share": "share", "cp": "transfer",
+    **dict.fromkeys(("up", "prune", "down", "ps", "status", "logs", "rm", "run", "exec", "console", "ssh"), "lifecycle"),
     **dict.fromkeys(("snapshot", "stop", "start"), "snapshot_cmd"),
 }
 

@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-input", action="store_true", help="never forward stdin to the guest")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                         help="virtio-blk disk (raw or qcow2), /dev/vda, /dev/vdb... in order; repeatable")
+    parser.add_argument("--fs", action="append", default=[], metavar="HOSTDIR,tag=TAG[,ro]",
+                        help="virtio-fs share of a host folder; in the guest: mount -t virtiofs TAG DIR; repeatable")
     parser.add_argument("--rng", action="store_true", help="virtio-rng device fed from the host's urandom")
     parser.add_argument("--net", choices=("none", "isolated", "nat"), default="none",
                         help="virtio-net on a new TAP: isolated (guest <-> host only) or nat (plus outbound "
@@ -83,9 +85,30 @@ def parse_disk_option(spec: str) -> VirtioMmioFactory:
     return factories.block(path, read_only, serial)
 
 
+def parse_fs_option(spec: str) -> VirtioMmioFactory:
+    """`HOSTDIR,tag=TAG[,ro]` from `vmctl boot --fs`."""
+    path, *options = spec.split(",")
+    tag, read_only = None, False
+    for option in options:
+        if option in ("ro", "readonly"):
+            read_only = True
+        elif option == "rw":
+            read_only = False
+        elif option.startswith("tag="):
+            tag = option[len("tag="):]
+        else:
+            raise VmctlError(f"--fs {spec}: unknown option {option!r} (tag=TAG, ro, rw)")
+    if not Path(path).is_dir():
+        raise VmctlError(f"--fs {path}: not a directory")
+    if not tag or len(tag.encode()) > 36:
+        raise VmctlError(f"--fs {spec}: give tag=TAG (1..36 bytes), the name the guest mounts")
+    return factories.fs(path, tag, read_only)
+
+
 def virtio_devices(args: argparse.Namespace) -> list[VirtioMmioFactory]:
     """The virtio slots the options ask for: disks first (slot order = vda, vdb...)."""
     devices = [parse_disk_option(spec) for spec in args.disk]
+    devices += [parse_fs_option(spec) for spec in args.fs]
     if args.rng:
         devices.append(factories.rng())
     if args.console_channel:

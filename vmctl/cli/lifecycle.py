@@ -41,7 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--from-snapshot", metavar="SNAP", help="start a new machine (--name) from a snapshot instead of "
                     "a spec: a memory snapshot's guest continues where it was saved (docs/snapshots.md)")
     up.add_argument("--name", help="the new machine's name, with --from-snapshot")
+    up.add_argument("--owner-pid", type=int, metavar="PID",
+                    help="remove the machines when process PID ends, even if it is killed (a watchdog holds a pidfd)")
     up.set_defaults(func=cmd_up)
+
+    prune = subparsers.add_parser(
+        "prune", help="remove machines whose owner is gone, and vmctl's orphaned host resources",
+        description="Remove machines whose owner process (pytest plugin, --owner-pid) has ended and "
+        "ephemeral machines whose process is gone; then vmctl's persistent TAPs no process holds and "
+        "no machine records, container cgroups that are empty and unrecorded, and NAT rules of "
+        "vanished TAPs.")
+    prune.set_defaults(func=cmd_prune)
 
     down = subparsers.add_parser(
         "down", help="stop machines",
@@ -138,6 +148,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         return clone_from_snapshot(args.from_snapshot, args.name, args.no_wait, args.timeout)
     spec_file = load_spec(args.file)
     store = _store()
+    if args.owner_pid is not None:
+        from ..reaper import ensure_watchdog, owner_of
+
+        store.owner = owner_of(args.owner_pid)
+        ensure_watchdog(store.owner, store.root.parent)
     started: list = []
     try:
         selected = _selected(list(spec_file.machines), args.names, args.file)
@@ -155,20 +170,28 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if spec.snapshot is not None:  # a clone of a snapshot (its plan, its saved guest)
                     from .snapshot_cmd import clone_record
 
-                    started.append((backend, clone_record(store, spec, str(args.file))))
+                    started.append((backend, clone_record(store, spec, str(args.file)), spec))
                     print(f"{spec.name}: started from snapshot {spec.snapshot} (pid {started[-1][1].pid})", file=sys.stderr)
                     continue
-                started.append((backend, backend.start(store, spec, str(args.file))))
+                started.append((backend, backend.start(store, spec, str(args.file)), spec))
                 print(f"{spec.name}: started ({spec.backend}, pid {started[-1][1].pid})", file=sys.stderr)
         if args.no_wait:
             return 0
-        for backend, record in started:
+        from ..probes import provision, wait_ready
+
+        for backend, record, spec in started:
             with _Progress(f"{record.name}: waiting for the guest (up to {args.timeout:g} s)"):
                 seconds = backend.wait_ready(store, record, args.timeout)
+            if spec.provision:
+                with _Progress(f"{record.name}: provisioning ({len(spec.provision)} script(s))"):
+                    provision(store, record, spec.provision)
+            if spec.ready:
+                with _Progress(f"{record.name}: waiting for {len(spec.ready)} ready probe(s)"):
+                    seconds += wait_ready(store, record, spec.ready)
             print(f"{record.name}: ready in {seconds:.2f} s", file=sys.stderr)
     except (KeyboardInterrupt, VmctlError):
         if started:
-            _say_still_running([record.name for _, record in started])
+            _say_still_running([record.name for _, record, _ in started])
         raise
     return 0
 
@@ -329,6 +352,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
             time.sleep(0.2)
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from ..reaper import prune
+
+    for line in prune(_store()):
+        print(line, file=sys.stderr)
+    return 0
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     store = _store()
     with store.locked():
@@ -424,7 +455,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not spec.command and not spec.image.startswith("oci:"):  # an OCI image has its own Cmd
         raise VmctlError("nothing to run: give -- COMMAND or a `command:` in the spec")
 
+    from ..reaper import ensure_watchdog, owner_of
+
     store = _store()
+    store.owner = owner_of(os.getpid())  # a `vmctl run` killed with -9 takes its guest along
+    ensure_watchdog(store.owner, store.root.parent)
     backend = get_backend(spec.backend)
     record = None
     try:

@@ -140,6 +140,17 @@ class FileServer:
             log.warning("fuse: %s", error)
             return p.reply(request.unique, error=errno.EINVAL)
 
+    # ---- zero-copy data path (virtio-fs: straight between the file and guest memory) ---
+
+    def read_into(self, fh: int, views: list[memoryview], offset: int) -> int:
+        """READ into `views` (the reply buffers after fuse_out_header); bytes read."""
+        return os.preadv(self._file(fh), views, offset) if views else 0
+
+    def write_from(self, fh: int, views: list[memoryview], offset: int) -> int:
+        """WRITE from `views` (the request's data after fuse_write_in); bytes written."""
+        self._writable()
+        return os.pwritev(self._file(fh), views, offset) if views else 0
+
     def close(self) -> None:
         with self._lock:
             for fd in self._files.values():

@@ -34,6 +34,42 @@ class NetworkSpec:
 
 
 @dataclass(frozen=True)
+class MountSpec:
+    """A host folder shared with the guest (virtio-fs, 9p under libvirt, a bind mount in a container)."""
+
+    host: Path  # an existing directory, absolute
+    guest: str  # absolute path in the guest
+    read_only: bool = False
+
+    @property
+    def tag(self) -> str:
+        """The name the guest mounts it by (virtio-fs tag / 9p mount tag): at most 36 bytes."""
+        import hashlib
+
+        return "vmctl-" + hashlib.sha256(f"{self.host}\0{self.guest}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One readiness condition (`ready:`): the first of log/tcp/http/command that is set."""
+
+    kind: str  # log | tcp | http | command
+    target: str  # the regexp, guest port, URL or shell command
+    status: int = 200  # http: the expected status
+    timeout: float = 60.0
+    hint: str | None = None  # shown when it never becomes true
+    source: str = ""  # file:line
+
+
+@dataclass(frozen=True)
+class ProvisionSpec:
+    """A script run once after the first boot (`provision:`), as root or another user."""
+
+    script: str
+    user: str = "root"
+
+
+@dataclass(frozen=True)
 class SshSpec:
     user: str = "root"
     authorized_key: str | None = None  # public key text or a path; generated per machine when absent
@@ -62,10 +98,13 @@ class MachineSpec:
     initrd: Path | None = None
     cmdline: str | None = None
     disks: tuple[DiskSpec, ...] = ()
+    mounts: tuple[MountSpec, ...] = ()
     network: NetworkSpec = field(default_factory=NetworkSpec)
     ssh: SshSpec = field(default_factory=SshSpec)
     environment: dict[str, str] = field(default_factory=dict)
     command: tuple[str, ...] = ()
+    ready: tuple[ProbeSpec, ...] = ()
+    provision: tuple[ProvisionSpec, ...] = ()
     ephemeral: bool = False
     memory_merge: bool = False  # kvm: guest RAM MADV_MERGEABLE, for the host's KSM to merge
     snapshot: str | None = None  # kvm: start as a clone of this snapshot (docs/snapshots.md), not from the spec's images

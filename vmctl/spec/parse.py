@@ -25,8 +25,11 @@ from .model import (
     DiskSpec,
     LibvirtSpec,
     MachineSpec,
+    MountSpec,
     NetworkSpec,
     PortForward,
+    ProbeSpec,
+    ProvisionSpec,
     SpecFile,
     SshSpec,
 )
@@ -278,10 +281,13 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
         "initrd": lambda node, where: c.path(node, where),
         "cmdline": lambda node, where: c.scalar(node, where, str),
         "disks": lambda node, where: tuple(c.sequence(node, where, lambda n, w: _disk(c, n, w))),
+        "mounts": lambda node, where: _mounts(c, node, where),
         "network": lambda node, where: _network(c, node, where),
         "ssh": lambda node, where: _ssh(c, node, where),
         "environment": environment,
         "command": command,
+        "ready": lambda node, where: _probes(c, node, where),
+        "provision": lambda node, where: _provision(c, node, where),
         "ephemeral": lambda node, where: c.scalar(node, where, bool),
         "memory_merge": lambda node, where: c.scalar(node, where, bool),
         "snapshot": lambda node, where: c.scalar(node, where, str),
@@ -317,6 +323,103 @@ def _disk(c: _Context, node: yaml.Node, where: str) -> DiskSpec:
         if values.get("image") is not None:
             _check_not_smaller(c, size_node, f"{where}.size", values["image"], values["size"])
     return DiskSpec(image=values.get("image"), size=values.get("size"), read_only=values.get("read_only", False), overlay=values.get("overlay", True))
+
+
+def _mounts(c: _Context, node: yaml.Node, where: str) -> tuple[MountSpec, ...]:
+    from .. import paths
+
+    state = Path(paths.state_dir()).resolve()
+    mounts: list[MountSpec] = []
+    for index, item in enumerate(c.sequence(node, where, lambda n, w: n)):
+        w = f"{where}[{index}]"
+        values = c.mapping(item, w, {
+            "host": lambda n, w: (n, c.path(n, w, must_exist=False)),
+            "guest": lambda n, w: (n, c.scalar(n, w, str)),
+            "read_only": lambda n, w: c.scalar(n, w, bool),
+        })
+        for key in ("host", "guest"):
+            if key not in values:
+                raise c.error(item, f"{w}.{key}", "missing: give `host` (a folder) and `guest` (an absolute path)")
+        host_node, host = values["host"]
+        guest_node, guest = values["guest"]
+        if not host.exists():
+            raise c.error(host_node, f"{w}.host", f"{host}: no such directory")
+        if not host.is_dir():
+            raise c.error(host_node, f"{w}.host", f"{host}: not a directory")
+        host = host.resolve()
+        if host == state or state in host.parents or host in state.parents:
+            raise c.error(host_node, f"{w}.host", f"{host} overlaps vmctl's state folder {state}")
+        if not guest.startswith("/") or "\0" in guest or any(part in (".", "..") for part in guest.split("/")):
+            raise c.error(guest_node, f"{w}.guest", f"{guest!r} is not an absolute path without . or ..")
+        if guest.rstrip("/") in ("", "/proc", "/sys", "/dev", "/dev/pts", "/run", "/tmp"):
+            raise c.error(guest_node, f"{w}.guest", f"{guest!r} is a system mount of the guest")
+        if any(m.guest == guest.rstrip("/") for m in mounts):
+            raise c.error(guest_node, f"{w}.guest", f"{guest!r} is mounted twice")
+        mounts.append(MountSpec(host, guest.rstrip("/"), values.get("read_only", False)))
+    return tuple(mounts)
+
+
+PROBE_KINDS = ("log", "tcp", "http", "command")
+
+
+def _probes(c: _Context, node: yaml.Node, where: str) -> tuple[ProbeSpec, ...]:
+    probes = []
+    for index, item in enumerate(c.sequence(node, where, lambda n, w: n)):
+        w = f"{where}[{index}]"
+        values = c.mapping(item, w, {
+            "log": lambda n, w: (n, c.scalar(n, w, str)),
+            "tcp": lambda n, w: (n, c.scalar(n, w, int)),
+            "http": lambda n, w: (n, c.scalar(n, w, str)),
+            "command": lambda n, w: (n, c.scalar(n, w, str)),
+            "status": lambda n, w: (n, c.scalar(n, w, int)),
+            "timeout": lambda n, w: (n, c.scalar(n, w, str)),
+            "hint": lambda n, w: (n, c.scalar(n, w, str)),
+        })
+        kinds = [k for k in PROBE_KINDS if k in values]
+        if len(kinds) != 1:
+            raise c.error(item, w, f"give exactly one of {', '.join(PROBE_KINDS)}")
+        kind = kinds[0]
+        value_node, value = values[kind]
+        if kind == "log":
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise c.error(value_node, f"{w}.log", f"bad regular expression {value!r}: {error}") from None
+        if kind == "tcp" and not 1 <= value <= 65535:
+            raise c.error(value_node, f"{w}.tcp", "a guest port 1..65535")
+        if kind == "http" and not re.match(r"^https?://", value):
+            raise c.error(value_node, f"{w}.http", f"{value!r} is not an http(s) URL ({{address}} is the guest's IP)")
+        status = 200
+        if "status" in values:
+            status_node, status = values["status"]
+            if kind != "http" or not 100 <= status <= 599:
+                raise c.error(status_node, f"{w}.status", "an HTTP status 100..599, for http probes only")
+        timeout = 60.0
+        if "timeout" in values:
+            timeout_node, text = values["timeout"]
+            try:
+                timeout = float(text.rstrip("s"))
+            except ValueError:
+                raise c.error(timeout_node, f"{w}.timeout", f"{text!r} is not a number of seconds") from None
+            if not 0 < timeout <= 86400:
+                raise c.error(timeout_node, f"{w}.timeout", "must be more than 0 and at most a day")
+        hint = values["hint"][1] if "hint" in values else None
+        probes.append(ProbeSpec(kind, str(value), status, timeout, hint, f"{c.source}:{item.start_mark.line + 1}"))
+    return tuple(probes)
+
+
+def _provision(c: _Context, node: yaml.Node, where: str) -> tuple[ProvisionSpec, ...]:
+    def item(n, w):
+        if isinstance(n, yaml.ScalarNode):
+            return ProvisionSpec(c.scalar(n, w, str))
+        values = c.mapping(n, w, {"script": lambda n2, w2: c.scalar(n2, w2, str),
+                                  "user": lambda n2, w2: c.scalar(n2, w2, str)})
+        if "script" not in values:
+            raise c.error(n, f"{w}.script", "missing: the shell script to run")
+        if "user" in values and not USER.match(values["user"]):
+            raise c.error(n, f"{w}.user", f"{values['user']!r} is not a user name")
+        return ProvisionSpec(values["script"], values.get("user", "root"))
+    return tuple(c.sequence(node, where, item))
 
 
 def _check_not_smaller(c: _Context, node: yaml.Node, where: str, image: Path, size: int) -> None:
@@ -363,8 +466,8 @@ def _network(c: _Context, node: yaml.Node, where: str) -> NetworkSpec:
             if not match:
                 raise c.error(item, w, f"{text!r} is not HOST:GUEST[/tcp|/udp], e.g. 8080:80")
             host, guest = int(match.group(1)), int(match.group(2))
-            if not (1 <= host <= 65535 and 1 <= guest <= 65535):
-                raise c.error(item, w, "ports must be 1..65535")
+            if not (0 <= host <= 65535 and 1 <= guest <= 65535):
+                raise c.error(item, w, "ports must be 1..65535 (host port 0: any free port)")
             forwards.append(PortForward(host, guest, match.group(3) or "tcp"))
         if mode == "none":
             raise c.error(values["forwards"], f"{where}.forwards", "port forwards need a network: set mode to nat")

@@ -34,6 +34,14 @@ def console(socket_path: str | Path) -> VirtioMmioFactory:
     return VirtioMmioFactory(make, f"console:{socket_path}")
 
 
+def fs(host_dir: str | Path, tag: str, read_only: bool = False) -> VirtioMmioFactory:
+    """virtio-fs serving `host_dir`; the guest mounts it with `mount -t virtiofs TAG DIR`."""
+    def make() -> VirtioDevice:
+        from .fs import FsDevice
+        return FsDevice(str(host_dir), tag, read_only)
+    return VirtioMmioFactory(make, f"fs:{tag}")
+
+
 class NetFactory(VirtioMmioFactory):
     """virtio-net on a fresh TAP. The host side is set up when the factory is made, so the
     guest's `ip=` parameter is known before the kernel command line is written; it is torn

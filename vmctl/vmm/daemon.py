@@ -62,11 +62,12 @@ class MachineProcess:
             self.machine.serial.feed(data)
 
     def build(self) -> Machine:
-        from ..virtio.factories import NetFactory, block
+        from ..virtio.factories import NetFactory, block, fs
 
         plan = self.plan
         self.console_server = ConsoleServer(self.folder / CONSOLE_SOCKET, self._type)
         devices = [block(disk.path, disk.read_only) for disk in plan.disks]
+        devices += [fs(m.host, m.tag, m.read_only) for m in plan.mounts]
         cmdline = plan.cmdline
         network = plan.network
         if network.mode != "none":
@@ -74,10 +75,11 @@ class MachineProcess:
             devices.append(self.net)
             cmdline = " ".join([cmdline, *self.net.cmdline_words()])
             host = self.net.network
-            info = host.describe() | {"forwards": [forward.to_json() for forward in network.forwards]}
-            write_json_atomic(self.folder / NETWORK, info)
             for forward in network.forwards:
                 self.forwarders.append(Forwarder(forward.host_port, host.guest_ip, forward.guest_port, forward.protocol))
+            # host port 0 was a free port picked at bind time: record the real one
+            forwards = [[f.port, f.target[1], f.protocol] for f in self.forwarders]
+            write_json_atomic(self.folder / NETWORK, host.describe() | {"forwards": forwards})
         before_start = self._enter_sandbox if os.environ.get("VMCTL_SANDBOX") == "1" else None
         config = MachineConfig(
             before_start=before_start,

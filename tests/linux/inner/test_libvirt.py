@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -120,11 +121,25 @@ def test_debian_guest_on_vmctls_network_answers_exec_over_ssh(state_dir, tmp_pat
     if not locate("debian").rootfs_qcow2.exists():
         pytest.skip("the debian image is not built (vmctl image build --profile debian)")
     spec = tmp_path / "vm.yaml"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "hello").write_text("from the host\n")
+    nine_p = "CONFIG_9P_FS=y" in locate("debian").kernel_config.read_text()  # images of before mounts: no 9p
     spec.write_text("machines:\n  lvl-ssh:\n    backend: libvirt\n    image: debian\n    memory: 512M\n"
-                    "    network: isolated\n    environment: {WHO: ssh}\n")
+                    "    network: {mode: isolated, forwards: ['0:22']}\n    environment: {WHO: ssh}\n"
+                    + (f"    mounts: [{{host: {shared}, guest: /mnt/shared}}]\n" if nine_p else ""))
     up = vmctl("up", str(spec))
     assert up.returncode == 0, up.stderr
     try:
+        if nine_p:  # the host folder over QEMU's 9p, mounted by /init; a guest write lands in the folder
+            run = vmctl("exec", "lvl-ssh", "--", "sh", "-c", "cat /mnt/shared/hello; echo back > /mnt/shared/from-guest; "
+                        "grep ' /mnt/shared ' /proc/mounts | cut -d' ' -f3")
+            assert (run.returncode, run.stdout) == (0, "from the host\n9p\n"), run.stderr
+            assert (shared / "from-guest").read_text() == "back\n"
+        # forwards on libvirt: a free host port relayed to the guest's sshd
+        port = json.loads((state_dir / "machines/lvl-ssh/network.json").read_text())["forwards"][0][0]
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            assert connection.recv(64).startswith(b"SSH-2.0")
         network = json.loads((state_dir / "machines/lvl-ssh/network.json").read_text())
         assert Path(f"/sys/class/net/{network['tap']}").exists()
         run = vmctl("exec", "lvl-ssh", "--", "sh", "-c", "echo $WHO; echo ${SSH_CONNECTION%% *}; findmnt -no SOURCE /")

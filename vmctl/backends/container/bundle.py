@@ -135,7 +135,11 @@ def build_config(spec: MachineSpec, rootfs: str, cgroups_path: str, arch: str | 
         },
         "root": {"path": rootfs, "readonly": False},
         "hostname": spec.name,
-        "mounts": _mounts(),
+        "mounts": _mounts() + [
+            # the host folder itself, not a copy: writes on either side are seen at once
+            {"destination": m.guest, "type": "bind", "source": str(m.host),
+             "options": ["rbind", "nosuid", "nodev", "ro" if m.read_only else "rw"]}
+            for m in spec.mounts],
         "annotations": {"org.vmctl.machine": spec.name},
         "linux": {
             "namespaces": [{"type": kind} for kind in NAMESPACES],

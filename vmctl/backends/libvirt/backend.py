@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -168,6 +169,16 @@ class LibvirtBackend:
         ip_word = host.kernel_ip_parameter()
         network = host.detach()
         write_json_atomic(folder / NETWORK, network)
+        from ...net.host import TAP_ALIAS, _ip
+
+        _ip("link", "set", "dev", network["tap"], "alias", f"{TAP_ALIAS}{folder}")  # whose it is, for vmctl prune
+        if spec.network.forwards:
+            # QEMU has no relay of ours inside: a small detached process holds the host ports
+            from ...vmm.forward import start_relay
+
+            wanted = [(f.host_port, f.guest_port, f.protocol) for f in spec.network.forwards]
+            network["forwards"], network["relay_pid"] = start_relay(network["guest_ip"], wanted, str(folder / "relay.log"))
+            write_json_atomic(folder / NETWORK, network)
         private_key, keys = machine_keys(spec, folder)
         record.plan = dataclasses.replace(_rec(record), ssh=SshAccess(spec.ssh.user, private_key))
         return network["tap"], (ip_word, *InitArgs(sshkey="\n".join(keys)).words())
@@ -401,6 +412,10 @@ class LibvirtBackend:
             except libvirt.libvirtError as error:
                 problems.append(f"storage pool: {message(error)}")
             problems += remote_disks.delete(volumes)
+        if network and network.get("relay_pid"):
+            from ...proc import send_signal
+
+            send_signal(network["relay_pid"], signal.SIGTERM)
         if network:
             from ...net.host import remove_detached
 

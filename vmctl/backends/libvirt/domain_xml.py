@@ -28,6 +28,15 @@ class DiskPlan:
 
 
 @dataclass(frozen=True)
+class FilesystemPlan:
+    """A host folder for the guest over QEMU's virtio-9p (libvirt `<filesystem>`, passthrough)."""
+
+    source: str
+    tag: str  # the guest mounts `-t 9p TAG`
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class NicPlan:
     kind: str  # network | bridge | ethernet
     source: str  # libvirt network name, host bridge name, or (ethernet) the TAP vmctl made
@@ -47,6 +56,7 @@ class DomainPlan:
     initrd: str | None = None
     cmdline: str | None = None
     disks: tuple[DiskPlan, ...] = ()
+    filesystems: tuple[FilesystemPlan, ...] = ()
     nic: NicPlan | None = None
     agent_socket: str | None = None  # serial port 1 (ttyS1, the exec agent) as a unix socket
     vsock_cid: int | None = None  # 0: libvirt picks the CID
@@ -85,6 +95,13 @@ def render(plan: DomainPlan) -> str:
     devices = _sub(domain, "devices")
     for disk in plan.disks:
         _render_disk(devices, disk)
+    for share in plan.filesystems:
+        element = _sub(devices, "filesystem", type="mount", accessmode="passthrough")
+        _sub(element, "driver", type="path")
+        _sub(element, "source", dir=share.source)
+        _sub(element, "target", dir=share.tag)
+        if share.read_only:
+            _sub(element, "readonly")
     if plan.nic is not None:
         _render_nic(devices, plan.nic)
     serial = _sub(devices, "serial", type="file")

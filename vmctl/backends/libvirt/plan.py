@@ -7,7 +7,7 @@ import hashlib
 from ...errors import VmctlError
 from ...guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, ROOT_CMDLINE, InitArgs, boot_script, reference_images
 from ...spec.model import MachineSpec
-from .domain_xml import DiskPlan, DomainPlan, NicPlan
+from .domain_xml import DiskPlan, DomainPlan, FilesystemPlan, NicPlan
 
 DOMAIN_PREFIX = "vmctl-"
 DEFAULT_NETWORK = "default"  # libvirt's own NAT network
@@ -33,9 +33,9 @@ def check_network(spec: MachineSpec, vmctl_tap: bool) -> None:
     """The network section's mistakes, reported before anything is made."""
     if spec.network.mode == "none":
         return
-    if spec.network.forwards:
-        raise VmctlError(f"{spec.name}: port forwards are not supported by the libvirt backend "
-                         f"(use a libvirt network with routes, or backend kvm)")
+    if spec.network.forwards and not vmctl_tap:
+        raise VmctlError(f"{spec.name}: port forwards need vmctl's own network on a local libvirt "
+                         f"(no libvirt.network or libvirt.bridge)")
     if spec.network.mode == "isolated" and not (vmctl_tap or spec.libvirt.bridge or spec.libvirt.network):
         raise VmctlError(f"{spec.name}: network mode isolated needs libvirt.network (an isolated "
                          f"libvirt network) or libvirt.bridge with backend libvirt")
@@ -88,6 +88,8 @@ def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
             raise VmctlError(f"{spec.name}: initrd/cmdline need a kernel (the machine boots from its first disk)")
         if spec.command:
             raise VmctlError(f"{spec.name}: `command` needs direct kernel boot (give `kernel`)")
+        if spec.mounts:
+            raise VmctlError(f"{spec.name}: `mounts` need direct kernel boot (vmctl's /init mounts them; give `kernel`)")
         return None, None, None
     root = None
     if kernel is None:
@@ -100,7 +102,8 @@ def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
     # The native backend's contract with vmctl's /init: the exec agent on COM2 (a unix socket
     # in the domain XML), then the command with its environment, or a login shell.
     script = boot_script(spec.command, spec.environment, spec.ssh.user)
-    words = InitArgs(hostname=spec.name, cmd=script).words()
+    words = InitArgs(hostname=spec.name, cmd=script,
+                     mounts=[("9p", m.tag, m.guest, m.read_only) for m in spec.mounts]).words()
     cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *([ROOT_CMDLINE] if root else []),
                         *extra_words, *words])
     return str(kernel), str(initrd) if initrd else None, cmdline
@@ -129,5 +132,6 @@ def domain_plan(spec: MachineSpec, *, uuid: str, domain_type: str, disks: tuple[
         machine=spec.name, name=domain_name(spec.name), uuid=uuid, domain_type=domain_type,
         cpus=spec.cpus, memory=spec.memory, console_log=console_log, kernel=kernel, initrd=initrd,
         cmdline=cmdline, disks=disks, nic=nic_for(spec, tap), agent_socket=agent_socket,
+        filesystems=tuple(FilesystemPlan(str(m.host), m.tag, m.read_only) for m in spec.mounts),
         vsock_cid=spec.libvirt.vsock, run_as=run_as, state_folder=state_folder,
     )
