@@ -29,6 +29,10 @@ READY_MARKER = "VMCTL-READY"  # /init: mounts, network and sshd are up
 READY_MARKER_BYTES = READY_MARKER.encode()
 EXIT_PREFIX = "VMCTL-EXIT "  # /init: the command ended with this status, a reset follows
 EXIT_LINE = re.compile(r"^VMCTL-EXIT (\d+)\s*$")
+# vmctl cp's transfer share: every native VM mounts its machine folder's `xfer/` here
+XFER_DIR = "xfer"
+XFER_GUEST = "/run/vmctl/xfer"
+XFER_TAG = "vmctl-xfer"
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 

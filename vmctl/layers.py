@@ -14,16 +14,16 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("memory",),                    # guest memory
     ("arch",),                      # x86-64 setup and the guest-physical memory map
     ("boot",),                      # Linux boot protocol
-    ("devices", "disk", "net"),     # legacy devices, block backends (raw, qcow2), host TAP/NAT
+    ("devices", "disk", "net", "fs"),  # legacy devices, block backends (raw, qcow2), host TAP/NAT, FUSE server
     ("virtio",),                    # virtio-mmio transport, queues, devices
     ("images", "plans", "snapshot"),  # reference images, typed backend records, snapshot files
     ("guest_contract",),            # what vmctl and its guests promise each other
     ("vmm", "procmem"),             # the native VMM: machine, daemon, agent, console
-    ("state", "ssh", "fs", "launcher", "host_probe", "peers"),  # machine store, SSH, FUSE server...
+    ("state", "ssh", "launcher", "host_probe", "peers"),  # machine store, SSH...
     ("oci", "nested"),              # OCI image store; the nested test host
     ("spec",),                      # YAML -> MachineSpec
     ("backends",),                  # kvm, libvirt, container: MachineSpec -> running machine
-    ("suite", "testing"),           # comparison suite, pytest plugin
+    ("suite", "testing", "transfer", "probes", "reaper"),  # comparison suite, pytest plugin, cp, ready/provision, owner watchdog
     ("cli", "entry", "__main__"),   # the command line
 )
 

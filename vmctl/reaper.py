@@ -85,7 +85,6 @@ def ensure_watchdog(owner: dict, root: Path | None = None) -> None:
 
 def reap(store: StateStore, owner: dict) -> list[str]:
     """Remove every machine of `owner`; their names."""
-    from .backends import get_backend
 
     removed = []
     with store.locked():
@@ -166,7 +165,6 @@ def prune(store: StateStore) -> list[str]:
     return done
 
 
-TAP_ALIAS = "vmctl:"  # + the state folder of the machine a persistent TAP belongs to
 
 
 def sweep_orphan_taps(prefix: str | None = None) -> list[str]:
@@ -174,7 +172,7 @@ def sweep_orphan_taps(prefix: str | None = None) -> list[str]:
     process holds. Each carries its machine's folder in its alias (set when it is made), so
     machines of other state folders are told apart; a TAP without that alias is left alone.
     Native VMs' TAPs are not persistent at all: they vanish with their VMM."""
-    from .net.host import TAP_PREFIX, _ip
+    from .net.host import TAP_ALIAS, TAP_PREFIX, _ip
 
     removed = []
     for name in sorted(os.listdir("/sys/class/net")):

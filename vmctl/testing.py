@@ -43,9 +43,9 @@ overlay and its state folder are removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
-import dataclasses
 import tempfile
 import uuid
 from pathlib import Path
@@ -69,10 +69,10 @@ def _spec_of(spec: dict | str | Path | MachineSpec, name: str | None, ready: lis
         machine = next((m for m in machines if m.name == name), None) if name else machines[0]
         if machine is None:
             raise ValueError(f"{spec}: no machine named {name!r}")
-    extra = {}
+    probes = machine.ready
     if ready is not None:  # the fixture's ready=[{"tcp": 80}, ...]: the same probes as YAML's `ready:`
-        extra["ready"] = machine.ready + parse_spec({"name": "probes", "ready": ready}).machines[0].ready
-    return dataclasses.replace(machine, name=f"{machine.name}-{uuid.uuid4().hex[:8]}", ephemeral=True, **extra)
+        probes += parse_spec({"name": "probes", "ready": ready}).machines[0].ready
+    return dataclasses.replace(machine, name=f"{machine.name}-{uuid.uuid4().hex[:8]}", ephemeral=True, ready=probes)
 
 
 @dataclasses.dataclass

@@ -28,11 +28,8 @@ from pathlib import Path
 from typing import IO, Callable
 
 from .errors import VmctlError
-from .guest_contract import ExecResult
+from .guest_contract import XFER_DIR, XFER_GUEST, XFER_TAG, ExecResult  # noqa: F401 (re-exported)
 
-XFER_DIR = "xfer"  # in the machine's state folder
-XFER_GUEST = "/run/vmctl/xfer"
-XFER_TAG = "vmctl-xfer"
 AGENT_CHUNK = 24 * 1024  # base64 twice stays under the UART line buffer (see vmctl.testing)
 
 
@@ -186,12 +183,12 @@ def _ssh_stream(target: tuple[str, str, Path | None], command: str, timeout: flo
                        auth_timeout=CONNECT_TIMEOUT * 2)
         stdin, stdout, stderr = client.exec_command(command, timeout=timeout, bufsize=1 << 20)
         if write is not None:
-            write(stdin)
+            write(stdin)  # type: ignore[arg-type]  # paramiko's channel files are binary file objects
             stdin.flush()
             stdin.channel.shutdown_write()
         else:
             stdin.channel.shutdown_write()
-            read(stdout)
+            read(stdout)  # type: ignore[arg-type]
         stdout.read()
         err = stderr.read().decode(errors="replace").strip()
         if stdout.channel.recv_exit_status() != 0:

@@ -3,7 +3,6 @@ TAP, overlays, state) along within seconds; `vmctl up --owner-pid`; `vmctl prune
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.reaper import owner_of, prune, sweep_orphan_taps
 from vmctl.proc import pid_alive
-from vmctl.state import MachineRecord, StateStore
+from vmctl.reaper import owner_of, sweep_orphan_taps
+from vmctl.state import StateStore
 
 
 def wait_for(condition, timeout: float, what: str) -> float:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from vmctl.errors import VmctlError
-from vmctl.transfer import XFER_GUEST, Channel, copy_in, copy_out
 from vmctl.guest_contract import ExecResult
+from vmctl.transfer import XFER_GUEST, Channel, copy_in, copy_out
 
 
 def local_channel(root: Path, xfer: Path | None, mounted: bool = True) -> Channel:

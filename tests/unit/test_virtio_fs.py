@@ -9,14 +9,14 @@ import struct
 
 import pytest
 
+from vmctl.cli.boot import parse_fs_option
 from vmctl.errors import VmctlError
 from vmctl.fs import protocol as p
 from vmctl.memory import GuestMemory
 from vmctl.virtio import mmio
 from vmctl.virtio.device import F_INDIRECT_DESC, F_VERSION_1
 from vmctl.virtio.driver import MmioDriver, QueueDriver
-from vmctl.cli.boot import parse_fs_option
-from vmctl.virtio.fs import FsDevice, ID_FS
+from vmctl.virtio.fs import ID_FS, FsDevice
 
 
 class FsRig:

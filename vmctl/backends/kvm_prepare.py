@@ -110,7 +110,7 @@ def prepare(spec: MachineSpec, folder: Path) -> KvmPlan:
     private_key, keys = machine_keys(spec, folder)
 
     # Every machine also mounts its private transfer folder (vmctl cp without SSH).
-    from ..transfer import XFER_DIR, XFER_GUEST, XFER_TAG
+    from ..guest_contract import XFER_DIR, XFER_GUEST, XFER_TAG
 
     xfer = folder / XFER_DIR
     xfer.mkdir(mode=0o700, exist_ok=True)

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 LAUNCHABLE = ("boot",)
 
 # Command modules in help order, and the module that registers each command.
-COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "snapshot_cmd", "compare", "share", "transfer")
+COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "snapshot_cmd", "compare", "share", "cp_cmd")
 COMMAND_MODULE = {
-    "boot": "boot", "host-check": "hostcheck", "image": "image_cmd", "compare": "compare", "share": "share", "cp": "transfer",
+    "boot": "boot", "host-check": "hostcheck", "image": "image_cmd", "compare": "compare", "share": "share", "cp": "cp_cmd",
     **dict.fromkeys(("up", "prune", "down", "ps", "status", "logs", "rm", "run", "exec", "console", "ssh"), "lifecycle"),
     **dict.fromkeys(("snapshot", "stop", "start"), "snapshot_cmd"),
 }

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SUBNET_POOL = ipaddress.IPv4Network("172.30.0.0/16")
 TAP_PREFIX = "vmctl"
 RULE_TAG = "vmctl:"
+TAP_ALIAS = "vmctl:"  # + the machine folder a persistent TAP belongs to (for vmctl prune)
 
 
 def _ip(*args: str) -> str:

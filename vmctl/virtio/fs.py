@@ -15,8 +15,9 @@ import struct
 
 from ..fs import protocol
 from ..fs.server import FileServer
+from ..memory import GuestMemory
 from .device import DeviceError, QueueContext, VirtioDevice
-from .queue import Virtqueue, slice_views, split_front
+from .queue import DescriptorChain, Virtqueue, slice_views, split_front
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class FsDevice(VirtioDevice):
                     raise DeviceError("virtio-fs: no room for a reply header")
             ctx.complete(queue, chain, chain.write_writable(memory, answer))
 
-    def _data(self, opcode: int, head: bytes, chain, memory) -> int | None:
+    def _data(self, opcode: int, head: bytes, chain: DescriptorChain, memory: GuestMemory) -> int | None:
         """READ/WRITE with the file data moved by preadv/pwritev straight between the file and
         guest memory (no copy through Python bytes); None: let the general path answer."""
         unique = protocol.IN_HEADER.unpack_from(head)[2]
