@@ -89,6 +89,8 @@ class MachineRecord:
             )
         except KeyError as missing:
             raise VmctlError(f"{where}: missing {missing}") from None
+        except (TypeError, ValueError) as error:  # e.g. "created": "soon"
+            raise VmctlError(f"{where}: {error}") from None
 
 
 def _owner(value: object, where: str) -> dict | None:

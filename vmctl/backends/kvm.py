@@ -17,7 +17,7 @@ from ..machine_files import CONSOLE, CONTROL, VMM_LOG, VMM_PLAN
 from ..plans import KvmPlan
 from ..proc import allocated_bytes, pid_alive, reap, send_signal, wait_gone, write_json_atomic
 from ..spec.model import MachineSpec
-from ..state import MachineRecord, StateStore
+from ..state import NETWORK, MachineRecord, StateStore
 from ..vmm.control import request
 from .base import (
     MachineStatus,
@@ -147,7 +147,7 @@ class KvmBackend:
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)
-        if store.network(record.name) is not None:
+        if (store.folder(record.name) / NETWORK).exists():  # even if network.json is truncated
             from ..net.host import sweep_stale_rules
 
             sweep_stale_rules()  # the NAT rule of a VMM killed with -9 (its TAP is gone with it)

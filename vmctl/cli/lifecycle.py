@@ -288,7 +288,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _statuses(store: StateStore) -> list:
     result = []
     for name in store.names():
-        record = store.load(name)
+        try:
+            record = store.load(name)
+        except VmctlError as problem:  # one broken record must not hide the others
+            print(f"warning: {problem} (vmctl rm {name} removes it)", file=sys.stderr)
+            continue
         result.append((record, get_backend(record.backend).status(store, record)))
     return result
 
@@ -364,7 +368,15 @@ def cmd_rm(args: argparse.Namespace) -> int:
     store = _store()
     with store.locked():
         for name in args.names:
-            record = store.load(name)
+            try:
+                record = store.load(name)
+            except VmctlError as problem:
+                if not store.folder(name).is_dir():
+                    raise
+                from .salvage import salvage
+
+                print(salvage(store, name, problem), file=sys.stderr)
+                continue
             get_backend(record.backend).remove(store, record)
             print(f"{name}: removed", file=sys.stderr)
     return 0
