@@ -147,7 +147,8 @@ def prune(store: StateStore) -> list[str]:
         for name in store.names():
             try:
                 record = store.load(name)
-            except Exception:
+            except Exception as error:  # say so: only `vmctl rm NAME` removes it (vmctl.cli.salvage)
+                done.append(f"{name}: left alone, unreadable record ({error}); vmctl rm {name} removes it")
                 continue
             if record.owner and not owner_alive(record.owner):
                 _remove(store, record)

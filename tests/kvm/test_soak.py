@@ -6,6 +6,7 @@ up. The long run and the figures: benchmarks/soak.py, docs/reliability.md."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -54,3 +55,25 @@ def test_the_audit_sees_a_leak(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_rm_of_a_running_container_with_a_truncated_container_json_releases_everything(tmp_path, vmctl_cli,
+                                                                                      monkeypatch):
+    soak = _load()
+    if not soak.containers_possible():
+        pytest.skip("containers need root, an OCI runtime and the busybox base tree")
+    state = tmp_path / "state"
+    monkeypatch.setenv("VMCTL_STATE_DIR", str(state))
+    spec = tmp_path / "c.yaml"
+    spec.write_text("machines:\n  c:\n    backend: container\n    memory: 48M\n")
+    assert vmctl_cli("up", str(spec), "c").returncode == 0
+    folder = state / "machines" / "c"
+    container_id = json.loads((folder / "container.json").read_text())["container_id"]
+    assert str(folder) in open("/proc/mounts").read()
+    (folder / "container.json").write_text('{"machine": "c", "contai')
+    removed = vmctl_cli("rm", "c")
+    assert removed.returncode == 0, removed.stderr
+    assert "container.json: unreadable" in removed.stderr and "Traceback" not in removed.stderr
+    assert not folder.exists() and str(folder) not in open("/proc/mounts").read()
+    assert not list(Path("/sys/fs/cgroup").rglob(container_id))
+    assert soak.host_snapshot(state)["processes"] == []

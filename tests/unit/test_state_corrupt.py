@@ -86,3 +86,13 @@ def test_truncated_network_or_outcome_json_does_not_break_ps_or_rm(tmp_path, nam
     assert vmctl(tmp_path, "rm", "a").returncode == 0
     assert not store.folder("a").exists()
     assert not pid_alive(2 ** 22 - 1)
+
+
+def test_prune_names_a_broken_record_and_leaves_it_to_rm(tmp_path):
+    store = StateStore(tmp_path)
+    store.create(MachineRecord(name="bad", backend="kvm", plan=PLAN))
+    (store.folder("bad") / "machine.json").write_text('{"schema": 2')
+    pruned = vmctl(tmp_path, "prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "bad: left alone, unreadable record" in pruned.stderr and "vmctl rm bad" in pruned.stderr
+    assert vmctl(tmp_path, "rm", "bad").returncode == 0 and not store.folder("bad").exists()

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,7 +140,7 @@ class ContainerBackend:
         """SIGTERM to the container's init, SIGKILL after `timeout` s."""
         folder = store.folder(record.name)
         _adopt(store, record)
-        plan = Plan.load(folder)
+        plan = _plan(folder, record)
         runtime = Runtime(plan.runtime, plan.binary)
         oci = paths(folder)["oci"]
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
@@ -166,7 +167,7 @@ class ContainerBackend:
         if not pid_alive(record.pid) or store.outcome(record.name) is not None:
             raise VmctlError(f"{record.name}: not running")
         folder = store.folder(record.name)
-        plan = Plan.load(folder)
+        plan = _plan(folder, record)
         script = exec_script(command, _rec(record).environment)
         return Runtime(plan.runtime, plan.binary).exec(record.name, paths(folder)["oci"], plan.container_id,
                                                         ["/bin/sh", "-c", script], timeout,
@@ -175,7 +176,7 @@ class ContainerBackend:
     def usage(self, store: StateStore, record: MachineRecord) -> Usage:
         """The container's cgroup processes plus vmctl's monitor, and its overlay upper dir."""
         folder = store.folder(record.name)
-        plan = Plan.load(folder)
+        plan = _plan(folder, record)
         pids: set[int] = set()
         for path in cgroup_dirs(plan.container_id):
             try:
@@ -197,13 +198,29 @@ class ContainerBackend:
         if (folder / PLAN).exists():
             self.stop(store, record, timeout=5)
             send_signal(_monitor_pid(record), signal.SIGKILL)
-            problems = release(folder, Plan.load(folder))
+            problems = release(folder, _plan(folder, record))
             if problems:  # never delete the folder through a mount that is still there
                 raise VmctlError(f"{record.name}: not removed: {'; '.join(problems)}")
         from ...net.host import sweep_stale_rules
 
         sweep_stale_rules()  # the NAT rule of a container whose monitor was killed
         store.delete(record.name)
+
+
+def _plan(folder: Path, record: MachineRecord) -> Plan:
+    """container.json; when it is corrupt or truncated, the same plan rebuilt from the
+    machine record (container id, runtime, image), so stop and rm still release everything."""
+    try:
+        return Plan.load(folder)
+    except (ValueError, TypeError) as error:
+        rec = _rec(record)
+        binary = shutil.which(rec.runtime) or rec.runtime
+        try:
+            lower = str(base_tree(rec.image))
+        except VmctlError:
+            lower = ""  # only the mount point matters to unmount it
+        print(f"vmctl: warning: {folder / PLAN}: unreadable ({error}); using machine.json", file=sys.stderr)
+        return Plan(record.name, rec.container_id, rec.runtime, binary, lower, rec.network_mode)
 
 
 def _oci_image(spec: MachineSpec):
