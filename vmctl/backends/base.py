@@ -58,11 +58,11 @@ def process_status(
 def ready_marker(record: MachineRecord) -> bytes:
     """What `up` waits for on a VM's console: VMCTL-READY from /init, or the end of the
     command script's set-up (the ssh user) when it has one (guest_contract.user_setup)."""
-    from ..guest_contract import SETUP_DONE, has_setup
+    from ..guest_contract import READY_MARKER_BYTES, SETUP_DONE, has_setup
 
     access = record.plan.ssh if record.plan is not None else None
     user = access.user if access is not None else "root"
-    return SETUP_DONE.encode() if has_setup(user) else b"VMCTL-READY"
+    return SETUP_DONE.encode() if has_setup(user) else READY_MARKER_BYTES
 
 
 def setup_failure(console: bytes) -> str | None:
