@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import VmctlError
-from ..plans import DiskPlan, KvmPlan, RestorePlan
+from ..guest_contract import XFER_DIR, XFER_TAG
+from ..plans import DiskPlan, KvmPlan, MountPlan, RestorePlan
 from ..proc import pid_alive
 from ..snapshot.disk_layers import backing_of, freeze_overlay, merge_layer_into, overlay_on
 from ..snapshot.snapshot_file import SnapshotError, discard, read_snapshot
@@ -101,6 +102,14 @@ def restore(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, 
     return True
 
 
+def _own_transfer_share(plan: KvmPlan, folder: Path) -> tuple[MountPlan, ...]:
+    """The plan's shares with the transfer share moved to the clone's own folder: the
+    source's folder may be gone (the pytest pattern removes it) and is not the clone's."""
+    xfer = folder / XFER_DIR
+    xfer.mkdir(mode=0o700, exist_ok=True)
+    return tuple(dataclasses.replace(m, host=str(xfer)) if m.tag == XFER_TAG else m for m in plan.mounts)
+
+
 def clone(store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta, name: str,
           spec_file: str | None = None) -> MachineRecord:
     """A new machine `name` from the snapshot (started; a memory snapshot continues its guest)."""
@@ -128,7 +137,7 @@ def clone(store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta, name:
         restore = RestorePlan(str(snapshots.folder(meta.name)), name) if meta.kind == "memory" else None
         # `snapshot`: what it came from (deleting that snapshot is refused)
         record.plan = dataclasses.replace(plan, disks=tuple(disks), network=network, ssh=ssh, restore=restore,
-                                          snapshot=meta.name)
+                                          snapshot=meta.name, mounts=_own_transfer_share(plan, folder))
         record.resources = {"disks": [d.path for d in disks if d.created]}
         store.save(record)
         spawn(store, record)
