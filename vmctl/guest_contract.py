@@ -15,6 +15,7 @@ back with these functions, so a marker or an argument is never spelled twice:
 from __future__ import annotations
 
 import base64
+import gzip
 import ipaddress
 import re
 import shlex
@@ -101,7 +102,7 @@ class InitArgs:
             out.append(f"vmctl.sshkey={encode(self.sshkey.strip())}")
         if self.cmd is not None:
             text = self.cmd if isinstance(self.cmd, str) else shlex.join(self.cmd)
-            out.append(f"vmctl.cmd={encode(text)}")
+            out.append(f"vmctl.cmd={encode_script(text)}")
         for kind, tag, path, read_only in self.mounts:
             if kind not in ("virtiofs", "9p") or not _TAG.match(tag) or not path.startswith("/"):
                 raise VmctlError(f"vmctl.mount: bad mount {kind} {tag!r} at {path!r}")
@@ -124,6 +125,16 @@ def _check(parse: Callable[[str], object], name: str, value: str) -> None:
 def encode(text: str) -> str:
     """Base64 without newlines: survives the kernel's space-separated command line."""
     return base64.b64encode(text.encode()).decode("ascii")
+
+
+def encode_script(script: str) -> str:
+    """`encode(script)`, or, when shorter, a one-line stub that gunzips the script and evals it
+    in the same shell (same stdin, same exit status): the command line holds 2047 bytes and a
+    set-up script with an ssh user and environment outgrows it as plain base64."""
+    plain = encode(script)
+    packed = base64.b64encode(gzip.compress(script.encode(), mtime=0)).decode("ascii")
+    stub = encode(f'eval "$(echo {packed}|/bin/busybox base64 -d|/bin/busybox gunzip)"')
+    return stub if len(stub) < len(plain) else plain
 
 
 def decode(word: str) -> str:
