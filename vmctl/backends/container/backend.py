@@ -131,8 +131,13 @@ class ContainerBackend:
     def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
         _adopt(store, record)
         _reap_monitor(record)
-        if store.outcome(record.name) is None and not pid_alive(record.pid) and _monitor_alive(record):
-            _wait_monitor(record, 10.0)  # the init just ended: its monitor is writing the outcome
+        if store.outcome(record.name) is None and not pid_alive(record.pid):
+            # The init just ended: its monitor is writing the outcome. A record saved before the
+            # monitor's pid was known learns it from the monitor's own pid file.
+            _learn_monitor_pid(store, record)
+            if _monitor_alive(record):
+                _wait_monitor(record, 10.0)
+            _wait_outcome(store, record, 2.0)
         return process_status(self.name, store, record, link="veth", running=_rec(record).runtime,
                               gone="the container's init is gone without an outcome (its monitor was killed?)")
 
@@ -317,6 +322,23 @@ def _rec(record: MachineRecord) -> ContainerRecord:
 
 def _monitor_pid(record: MachineRecord) -> int | None:
     return _rec(record).monitor_pid if isinstance(record.plan, ContainerRecord) else None
+
+
+def _learn_monitor_pid(store: StateStore, record: MachineRecord) -> None:
+    if not isinstance(record.plan, ContainerRecord) or record.plan.monitor_pid is not None:
+        return
+    try:
+        pid = int((store.folder(record.name) / MONITOR_PID).read_text().strip())
+    except (OSError, ValueError):
+        return
+    record.plan = dataclasses.replace(record.plan, monitor_pid=pid)
+
+
+def _wait_outcome(store: StateStore, record: MachineRecord, timeout: float) -> None:
+    """A short grace for an outcome being written as its writer exits."""
+    deadline = time.monotonic() + timeout
+    while store.outcome(record.name) is None and time.monotonic() < deadline:
+        time.sleep(POLL)
 
 
 def _monitor_alive(record: MachineRecord) -> bool:
