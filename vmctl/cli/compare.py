@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..errors import VmctlError
 from ..guest_contract import exec_script
+from ..suite.meminfo import pss
 
 KINDS = ("native", "container", "vm")
 
@@ -191,10 +192,10 @@ def measure(kind: str, spec, timeout: float, index: int) -> dict:
             outcome = backend.exec(store, record, ["/bin/sh", "-c", _script(spec)], timeout)
             command = time.perf_counter() - start
             usage = backend.usage(store, record)
-            sample = {"ready_s": ready, "command_s": command, "pss_bytes": _pss(list(usage.pids)),
+            sample = {"ready_s": ready, "command_s": command, "pss_bytes": pss(list(usage.pids)),
                       "disk_bytes": usage.disk_bytes, "exit_code": outcome.exit_code, "runtime": usage.runner}
             if usage.helper_pids:  # how much of it is vmctl's monitor (a Python process)
-                sample["pss_monitor_bytes"] = _pss(list(usage.helper_pids))
+                sample["pss_monitor_bytes"] = pss(list(usage.helper_pids))
         finally:
             with store.locked():
                 backend.remove(store, record)
@@ -229,19 +230,6 @@ def _measure_native(spec) -> dict:
     if result.returncode:
         raise VmctlError(f"native: the command failed with status {result.returncode}: {result.stderr[-300:]!r}")
     return {"ready_s": 0.0, "command_s": elapsed, "pss_bytes": 0, "disk_bytes": disk, "exit_code": 0, "runtime": None}
-
-
-def _pss(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("Pss:"):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 def _vm_in_nested_host(spec_path: Path, name: str, runs: int, timeout: float, host_kvm: str) -> dict:
