@@ -91,7 +91,8 @@ def reap(store: StateStore, owner: dict) -> list[str]:
         for name in store.names():
             try:
                 record = store.load(name)
-            except Exception:
+            except Exception as error:  # its owner cannot be read: say so, `vmctl prune` lists it too
+                log.warning("%s: left alone, unreadable record (%s); vmctl rm %s removes it", name, error, name)
                 continue
             if record.owner and record.owner.get("pid") == owner["pid"] and record.owner.get("start") == owner["start"]:
                 _remove(store, record)

@@ -42,3 +42,11 @@ def test_a_signal_during_start_up_is_one_line(sig):
             "sys.exit(e.main())\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (128 + sig, "vmctl: interrupted\n")
+
+
+def test_rm_tries_every_name_and_fails_if_any_is_unknown(tmp_path):
+    result = vmctl("rm", "nope-a", "nope-b", tmp_path=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and "nope-a" in lines[0] and "nope-b" in lines[1], result.stderr
+    assert all(line.startswith("vmctl: error: ") for line in lines)

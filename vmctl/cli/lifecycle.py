@@ -365,21 +365,32 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    """Every name is tried (as `docker rm a b` does): one unknown name does not keep the
+    others; the exit status says whether any failed."""
     store = _store()
+    failed = 0
     with store.locked():
         for name in args.names:
             try:
-                record = store.load(name)
-            except VmctlError as problem:
-                if not store.folder(name).is_dir():
-                    raise
-                from .salvage import salvage
+                _remove_one(store, name)
+            except VmctlError as error:
+                print(f"vmctl: error: {error}", file=sys.stderr)
+                failed += 1
+    return 1 if failed else 0
 
-                print(salvage(store, name, problem), file=sys.stderr)
-                continue
-            get_backend(record.backend).remove(store, record)
-            print(f"{name}: removed", file=sys.stderr)
-    return 0
+
+def _remove_one(store: StateStore, name: str) -> None:
+    try:
+        record = store.load(name)
+    except VmctlError as problem:
+        if not store.folder(name).is_dir():
+            raise
+        from .salvage import salvage
+
+        print(salvage(store, name, problem), file=sys.stderr)
+        return
+    get_backend(record.backend).remove(store, record)
+    print(f"{name}: removed", file=sys.stderr)
 
 
 def register_run(subparsers: argparse._SubParsersAction) -> None:

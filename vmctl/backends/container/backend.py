@@ -212,6 +212,9 @@ class ContainerBackend:
         store.delete(record.name)
 
 
+_WARNED_UNREADABLE: set[Path] = set()
+
+
 def _plan(folder: Path, record: MachineRecord) -> Plan:
     """container.json; when it is corrupt or truncated, the same plan rebuilt from the
     machine record (container id, runtime, image), so stop and rm still release everything."""
@@ -224,7 +227,9 @@ def _plan(folder: Path, record: MachineRecord) -> Plan:
             lower = str(base_tree(rec.image))
         except VmctlError:
             lower = ""  # only the mount point matters to unmount it
-        print(f"vmctl: warning: {folder / PLAN}: unreadable ({error}); using machine.json", file=sys.stderr)
+        if folder not in _WARNED_UNREADABLE:  # stop and rm both read it: one warning is enough
+            _WARNED_UNREADABLE.add(folder)
+            print(f"vmctl: warning: {folder / PLAN}: unreadable ({error}); using machine.json", file=sys.stderr)
         return Plan(record.name, rec.container_id, rec.runtime, binary, lower, rec.network_mode)
 
 
