@@ -149,3 +149,18 @@ def test_up_with_a_linux_vm_this_host_cannot_boot_starts_nothing_and_says_what_c
     assert "vm: this host's /dev/kvm is paravirtual (kvm_pvm)" in result.stderr
     assert f"vmctl up {spec} box" in result.stderr and "vmctl run --nested" in result.stderr
     assert json.loads(vmctl_cli("ps", "--json").stdout) == []  # nothing was started
+
+
+def test_up_of_a_local_libvirt_kvm_linux_guest_on_a_paravirtual_kvm_is_refused_before_anything(tmp_path, vmctl_cli,
+                                                                                                monkeypatch):
+    from vmctl.kvm.system import KvmFlavour
+
+    if KvmFlavour.detect().module != "kvm_pvm":
+        pytest.skip("only a paravirtual /dev/kvm (kvm_pvm) refuses Linux guests")
+    monkeypatch.setenv("VMCTL_STATE_DIR", str(tmp_path / "state"))
+    spec = tmp_path / "lv.yaml"
+    spec.write_text("machines:\n  lv:\n    backend: libvirt\n    memory: 128M\n")
+    result = vmctl_cli("up", str(spec))
+    assert result.returncode == 1
+    assert "lv: backend libvirt (qemu:///system, domain type kvm): this host's /dev/kvm is paravirtual" in result.stderr
+    assert json.loads(vmctl_cli("ps", "--json").stdout) == []

@@ -52,18 +52,8 @@ class Kvm:
         return ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
 
     def supported_cpuid(self) -> list[abi.KvmCpuidEntry2]:
-        """The CPUID leaves this host's KVM can expose; grows the buffer until it fits."""
-        count = 64
-        while True:
-            table = abi.kvm_cpuid2(count)(nent=count)
-            try:
-                ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, table)
-            except OSError as error:
-                if error.errno == errno.E2BIG and count < 4096:
-                    count *= 2
-                    continue
-                raise
-            return [copy_entry(table.entries[i]) for i in range(table.nent)]
+        """The CPUID leaves this host's KVM can expose."""
+        return cpuid_table(self.fd, abi.KVM_GET_SUPPORTED_CPUID)
 
     def msr_index_list(self) -> list[int]:
         """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
@@ -87,6 +77,21 @@ def copy_entry(entry: abi.KvmCpuidEntry2) -> abi.KvmCpuidEntry2:
     copy = abi.KvmCpuidEntry2()
     ctypes.memmove(ctypes.addressof(copy), ctypes.addressof(entry), ctypes.sizeof(entry))
     return copy
+
+
+def cpuid_table(fd: int, request: int) -> list[abi.KvmCpuidEntry2]:
+    """A CPUID table from KVM (supported, or a vCPU's own); grows the buffer until it fits."""
+    count = 64
+    while True:
+        table = abi.kvm_cpuid2(count)(nent=count)
+        try:
+            ioctl(fd, request, table)
+        except OSError as error:
+            if error.errno == errno.E2BIG and count < 4096:
+                count *= 2
+                continue
+            raise
+        return [copy_entry(table.entries[i]) for i in range(table.nent)]
 
 
 @dataclass(frozen=True)

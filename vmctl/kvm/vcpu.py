@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 
 from . import abi
 from .ioctl import ioctl
-from .system import copy_entry
+from .system import cpuid_table
 from .vm import VmFd
 
 
@@ -104,17 +103,7 @@ class VcpuFd:
 
     # --- state save/restore (snapshots) ----------------------------------------------------
     def get_cpuid(self) -> list[abi.KvmCpuidEntry2]:
-        count = 64
-        while True:
-            table = abi.kvm_cpuid2(count)(nent=count)
-            try:
-                ioctl(self.fd, abi.KVM_GET_CPUID2, table)
-            except OSError as error:
-                if error.errno == errno.E2BIG and count < 4096:
-                    count *= 2
-                    continue
-                raise
-            return [copy_entry(table.entries[i]) for i in range(table.nent)]
+        return cpuid_table(self.fd, abi.KVM_GET_CPUID2)
 
     def get_xsave(self, size: int = 4096) -> ctypes.Structure:
         """The XSAVE area; `size` from KVM_CAP_XSAVE2 (above 4 KiB only with AMX-like state)."""

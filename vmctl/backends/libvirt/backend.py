@@ -93,6 +93,13 @@ class LibvirtBackend:
     def start(self, store: StateStore, spec: MachineSpec, spec_file: str | None) -> MachineRecord:
         settings = spec.libvirt
         uri, remote = settings.uri, is_remote(settings.uri)
+        if not remote and domain_type_for(uri, settings.domain_type) == "kvm":
+            from ...host_probe import linux_guest_problem
+
+            # QEMU/KVM on this host's /dev/kvm: the same limit as the native VMM, said before
+            # anything is made (otherwise the guest stops with an emulation failure minutes later)
+            if problem := linux_guest_problem(spec.kernel):
+                raise VmctlError(f"{spec.name}: backend libvirt ({uri}, domain type kvm): {problem}")
         name = domain_name(spec.name)
         record = MachineRecord(
             name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral,
