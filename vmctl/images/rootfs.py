@@ -67,7 +67,13 @@ def profile(name: str) -> Profile:
 
 def key(prof: Profile, mirror: str | None = None) -> str:
     """Hash of everything the tree is made from (missing packages hash as 'missing')."""
-    parts: list[str | bytes] = [RECIPE_VERSION, prof.name, INIT_SCRIPT.read_bytes()]
+    return digest(base_key(prof, mirror), INIT_SCRIPT.read_bytes())
+
+
+def base_key(prof: Profile, mirror: str | None = None) -> str:
+    """Hash of everything but vmctl's /init: a debootstrapped tree is kept under it, so that a
+    change of /init costs a copy of the tree, not another debootstrap."""
+    parts: list[str | bytes] = [RECIPE_VERSION, prof.name]
     parts += [f"{p}={dpkg_version(p) or 'missing'}" for p in prof.host_packages]
     if prof.name in ("debian", "bench"):
         parts += [DEBIAN_SUITE, ",".join(_include(prof)), mirror or apt_mirror() or "debootstrap default"]
@@ -101,10 +107,24 @@ def build_tree(prof: Profile, cache: Path, report: Reporter = stderr_reporter,
         if prof.name == "busybox":
             populate_busybox(tmp, ctx)
         else:
-            populate_debian(tmp, ctx, _include(prof))
-            if prof.name == "bench":
-                populate_bench_data(tmp, ctx)
+            base = _debootstrapped(prof, cache, ctx, force)
+            ctx.say(f"copying the {prof.name} base tree and installing /init")
+            shutil.rmtree(tmp, ignore_errors=True)
+            ctx.run(["cp", "-a", "--reflink=auto", base, tmp], "copy the base tree")
+            install_init(tmp)
     return final
+
+
+def _debootstrapped(prof: Profile, cache: Path, ctx: StepContext, force: bool) -> Path:
+    """The profile's tree without vmctl's /init, built once per base_key."""
+    base = cache / "rootfs" / f"{prof.name}-base-{base_key(prof)}" / "tree"
+    if base.is_dir() and not force:
+        return base
+    with atomic_output(base, is_dir=True) as tmp:
+        populate_debian(tmp, ctx, _include(prof))
+        if prof.name == "bench":
+            populate_bench_data(tmp, ctx)
+    return base
 
 
 def _include(prof: Profile) -> tuple[str, ...]:
@@ -256,7 +276,6 @@ def populate_debian(root: Path, ctx: StepContext, include: tuple[str, ...] = DEB
         for path in root.glob(pattern):
             path.unlink()
     (root / "etc/hostname").write_text("vmctl\n")
-    install_init(root)
     for rel in ("dev", "proc", "sys", "run", "tmp"):
         (root / rel).mkdir(exist_ok=True)
     ctx.note("debian tree done")
