@@ -79,6 +79,8 @@ class InitArgs:
     read_only: bool = False
     # shared folders: (type "virtiofs" or "9p", tag, absolute guest path, read-only)
     mounts: Sequence[tuple[str, str, str, bool]] = ()
+    # virtio-pmem bases: the guest path where /dev/pmem<i> is mounted read-only with DAX
+    pmem: Sequence[str] = ()
 
     def words(self) -> list[str]:
         """Kernel command-line words, validated (a bad value would be silently ignored)."""
@@ -107,6 +109,10 @@ class InitArgs:
             if kind not in ("virtiofs", "9p") or not _TAG.match(tag) or not path.startswith("/"):
                 raise VmctlError(f"vmctl.mount: bad mount {kind} {tag!r} at {path!r}")
             out.append(f"vmctl.mount={kind},{tag},{encode(path)},{'ro' if read_only else 'rw'}")
+        for index, path in enumerate(self.pmem):
+            if not path.startswith("/"):
+                raise VmctlError(f"vmctl.pmem: {path!r} is not an absolute path")
+            out.append(f"vmctl.pmem={index},{encode(path)}")
         if self.read_only:
             out.append("ro")
         return out

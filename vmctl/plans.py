@@ -205,6 +205,22 @@ class MountPlan:
 
 
 @dataclass(frozen=True)
+class PmemPlan:
+    """A read-only raw ext4 served as virtio-pmem; /init mounts /dev/pmemN at `guest` (ro,dax)."""
+
+    path: str
+    guest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "guest": self.guest}
+
+    @staticmethod
+    def from_json(data: object, where: str) -> PmemPlan:
+        f = _Fields(data, where)
+        return PmemPlan(f.text("path"), f.text("guest"))
+
+
+@dataclass(frozen=True)
 class KvmPlan:
     """What the native VMM process runs: `python -m vmctl.vmm.daemon FOLDER PLAN_FILE`."""
 
@@ -220,6 +236,7 @@ class KvmPlan:
     environment: dict[str, str] = field(default_factory=dict)
     disks: tuple[DiskPlan, ...] = ()
     mounts: tuple[MountPlan, ...] = ()  # virtio-fs shares (the `mounts:` folders, then the transfer share)
+    pmem: tuple[PmemPlan, ...] = ()  # virtio-pmem bases, in /dev/pmemN order
     network: NetworkPlan = NetworkPlan()
     ssh: SshAccess = SshAccess()
     ephemeral: bool = False  # the VMM deletes the machine's overlays as soon as the guest ends
@@ -231,7 +248,8 @@ class KvmPlan:
         return {"cpus": self.cpus, "memory": self.memory, "image": self.image, "kernel": self.kernel,
                 "initrd": self.initrd, "cmdline": self.cmdline, "command": list(self.command),
                 "environment": dict(self.environment), "disks": [d.to_json() for d in self.disks],
-                "mounts": [m.to_json() for m in self.mounts], "network": self.network.to_json(), "ssh": self.ssh.to_json(), "ephemeral": self.ephemeral,
+                "mounts": [m.to_json() for m in self.mounts], "pmem": [p.to_json() for p in self.pmem],
+                "network": self.network.to_json(), "ssh": self.ssh.to_json(), "ephemeral": self.ephemeral,
                 "memory_merge": self.memory_merge, "restore": self.restore.to_json() if self.restore else None,
                 "snapshot": self.snapshot}
 
@@ -245,6 +263,7 @@ class KvmPlan:
             environment=f.environment(),
             disks=tuple(DiskPlan.from_json(d, f"{where}.disks[{i}]") for i, d in enumerate(f.items("disks"))),
             mounts=tuple(MountPlan.from_json(m, f"{where}.mounts[{i}]") for i, m in enumerate(f.items("mounts"))),
+            pmem=tuple(PmemPlan.from_json(p, f"{where}.pmem[{i}]") for i, p in enumerate(f.items("pmem"))),
             network=NetworkPlan.from_json(f.data.get("network", {}), f"{where}.network"),
             ssh=SshAccess.from_json(f.data.get("ssh") or {}, f"{where}.ssh"),
             ephemeral=f.flag("ephemeral", False), memory_merge=f.flag("memory_merge", False),

@@ -93,3 +93,20 @@ def test_killed_vmm_leaves_no_tap_or_nat_rule_behind(assemble, mode):
         hostnet.sweep_stale_rules()  # what the next VM's network setup does first
         rules = subprocess.run(["iptables", "-t", "nat", "-S", "POSTROUTING"], capture_output=True, text=True).stdout
         assert not any(f"vmctl:{name}" in rules for name in new)
+
+
+def test_guest_reads_a_pmem_region_and_cannot_write_it(assemble, tmp_path):
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"pmem says hello\n" + bytes(range(256)) * 16)  # 4 KiB + 16: not 2 MiB-sized
+    before = base.read_bytes()
+    device = factories.pmem(base)
+    console = io.BytesIO()
+    config = MachineConfig(kernel=assemble("virtio_pmem.S"), memory=64 << 20, console_sinks=[console],
+                           timeout=120, devices=[device])
+    machine = Machine(config)
+    outcome = machine.run()
+    assert console.getvalue() == b"pmem says hello\np\n"
+    assert outcome.exit_code == 0, outcome.reason  # the region's tail past the file reads 0
+    assert base.read_bytes() == before
+    start = 1 << 32  # above 64 MiB of RAM and the 32-bit MMIO gap
+    assert machine.mmio.unhandled == {("write", start): 1}

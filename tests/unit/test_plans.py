@@ -18,6 +18,7 @@ from vmctl.plans import (
     KvmPlan,
     LibvirtRecord,
     NetworkPlan,
+    PmemPlan,
     SshAccess,
     plan_from_json,
 )
@@ -29,7 +30,7 @@ KVM = KvmPlan(cpus=2, memory=512 << 20, kernel="/cache/bzImage", cmdline="consol
               initrd="/cache/initramfs.cpio", image="busybox", command=("uname", "-a"), environment={"A": "b c"},
               disks=(DiskPlan("/m/disks/root.qcow2", read_only=False, created=True), DiskPlan("/data.raw", True, False)),
               network=NetworkPlan("nat", "52:54:00:00:00:01", (ForwardPlan(8080, 80, "tcp"),)),
-              ssh=SshAccess("alice", "/m/ssh/id"), ephemeral=True)
+              ssh=SshAccess("alice", "/m/ssh/id"), ephemeral=True, pmem=(PmemPlan("/base.ext4", "/mnt/base"),))
 LIBVIRT = LibvirtRecord(cpus=1, memory=256 << 20, uri="qemu:///system", domain="vmctl-web", uuid="u-1",
                         console="/m/console.log", agent_socket="/m/agent.sock", ssh=SshAccess())
 CONTAINER = ContainerRecord(cpus=1, memory=64 << 20, runtime="crun", container_id="vmctl-c-1", monitor_pid=42)

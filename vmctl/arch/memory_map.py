@@ -12,6 +12,8 @@
     0xd000_0000  virtio-mmio device slots, 4 KiB each
     0xfec0_0000  IOAPIC       0xfee0_0000  LAPIC
     0xfffb_c000  KVM identity map page, 0xfffb_d000 KVM TSS (3 pages)
+    4 GiB        RAM past 3 GiB, if any
+    then         device memory (virtio-pmem regions), each on a 128 MiB boundary
 """
 
 from __future__ import annotations
@@ -49,3 +51,19 @@ def ram_layout(memory_size: int) -> list[tuple[int, int]]:
     if memory_size > low:
         regions.append((MMIO_GAP_END, memory_size - low))
     return regions
+
+
+# virtio-pmem regions: the guest hot-plugs them as ZONE_DEVICE memory, whose sections are
+# 128 MiB on x86-64 (sub-sections of 2 MiB work too, but a section-aligned start is safe on
+# every kernel).
+DEVICE_MEMORY_ALIGN = 128 << 20
+
+
+def device_memory_base(memory_size: int) -> int:
+    """First guest-physical address for device memory: above RAM and the 32-bit MMIO gap."""
+    end = max(MMIO_GAP_END, max(start + size for start, size in ram_layout(memory_size)))
+    return align_device_memory(end)
+
+
+def align_device_memory(address: int) -> int:
+    return -(-address // DEVICE_MEMORY_ALIGN) * DEVICE_MEMORY_ALIGN

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..disk.qcow2.create import create, create_overlay
 from ..errors import VmctlError
 from ..guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, GUEST_AGENT, ROOT_CMDLINE, InitArgs, boot_script, reference_images
-from ..plans import DiskPlan, ForwardPlan, KvmPlan, MountPlan, NetworkPlan, SshAccess
+from ..plans import DiskPlan, ForwardPlan, KvmPlan, MountPlan, NetworkPlan, PmemPlan, SshAccess
 from ..spec.model import MachineSpec
 from ..ssh import generate_key
 
@@ -118,13 +118,15 @@ def prepare(spec: MachineSpec, folder: Path) -> KvmPlan:
     mounts += (MountPlan(str(xfer), XFER_GUEST, XFER_TAG, False),)
     script = oci_script or boot_script(spec.command, spec.environment, spec.ssh.user)
     words = InitArgs(hostname=spec.name, sshkey="\n".join(keys) if keys else None, cmd=script,
-                     mounts=[("virtiofs", m.tag, m.guest, m.read_only) for m in mounts]).words()
+                     mounts=[("virtiofs", m.tag, m.guest, m.read_only) for m in mounts],
+                     pmem=[p.guest for p in spec.pmem]).words()
     cmdline = " ".join([spec.cmdline or DEFAULT_CMDLINE, AGENT_CMDLINE, *([ROOT_CMDLINE] if root_disk else []),
                         *oci_words, *words])
     return KvmPlan(
         cpus=spec.cpus, memory=spec.memory, memory_merge=spec.memory_merge, image=spec.image,
         kernel=str(kernel), initrd=str(initrd) if initrd else None, cmdline=cmdline,
         command=tuple(spec.command), environment=dict(spec.environment), disks=tuple(disks), mounts=mounts,
+        pmem=tuple(PmemPlan(str(p.image), p.guest) for p in spec.pmem),
         network=NetworkPlan(spec.network.mode, spec.network.mac,
                             tuple(ForwardPlan(f.host_port, f.guest_port, f.protocol) for f in spec.network.forwards)),
         ssh=SshAccess(spec.ssh.user, private_key), ephemeral=spec.ephemeral,

@@ -50,6 +50,15 @@ class MountSpec:
 
 
 @dataclass(frozen=True)
+class PmemSpec:
+    """A read-only raw ext4 image shared with the guest as virtio-pmem and mounted `-o ro,dax`
+    at `guest`: its files are read from the host's page cache, not copied into the guest's."""
+
+    image: Path  # a clean raw ext4 with 4 KiB blocks, absolute
+    guest: str  # absolute mount point in the guest
+
+
+@dataclass(frozen=True)
 class ProbeSpec:
     """One readiness condition (`ready:`): the first of log/tcp/http/command that is set."""
 
@@ -99,6 +108,7 @@ class MachineSpec:
     cmdline: str | None = None
     disks: tuple[DiskSpec, ...] = ()
     mounts: tuple[MountSpec, ...] = ()
+    pmem: tuple[PmemSpec, ...] = ()  # kvm: read-only bases mapped into the guest (virtio-pmem, DAX)
     network: NetworkSpec = field(default_factory=NetworkSpec)
     ssh: SshSpec = field(default_factory=SshSpec)
     environment: dict[str, str] = field(default_factory=dict)

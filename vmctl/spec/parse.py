@@ -27,6 +27,7 @@ from .model import (
     MachineSpec,
     MountSpec,
     NetworkSpec,
+    PmemSpec,
     PortForward,
     ProbeSpec,
     ProvisionSpec,
@@ -178,6 +179,10 @@ def _machine(context: _Context, node: yaml.Node, where: str, name_node: yaml.Nod
         values["name"] = _name(context, name_node, where)
     values.setdefault("name", "vm")
     values["source"] = f"{context.source}:{node.start_mark.line + 1}"
+    both = {m.guest for m in values.get("mounts", ())} & {p.guest for p in values.get("pmem", ())}
+    if both:
+        raise context.error(node, f"{where}.pmem" if where else "pmem",
+                            f"{sorted(both)[0]!r} is both a `mounts` and a `pmem` mount point")
     if values.get("backend") == "container":
         _check_container_fields(context, node, where, defaults)
     return MachineSpec(**values)
@@ -185,7 +190,7 @@ def _machine(context: _Context, node: yaml.Node, where: str, name_node: yaml.Nod
 
 # Fields a container cannot honour (it shares the host's kernel, has no block devices and
 # no port relay): errors at their own line and column, not silently ignored.
-CONTAINER_UNSUPPORTED = ("kernel", "initrd", "cmdline", "disks", "libvirt")
+CONTAINER_UNSUPPORTED = ("kernel", "initrd", "cmdline", "disks", "pmem", "libvirt")
 
 
 def _check_container_fields(c: _Context, node: yaml.Node, where: str, defaults: yaml.Node | None) -> None:
@@ -282,6 +287,7 @@ def _machine_fields(c: _Context) -> dict[str, Callable]:
         "cmdline": lambda node, where: c.scalar(node, where, str),
         "disks": lambda node, where: tuple(c.sequence(node, where, lambda n, w: _disk(c, n, w))),
         "mounts": lambda node, where: _mounts(c, node, where),
+        "pmem": lambda node, where: _pmem(c, node, where),
         "network": lambda node, where: _network(c, node, where),
         "ssh": lambda node, where: _ssh(c, node, where),
         "environment": environment,
@@ -349,14 +355,48 @@ def _mounts(c: _Context, node: yaml.Node, where: str) -> tuple[MountSpec, ...]:
         host = host.resolve()
         if host == state or state in host.parents or host in state.parents:
             raise c.error(host_node, f"{w}.host", f"{host} overlaps vmctl's state folder {state}")
-        if not guest.startswith("/") or "\0" in guest or any(part in (".", "..") for part in guest.split("/")):
-            raise c.error(guest_node, f"{w}.guest", f"{guest!r} is not an absolute path without . or ..")
-        if guest.rstrip("/") in ("", "/proc", "/sys", "/dev", "/dev/pts", "/run", "/tmp"):
-            raise c.error(guest_node, f"{w}.guest", f"{guest!r} is a system mount of the guest")
-        if any(m.guest == guest.rstrip("/") for m in mounts):
-            raise c.error(guest_node, f"{w}.guest", f"{guest!r} is mounted twice")
-        mounts.append(MountSpec(host, guest.rstrip("/"), values.get("read_only", False)))
+        guest = _guest_mount_point(c, guest_node, f"{w}.guest", guest, [m.guest for m in mounts])
+        mounts.append(MountSpec(host, guest, values.get("read_only", False)))
     return tuple(mounts)
+
+
+def _guest_mount_point(c: _Context, node: yaml.Node, where: str, guest: str, taken: list[str]) -> str:
+    if not guest.startswith("/") or "\0" in guest or any(part in (".", "..") for part in guest.split("/")):
+        raise c.error(node, where, f"{guest!r} is not an absolute path without . or ..")
+    if guest.rstrip("/") in ("", "/proc", "/sys", "/dev", "/dev/pts", "/run", "/tmp"):
+        raise c.error(node, where, f"{guest!r} is a system mount of the guest")
+    if guest.rstrip("/") in taken:
+        raise c.error(node, where, f"{guest!r} is mounted twice")
+    return guest.rstrip("/")
+
+
+def _pmem(c: _Context, node: yaml.Node, where: str) -> tuple[PmemSpec, ...]:
+    """`pmem:` entries: {image: raw ext4, guest: mount point[, read_only: true]}."""
+    from ..disk.ext4_super import check_dax_base
+
+    bases: list[PmemSpec] = []
+    for index, item in enumerate(c.sequence(node, where, lambda n, w: n)):
+        w = f"{where}[{index}]"
+        values = c.mapping(item, w, {
+            "image": lambda n, w: (n, c.path(n, w, must_exist=False)),
+            "guest": lambda n, w: (n, c.scalar(n, w, str)),
+            "read_only": lambda n, w: (n, c.scalar(n, w, bool)),
+        })
+        for key in ("image", "guest"):
+            if key not in values:
+                raise c.error(item, f"{w}.{key}", "missing: give `image` (a raw ext4) and `guest` (a mount point)")
+        if "read_only" in values and not values["read_only"][1]:
+            raise c.error(values["read_only"][0], f"{w}.read_only",
+                          "pmem bases are read-only (shared by every guest): use `disks` for a writable disk")
+        image_node, image = values["image"]
+        try:
+            check_dax_base(image)
+        except VmctlError as error:
+            raise c.error(image_node, f"{w}.image", str(error)) from None
+        guest_node, guest = values["guest"]
+        guest = _guest_mount_point(c, guest_node, f"{w}.guest", guest, [b.guest for b in bases])
+        bases.append(PmemSpec(image.resolve(), guest))
+    return tuple(bases)
 
 
 PROBE_KINDS = ("log", "tcp", "http", "command")

@@ -30,6 +30,26 @@ def pss(pids: list[int]) -> int:
     return total
 
 
+def mapped_pss(pids: list[int], files: list[Path]) -> int:
+    """Sum of the PSS of the processes' mappings of these files, bytes (/proc/PID/smaps)."""
+    names = {str(f) for f in files}
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps").read_text()
+        except OSError:
+            continue
+        inside = False
+        for line in text.splitlines():
+            first = line.split(maxsplit=1)[0] if line else ""
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                parts = line.split(maxsplit=5)
+                inside = len(parts) == 6 and parts[5] in names
+            elif inside and first == "Pss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def drop_caches() -> None:
     """Start the page-cache suite from a cold cache (shared machine: others only lose speed)."""
     import os

@@ -10,8 +10,13 @@ memory (the machine is shared; other jobs move that by hundreds of MiB):
   memory; a container's reads leave its processes' memory as it was).
 Containers share one page cache of the lower layer; each VM pays again in its own RAM.
 
-VM lever measured here: `memory_merge` (guest RAM MADV_MERGEABLE, merged by the host's KSM):
-after the reads KSM runs until its merge count settles, and the PSS is read again.
+VM levers measured here:
+- `memory_merge` (guest RAM MADV_MERGEABLE, merged by the host's KSM): after the reads KSM
+  runs until its merge count settles, and the PSS is read again (`vm+ksm`);
+- a shared read-only base (`vm+dax`): the image's raw ext4 mapped into every guest as
+  virtio-pmem and mounted `-o ro,dax`; the guests read the files from that mount, i.e. from
+  the host's page cache of the one ext4 file, and not into their own page cache. The VMMs map
+  that file, so the part of their PSS that is the file's page cache is not counted twice.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import time
 from pathlib import Path
 
 from ..images.rootfs import BENCH_DATA_DIR, BENCH_DATA_FILES, BENCH_DATA_MIB
-from .columns.base import Instance, InstanceSpec, Runner, check_ok
+from .columns.base import DAX_MOUNT, Instance, InstanceSpec, Runner, check_ok
 from .fleet import Fleet
-from .meminfo import drop_caches, pss, resident_bytes, slope
+from .meminfo import drop_caches, mapped_pss, pss, resident_bytes, slope
 from .model import Series, SuiteRun
 
 MIB = 1 << 20
@@ -30,41 +35,63 @@ KSM = Path("/sys/kernel/mm/ksm")
 KSM_WAIT_S = 300.0
 
 
-def read_script(quick: bool) -> str:
+def read_script(quick: bool, root: str = "") -> str:
     files = 1 if quick else BENCH_DATA_FILES
-    names = " ".join(f"/{BENCH_DATA_DIR}/shared-{i}.bin" for i in range(files))
+    names = " ".join(f"{root}/{BENCH_DATA_DIR}/shared-{i}.bin" for i in range(files))
     return f"cat {names} > /dev/null"
+
+
+def dax_mount_script() -> str:
+    """Mount the pmem base where /init did not already (images older than vmctl.pmem), and
+    fail unless the mount is DAX: a silent fallback to the page cache would measure nothing."""
+    m = DAX_MOUNT
+    return (f"B=/bin/busybox; $B grep -q ' {m} ' /proc/mounts || {{ $B mkdir -p {m} && "
+            f"$B mount -t ext4 -o ro,dax /dev/pmem0 {m}; }} && $B grep ' {m} ' /proc/mounts | $B grep -q dax")
 
 
 def data_mib(quick: bool) -> int:
     return BENCH_DATA_MIB // BENCH_DATA_FILES if quick else BENCH_DATA_MIB
 
 
-def _pss(instances: list[Instance]) -> int:
-    return pss([p for i in instances for p in i.host_pids()])
+def _pss(instances: list[Instance], backing: list[Path]) -> int:
+    """The instances' PSS without their mappings of the backing files (a DAX base): those
+    pages are the files' page cache, already counted by fincore."""
+    pids = [p for i in instances for p in i.host_pids()]
+    return pss(pids) - mapped_pss(pids, backing)
 
 
 def run_pagecache(run: SuiteRun, column_key: str, column: Runner, fleet: Fleet, counts: list[int],
                   spec: InstanceSpec, quick: bool, say, merge: bool = False) -> None:
-    label = f"{column_key}+ksm" if merge else column_key
-    backing = column.backing_files(BENCH_DATA_DIR)
+    label = f"{column_key}+ksm" if merge else f"{column_key}+dax" if spec.dax_base else column_key
+    if spec.dax_base:
+        from .columns.backend import BackendColumn
+
+        assert isinstance(column, BackendColumn), "a DAX base is a VM column's"
+        backing, root = [column.base_ext4()], DAX_MOUNT
+    else:
+        backing, root = column.backing_files(BENCH_DATA_DIR), ""
     costs: list[float] = []
     merged_costs: list[float] = []
     for count in counts:
-        say(f"pagecache{' (memory_merge)' if merge else ''}: {count} instance{'s' if count > 1 else ''}")
+        what = " (memory_merge)" if merge else " (DAX base)" if spec.dax_base else ""
+        say(f"pagecache{what}: {count} instance{'s' if count > 1 else ''}")
         instances, _ = fleet.start_many(column, spec, count)
         try:
+            if spec.dax_base:
+                for instance in instances:
+                    check_ok(f"mount the DAX base at {DAX_MOUNT}", instance.run(dax_mount_script()))
             time.sleep(2.0)
             drop_caches()
-            cache_before, pss_before = resident_bytes(backing), _pss(instances)
+            cache_before, pss_before = resident_bytes(backing), _pss(instances, backing)
             for instance in instances:
-                check_ok("read the shared files", instance.run(read_script(quick)))
+                check_ok("read the shared files", instance.run(read_script(quick, root)))
             cache = resident_bytes(backing) - cache_before
-            costs.append((cache + _pss(instances) - pss_before) / MIB)
+            costs.append((cache + _pss(instances, backing) - pss_before) / MIB)
             run.add("pagecache_host_cache_mib", label, cache / MIB, instances=count)
             if merge:
                 sharing = _ksm_settle(say)
-                merged_costs.append((resident_bytes(backing) - cache_before + _pss(instances) - pss_before) / MIB)
+                merged_costs.append((resident_bytes(backing) - cache_before + _pss(instances, backing) - pss_before)
+                                    / MIB)
                 run.add("pagecache_ksm_merged_mib", label, sharing * 4096 / MIB, instances=count)
         finally:
             fleet.remove(instances)

@@ -50,7 +50,7 @@ def markdown(run: SuiteRun) -> str:
         felter = (f"{row.felter_kvm} ({row.felter_what})" if row.felter_kvm else "", row.felter_docker)
         lines.append(f"| {row.suite} | {row.label} | {row.unit} ({row.better} is better) | "
                      + " | ".join(_cell(run, row.key, k) for k in keys) + f" | {felter[0]} | {felter[1]} |")
-    # the pagecache KSM variant ("vm@L1+ksm") has measurements but no column of its own
+    # the pagecache VM variants ("vm@L1+ksm", "vm@L1+dax") have measurements but no column of their own
     extra = sorted({m.column for m in run.measurements} - set(keys))
     for key in extra:
         for m in run.measurements:

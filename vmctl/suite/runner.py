@@ -163,11 +163,12 @@ def _run_in(options: Options, names: list[str], place: str, work: Path) -> Suite
             result.notes.append(f"nested host: density and pagecache with {options.instances} instances")
         result.environment["params"] = asdict(params)
         steady = [s for s in options.suites if s in STEADY_SUITES]
-        steps = len(columns) * (("startup" in options.suites) + bool(steady) + ("density" in options.suites)
-                                + ("pagecache" in options.suites))
-        progress = Progress(steps, "L1 " if place == NESTED else "", options.progress_file)
-        for column, runner in columns:
-            for name, step in _steps(options, place, column, runner, steady, params, client, fleet, result, progress):
+        progress = Progress(1, "L1 " if place == NESTED else "", options.progress_file)
+        plan = [(column, _steps(options, place, column, runner, steady, params, client, fleet, result, progress))
+                for column, runner in columns]
+        progress.steps = max(sum(len(steps) for _, steps in plan), 1)
+        for column, steps in plan:
+            for name, step in steps:
                 progress.step(f"{name} · {column.key}")
                 try:
                     step()
@@ -220,17 +221,23 @@ def _steps(options: Options, place: str, column: Column, runner: Runner, steady:
         steps.append(("density", lambda: run_density(result, column.key, runner, fleet, options.instances, spec,
                                                      progress.say)))
 
-    def pagecache_step() -> None:
-        from .pagecache import ksm_available, run_pagecache
+    def pagecache_step(variant: InstanceSpec, merge: bool = False) -> Callable[[], None]:
+        from .pagecache import run_pagecache
 
-        run_pagecache(result, column.key, runner, fleet, options.instances, spec, options.quick, progress.say)
-        if column.name == "vm" and ksm_available():
-            merge = InstanceSpec(image=options.image, memory_mib=options.memory_mib, memory_merge=True)
-            run_pagecache(result, column.key, runner, fleet, options.instances, merge, options.quick,
-                          progress.say, merge=True)
+        return lambda: run_pagecache(result, column.key, runner, fleet, options.instances, variant, options.quick,
+                                     progress.say, merge=merge)
 
     if "pagecache" in options.suites:
-        steps.append(("pagecache", pagecache_step))
+        from .pagecache import ksm_available
+
+        steps.append(("pagecache", pagecache_step(spec)))
+        # the VM's levers, each its own step: one that fails loses its own rows only
+        if column.name == "vm" and ksm_available():
+            merge = InstanceSpec(image=options.image, memory_mib=options.memory_mib, memory_merge=True)
+            steps.append(("pagecache+ksm", pagecache_step(merge, merge=True)))
+        if column.name == "vm":
+            dax = InstanceSpec(image=options.image, memory_mib=options.memory_mib, dax_base=True)
+            steps.append(("pagecache+dax", pagecache_step(dax)))
     return steps
 
 

@@ -26,6 +26,7 @@ ID_BLOCK = 2
 ID_CONSOLE = 3
 ID_RNG = 4
 ID_VSOCK = 19
+ID_PMEM = 27
 
 
 class DeviceError(Exception):
@@ -71,6 +72,15 @@ class VirtioDevice(abc.ABC):
     def fit_machine(self, cpus: int) -> None:
         """Before the transport is built: size per-vCPU resources (queues) for a machine
         of `cpus` vCPUs. The default has nothing to size."""
+
+    def shared_memory(self) -> tuple[int, int] | None:
+        """(host address, size) of host memory the device maps into guest-physical space
+        (virtio-pmem), or None. The transport's host places it and calls `place`."""
+        return None
+
+    def place(self, guest_address: int) -> None:
+        """Where `shared_memory` landed in guest-physical space (before the driver reads
+        the config space)."""
 
     def write_config(self, offset: int, data: bytes) -> None:
         """Drivers rarely write config; the default ignores it."""

@@ -42,6 +42,14 @@ def fs(host_dir: str | Path, tag: str, read_only: bool = False) -> VirtioMmioFac
     return VirtioMmioFactory(make, f"fs:{tag}")
 
 
+def pmem(path: str | Path) -> VirtioMmioFactory:
+    """virtio-pmem over a file, read-only: the guest's /dev/pmemN (mount it `-o ro,dax`)."""
+    def make() -> VirtioDevice:
+        from .pmem import PmemDevice
+        return PmemDevice(str(path))
+    return VirtioMmioFactory(make, f"pmem:{path}")
+
+
 class NetFactory(VirtioMmioFactory):
     """virtio-net on a fresh TAP. The host side is set up when the factory is made, so the
     guest's `ip=` parameter is known before the kernel command line is written; it is torn

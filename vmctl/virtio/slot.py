@@ -47,6 +47,11 @@ class VirtioHost(Protocol):
 
     def register_ioeventfd(self, eventfd: int, address: int, length: int, datamatch: int | None = None) -> None: ...
 
+    def map_device_memory(self, host_address: int, size: int) -> int:
+        """Map `size` bytes of host memory read-only into guest-physical space above RAM and
+        the device range (a KVM_MEM_READONLY slot); returns the guest address."""
+        ...
+
 
 class VirtioMmioSlot:
     """The `MmioDevice` the machine puts on its MMIO bus."""
@@ -87,6 +92,8 @@ class VirtioMmioFactory:
         device = self.make()
         try:
             device.fit_machine(host.vcpu_count())
+            if (shared := device.shared_memory()) is not None:
+                device.place(host.map_device_memory(*shared))
             line = host.irq_line(gsi)
             transport = VirtioMmioTransport(device, host.guest_memory(), line.trigger, irq_fd=line.eventfd)
         except BaseException:

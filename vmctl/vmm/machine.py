@@ -125,6 +125,7 @@ class Machine:
         self.agent_serial: Serial | None = None
         self.boot: BootInfo | None = None
         self.mmio_devices: list[MmioDevice] = []
+        self._next_device_memory = memory_map.device_memory_base(config.memory)
 
     # --- life cycle ------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -271,6 +272,16 @@ class Machine:
     def register_ioeventfd(self, eventfd: int, address: int, length: int, datamatch: int | None = None) -> None:
         assert self.vm is not None, "the machine is not built"
         self.vm.register_ioeventfd(eventfd, address, length, datamatch=datamatch)
+
+    def map_device_memory(self, host_address: int, size: int) -> int:
+        """A read-only memory slot for a device's region (virtio-pmem), above RAM and the
+        device range, in attach order: a restored machine gets the same addresses again."""
+        assert self.vm is not None, "the machine is not built"
+        guest_address = self._next_device_memory
+        self.vm.add_memory_slot(guest_address, size, host_address, read_only=True)
+        self._next_device_memory = memory_map.align_device_memory(guest_address + size)
+        log.info("device memory: %s at 0x%x (read-only)", format_size(size), guest_address)
+        return guest_address
 
     def irq_line(self, gsi: int) -> "IrqLine":
         """An edge-triggered interrupt line: writing the eventfd injects `gsi` in the kernel."""

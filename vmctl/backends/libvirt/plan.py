@@ -127,6 +127,8 @@ def domain_plan(spec: MachineSpec, *, uuid: str, domain_type: str, disks: tuple[
                 console_log: str, agent_socket: str | None, run_as: tuple[int, int] | None,
                 state_folder: str, tap: str | None = None, extra_words: tuple[str, ...] = ()) -> DomainPlan:
     """Everything the domain XML says, decided; only the disks, TAP and paths come from outside."""
+    if spec.pmem:
+        raise VmctlError(f"{spec.source or spec.name}: pmem: not supported with backend: libvirt yet (kvm only)")
     kernel, initrd, cmdline = boot_for(spec, DEFAULT_CMDLINE, extra_words)
     return DomainPlan(
         machine=spec.name, name=domain_name(spec.name), uuid=uuid, domain_type=domain_type,

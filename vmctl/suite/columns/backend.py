@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ...errors import VmctlError
-from .base import ColumnUnavailable, InstanceSpec, Output
+from .base import DAX_MOUNT, ColumnUnavailable, InstanceSpec, Output
 
 BACKEND_OF = {"container": "container", "vm": "kvm", "qemu": "libvirt"}
 READY_TIMEOUT = {"container": 60.0, "vm": 600.0, "qemu": 600.0}
@@ -58,13 +58,15 @@ class BackendColumn:
                       "qemu": "VM (QEMU/KVM via libvirt)"}[name]
 
     def start(self, spec: InstanceSpec, index: int) -> BackendInstance:
-        from ...spec.model import MachineSpec, NetworkSpec
+        from ...spec.model import MachineSpec, NetworkSpec, PmemSpec
 
+        pmem = (PmemSpec(self.base_ext4(), DAX_MOUNT),) if spec.dax_base else ()
         machine = MachineSpec(
             name=f"suite-{self.name}-{index}-{os.getpid()}", backend=self.backend_name, cpus=spec.cpus,
             memory=spec.memory_mib << 20, image=spec.image,
             network=NetworkSpec(mode="isolated" if spec.network else "none"),
             **({"memory_merge": True} if spec.memory_merge else {}),  # type: ignore[arg-type]
+            pmem=pmem,
         )
         with self.store.locked():
             record = self.backend.start(self.store, machine, None)
@@ -77,6 +79,19 @@ class BackendColumn:
             instance.remove()
             raise
         return instance
+
+    def base_ext4(self) -> Path:
+        """The image's raw ext4 (what the qcow2 root disk was converted from): the shared
+        read-only base a `dax_base` VM maps as virtio-pmem."""
+        from ...disk.ext4_super import check_dax_base
+        from ...images.layout import locate
+
+        path = locate(self.image).rootfs_ext4
+        try:
+            check_dax_base(path)
+        except VmctlError as error:
+            raise ColumnUnavailable(f"{self.name}: the {self.image} image's ext4 cannot be a DAX base: {error}") from None
+        return path
 
     def backing_files(self, relative: str) -> list[Path]:
         if self.name == "container":

@@ -10,6 +10,7 @@ from typing import Protocol
 from ...errors import VmctlError
 
 COLUMN_NAMES = ("native", "container", "docker", "vm", "qemu")
+DAX_MOUNT = "/mnt/vmctl-base"  # where a `dax_base` VM has the image's root file system
 
 
 class ColumnUnavailable(VmctlError):
@@ -23,6 +24,7 @@ class InstanceSpec:
     memory_mib: int = 512
     network: bool = False  # reachable from the host at Instance.address
     memory_merge: bool = False  # VMs: guest RAM MADV_MERGEABLE (KSM)
+    dax_base: bool = False  # VMs: the image's raw ext4 as virtio-pmem, mounted ro,dax at DAX_MOUNT
 
 
 @dataclass(frozen=True)
