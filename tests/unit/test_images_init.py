@@ -49,6 +49,22 @@ def test_python_encoding_round_trips_through_init(tmp_path: Path):
 
 
 @needs_busybox
+def test_pmem_words_name_each_device_and_its_mount_point(tmp_path: Path):
+    args = InitArgs(pmem=["/mnt/base", "/srv/two words"])
+    file = tmp_path / "cmdline"
+    file.write_text("console=ttyS0 " + args.cmdline() + "\n")
+    out = subprocess.run([BUSYBOX, "sh", str(INIT_SCRIPT), "--print-config", str(file)],
+                         capture_output=True, text=True, check=True).stdout
+    assert [line for line in out.splitlines() if line.startswith("pmem=")] == [
+        "pmem=/dev/pmem0 /mnt/base", "pmem=/dev/pmem1 /srv/two words"]
+
+
+def test_pmem_paths_must_be_absolute():
+    with pytest.raises(VmctlError, match="vmctl.pmem"):
+        InitArgs(pmem=["relative"]).words()
+
+
+@needs_busybox
 def test_last_word_wins_and_rw_clears_ro(tmp_path: Path):
     config = parsed(tmp_path, "ro vmctl.hostname=a vmctl.hostname=b rw")
     assert config["hostname"] == "b" and config["ro"] == "0"
