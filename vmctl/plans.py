@@ -325,6 +325,9 @@ class ContainerRecord:
     environment: dict[str, str] = field(default_factory=dict)
     network_mode: str = "none"
     monitor_pid: int | None = None  # vmctl's monitor (writes the outcome, releases the mounts)
+    # Frozen upper layers (disk snapshots) stacked above the image, top first: each one a
+    # snapshot's `upper` folder, or one the machine kept when its snapshot was deleted.
+    layers: tuple[str, ...] = ()
 
     @property
     def ssh(self) -> SshAccess | None:
@@ -333,7 +336,7 @@ class ContainerRecord:
     def to_json(self) -> dict[str, Any]:
         return {"cpus": self.cpus, "memory": self.memory, "runtime": self.runtime, "container_id": self.container_id,
                 "image": self.image, "command": list(self.command), "environment": dict(self.environment),
-                "network_mode": self.network_mode, "monitor_pid": self.monitor_pid}
+                "network_mode": self.network_mode, "monitor_pid": self.monitor_pid, "layers": list(self.layers)}
 
     @staticmethod
     def from_json(data: object, where: str) -> ContainerRecord:
@@ -342,6 +345,7 @@ class ContainerRecord:
             cpus=f.integer("cpus"), memory=f.integer("memory"), runtime=f.text("runtime"), container_id=f.text("container_id"),
             image=f.text("image", "busybox"), command=f.texts("command"), environment=f.environment(),
             network_mode=f.text("network_mode", "none"), monitor_pid=f.opt_integer("monitor_pid"),
+            layers=f.texts("layers"),
         )
 
 

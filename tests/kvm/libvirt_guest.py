@@ -33,3 +33,25 @@ def wait_for(condition, what: str, timeout: float = 120):
             pytest.fail(f"waited {timeout} s for {what}")
         time.sleep(0.2)
     return value
+
+
+BOOTS = b"vmctl boots: "
+
+
+def boot_counter(path: Path, work: Path) -> Path:
+    """A 1 MiB raw disk whose MBR (guests/bootcount.S) counts its boots in sector 2 of the
+    same disk through BIOS int 13h, and prints `vmctl boots: NN` on COM1: a guest that writes
+    its disk, for stop/start and disk snapshots."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("gcc") and shutil.which("ld")):
+        pytest.skip("gcc and ld (Debian: build-essential) are needed to assemble the boot sector")
+    source = Path(__file__).parent / "guests" / "bootcount.S"
+    subprocess.run(["gcc", "-c", str(source), "-o", str(work / "bootcount.o")], check=True)
+    subprocess.run(["ld", "-Ttext=0x7c00", "--oformat", "binary", "-e", "_start", str(work / "bootcount.o"),
+                    "-o", str(work / "bootcount.bin")], check=True)
+    sector = (work / "bootcount.bin").read_bytes()
+    assert len(sector) == 512 and sector.endswith(b"\x55\xaa")
+    path.write_bytes(sector.ljust(1 << 20, b"\0"))
+    return path

@@ -221,3 +221,84 @@ def test_stop_start_keeps_the_containers_files(spec, vmctl_cli):
         assert vmctl_cli("exec", "a", "--", "cat", "/root/file").stdout == "kept\n"
     finally:
         assert vmctl_cli("rm", "a").returncode == 0
+
+
+def _one_line_error(result, message: str) -> None:
+    assert result.returncode != 0 and result.stderr == f"vmctl: error: {message}\n", result.stderr
+
+
+def test_disk_snapshots_freeze_the_upper_layer_and_restore_goes_back(spec, vmctl_cli, tmp_path):
+    """Each snapshot freezes the upper layer into a lower layer of the mount; a file deleted
+    from the image after a snapshot stays deleted in the next one (its whiteout is in a lower
+    layer now); restore goes back to any of them; a layer a later snapshot stands on is kept."""
+    before = base_fingerprint()
+    state = tmp_path / "state"
+
+    def run(script: str) -> str:
+        result = vmctl_cli("exec", "a", "--", "sh", "-c", script)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def stop() -> None:
+        assert vmctl_cli("stop", "a", "--timeout", "2").returncode == 0
+        assert ps(vmctl_cli)["a"]["state"] == "stopped"
+
+    def start() -> None:
+        started = vmctl_cli("start", "a")
+        assert started.returncode == 0, started.stderr
+
+    def snapshot(*args: str) -> str:
+        result = vmctl_cli("snapshot", *args)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert vmctl_cli("up", str(spec), "a").returncode == 0
+    folder = state / "machines/a"
+    container_id = json.loads((folder / "machine.json").read_text())["plan"]["container_id"]
+    try:
+        run("echo one > /root/file")
+        _one_line_error(vmctl_cli("snapshot", "create", "a", "live"),
+                        "a: running: vmctl stop a first (a container's layers change only while it is stopped: "
+                        "vmctl snapshot create)")
+        _one_line_error(vmctl_cli("snapshot", "create", "--memory", "a", "m"),
+                        "a: --memory snapshots are for native (kvm) machines; this one is container "
+                        "(vmctl snapshot create a m snapshots its disks)")
+        assert not (state / "snapshots/live").exists() and not (state / "snapshots/m").exists()
+        stop()
+        assert "s1: disk snapshot of a (1 disk layer(s))" in snapshot("create", "a", "s1")
+        start()
+        assert run("cat /root/file") == "one\n"  # from the frozen layer now
+        host_mount = [line for line in Path("/proc/mounts").read_text().splitlines() if str(folder) in line]
+        assert any(f"lowerdir={state}/snapshots/s1/upper:" in line for line in host_mount), host_mount
+        run("echo two > /root/file; rm /etc/hostname")
+        stop()
+        snapshot("create", "a", "s2")
+        start()
+        assert run("cat /root/file; ls /etc/hostname 2>&1 || true") == "two\nls: /etc/hostname: No such file or directory\n"
+        run("echo three > /root/file")
+        stop()
+
+        snapshot("restore", "a", "s1")
+        start()
+        assert run("cat /root/file; ls /etc/hostname") == "one\n/etc/hostname\n"
+        stop()
+        snapshot("restore", "a", "s2")
+        start()
+        assert run("cat /root/file; ls /etc/hostname 2>&1 || true") == "two\nls: /etc/hostname: No such file or directory\n"
+        listed = json.loads(vmctl_cli("snapshot", "list", "--json").stdout)
+        assert [(s["name"], s["backend"], s["layers"]) for s in listed] == [("s1", "container", 1), ("s2", "container", 2)]
+        stop()
+
+        _one_line_error(vmctl_cli("snapshot", "restore", "a", "nope"), "no snapshot named 'nope' (snapshots: s1, s2)")
+        _one_line_error(vmctl_cli("snapshot", "delete", "s1"),
+                        "snapshot 's1': later snapshot(s) s2 stand on its layer (delete those first)")
+        assert "its layer stays under a" in snapshot("delete", "s2")
+        assert "its layer stays under a" in snapshot("delete", "s1")
+        assert json.loads(vmctl_cli("snapshot", "list", "--json").stdout) == []
+        start()
+        assert run("cat /root/file; ls /etc/hostname 2>&1 || true") == "two\nls: /etc/hostname: No such file or directory\n"
+    finally:
+        assert vmctl_cli("rm", "a").returncode == 0
+    assert host_traces(container_id, folder, "-") == [] and not folder.exists()
+    assert os.listdir(state / "snapshots") == []
+    assert base_fingerprint() == before

@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from libvirt_guest import TICK, boot_sector, wait_for
+from libvirt_guest import BOOTS, TICK, boot_counter, boot_sector, wait_for
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (scripts/libvirt-setup)")
 
@@ -155,3 +155,86 @@ def test_local_network_is_a_vmctl_tap_handed_to_qemu_and_removed_with_the_machin
     finally:
         assert vmctl_cli("rm", "lv-net").returncode == 0
     assert not Path(f"/sys/class/net/{tap}").exists() and f"vmctl:{tap}" not in _nat_rules()
+
+
+def _boots(vmctl_cli, name: str) -> list[bytes]:
+    """The `vmctl boots: NN` counts on the console since the last (re)start."""
+    return [line.split(BOOTS)[1][:2] for line in logs(vmctl_cli, name).splitlines() if BOOTS in line]
+
+
+def _one_line_error(result, message: str) -> None:
+    assert result.returncode != 0 and result.stderr == f"vmctl: error: {message}\n", result.stderr
+
+
+def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp_path, state, vmctl_cli, libvirtd):
+    """The guest counts its boots on its own disk (BIOS writes through QEMU into our overlay):
+    stop/start keeps the count; a snapshot freezes it and restore goes back to it."""
+    base = boot_counter(tmp_path / "boot.raw", tmp_path)
+    before = base.read_bytes()
+    spec = tmp_path / "vm.yaml"
+    spec.write_text(f"machines:\n  lv-snap:\n    backend: libvirt\n    memory: 64M\n    disks: [{base}]\n")
+    overlay = state / "machines/lv-snap/disks/vda.qcow2"
+
+    def start(expected: bytes) -> None:
+        started = vmctl_cli("start", "lv-snap", "--no-wait", timeout=300)
+        assert started.returncode == 0, started.stderr
+        assert ps(vmctl_cli)["lv-snap"]["state"] == "running"
+        assert wait_for(lambda: _boots(vmctl_cli, "lv-snap"), "the boot count") == [expected]
+
+    def stop() -> None:
+        stopped = vmctl_cli("stop", "lv-snap", "--timeout", "1", timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        assert ps(vmctl_cli)["lv-snap"]["state"] == "stopped"
+
+    def chain() -> list[str]:
+        info = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(overlay)],
+                              capture_output=True, text=True, check=True)
+        return [image["filename"] for image in json.loads(info.stdout)]
+
+    assert vmctl_cli("up", str(spec), "--no-wait", timeout=300).returncode == 0
+    try:
+        assert wait_for(lambda: _boots(vmctl_cli, "lv-snap"), "the first boot") == [b"01"]
+        _one_line_error(vmctl_cli("snapshot", "create", "lv-snap", "live"),
+                        "lv-snap: running: vmctl stop lv-snap first (a libvirt machine's disks are snapshotted "
+                        "while it is shut off)")
+        _one_line_error(vmctl_cli("snapshot", "create", "--memory", "lv-snap", "mem"),
+                        "lv-snap: --memory snapshots are for native (kvm) machines; this one is libvirt "
+                        "(vmctl snapshot create lv-snap mem snapshots its disks)")
+        stop()
+        conn = libvirt.open(libvirtd)
+        try:
+            domain = conn.lookupByName("vmctl-lv-snap")
+            assert domain.isPersistent() and not domain.isActive()  # still defined, shut off
+        finally:
+            conn.close()
+        start(b"02")  # the write of the first boot was kept
+        stop()
+
+        made = vmctl_cli("snapshot", "create", "lv-snap", "two")
+        assert made.returncode == 0 and "two: disk snapshot of lv-snap (1 disk layer(s))" in made.stderr, made.stderr
+        layer = state / "snapshots/two/disk0.qcow2"
+        assert chain() == [str(overlay), str(layer), str(base)]
+        listed = json.loads(vmctl_cli("snapshot", "list", "--json").stdout)
+        assert [(s["name"], s["machine"], s["backend"], s["kind"]) for s in listed] == [("two", "lv-snap", "libvirt", "disk")]
+        start(b"03")  # the machine goes on over a new overlay above the layer
+        stop()
+        restored = vmctl_cli("snapshot", "restore", "lv-snap", "two")
+        assert restored.returncode == 0, restored.stderr
+        start(b"03")  # back at count 2: this boot makes it 3 again
+        stop()
+
+        _one_line_error(vmctl_cli("snapshot", "restore", "lv-snap", "nope"), "no snapshot named 'nope' (snapshots: two)")
+        assert vmctl_cli("snapshot", "create", "lv-snap", "three").returncode == 0
+        _one_line_error(vmctl_cli("snapshot", "delete", "two"),
+                        "snapshot 'two': snapshot three still read(s) its disk layers (remove or stop those first)")
+        assert vmctl_cli("snapshot", "delete", "three").returncode == 0
+        deleted = vmctl_cli("snapshot", "delete", "two")
+        assert deleted.returncode == 0 and "1 overlay(s) of lv-snap merged" in deleted.stderr, deleted.stderr
+        assert chain() == [str(overlay), str(base)] and not (state / "snapshots/two").exists()
+        assert subprocess.run(["qemu-img", "check", "-U", str(overlay)], capture_output=True).returncode == 0
+        start(b"04")  # the merged overlay still holds count 3
+        listed = json.loads(vmctl_cli("snapshot", "list", "--json").stdout)
+        assert listed == [] and os.listdir(state / "snapshots") == []
+    finally:
+        assert vmctl_cli("rm", "lv-snap").returncode == 0
+    assert base.read_bytes() == before

@@ -33,7 +33,8 @@ KVM = KvmPlan(cpus=2, memory=512 << 20, kernel="/cache/bzImage", cmdline="consol
               ssh=SshAccess("alice", "/m/ssh/id"), ephemeral=True, pmem=(PmemPlan("/base.ext4", "/mnt/base"),))
 LIBVIRT = LibvirtRecord(cpus=1, memory=256 << 20, uri="qemu:///system", domain="vmctl-web", uuid="u-1",
                         console="/m/console.log", agent_socket="/m/agent.sock", ssh=SshAccess())
-CONTAINER = ContainerRecord(cpus=1, memory=64 << 20, runtime="crun", container_id="vmctl-c-1", monitor_pid=42)
+CONTAINER = ContainerRecord(cpus=1, memory=64 << 20, runtime="crun", container_id="vmctl-c-1", monitor_pid=42,
+                            layers=("/s/snapshots/b/upper", "/s/snapshots/a/upper"))
 
 
 @pytest.mark.parametrize("plan", [KVM, LIBVIRT, CONTAINER], ids=lambda p: p.backend)
@@ -120,3 +121,11 @@ def test_the_vmm_daemon_reads_its_plan_argument_not_the_state_store(tmp_path: Pa
                             "print('vmctl.state' in sys.modules, 'vmctl.backends' in sys.modules)"],
                            capture_output=True, text=True, timeout=60)
     assert probe.stdout.split() == ["False", "False"], probe.stderr
+
+
+def test_container_layers_default_to_none_and_must_be_strings():
+    data = CONTAINER.to_json()
+    del data["layers"]  # a record from before disk snapshots
+    assert plan_from_json("container", data, "m.json: plan").layers == ()
+    with pytest.raises(VmctlError, match=r"^m.json: plan.layers: expected a list of strings, got \[1\]$"):
+        plan_from_json("container", CONTAINER.to_json() | {"layers": [1]}, "m.json: plan")

@@ -15,11 +15,13 @@ from ..state import StateStore
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     snapshot = subparsers.add_parser(
-        "snapshot", help="disk and memory snapshots of native machines",
-        description="Snapshots of native (kvm) machines. A disk snapshot freezes each overlay vmctl made for "
-        "the machine into a read-only layer (the machine goes on over a new overlay; no data is copied); "
-        "--memory also saves the running guest (vCPUs, devices, RAM), so `vmctl up --from-snapshot` "
-        "starts clones that continue it in milliseconds instead of booting.",
+        "snapshot", help="disk snapshots of machines, memory snapshots of native ones",
+        description="A disk snapshot freezes each overlay vmctl made for the machine into a read-only layer "
+        "(the machine goes on over a new overlay; no data is copied): qcow2 overlays of native (kvm) and "
+        "libvirt machines, the overlayfs upper layer of a container (libvirt machines and containers are "
+        "snapshotted, restored and their snapshots deleted while stopped). --memory (native machines) also "
+        "saves the running guest (vCPUs, devices, RAM), so `vmctl up --from-snapshot` starts clones that "
+        "continue it in milliseconds instead of booting.",
         epilog="examples:\n  vmctl snapshot create --memory db ready\n  vmctl up --from-snapshot ready --name db2\n"
         "  vmctl snapshot list\n  vmctl stop db && vmctl snapshot restore db ready\n  vmctl snapshot delete ready",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -28,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create = verbs.add_parser("create", help="snapshot a machine's disks (and, with --memory, its running guest)")
     create.add_argument("name", help="machine")
     create.add_argument("snapshot", help="snapshot name (letters, digits, - _ .)")
-    create.add_argument("--memory", action="store_true", help="also save the running guest (memory, vCPUs, devices)")
+    create.add_argument("--memory", action="store_true",
+                        help="also save the running guest (memory, vCPUs, devices); native machines only")
     create.set_defaults(func=cmd_create)
     listing = verbs.add_parser("list", help="list snapshots")
     listing.add_argument("name", nargs="?", help="only this machine's")
@@ -46,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stop", help="stop machines, keeping their disks to start them again",
         description="Shut each guest down (through its agent; the VM is stopped after --timeout), keeping its "
         "overlays and state: `vmctl ps` shows it stopped, `vmctl start` boots it again from the same disks. "
-        "A container is stopped (SIGTERM, then SIGKILL) keeping its upper layer; `start` runs it again on it.")
+        "A libvirt domain is shut down (ACPI), destroyed after --timeout, and stays defined; a container "
+        "is stopped (SIGTERM, then SIGKILL) keeping its upper layer; `start` runs it again on it.")
     stop.add_argument("names", nargs="+")
     stop.add_argument("--timeout", type=float, default=10, help="seconds before the VM is stopped (default 10)")
     stop.set_defaults(func=cmd_stop)
@@ -64,21 +68,29 @@ def _stores():
     return StateStore(), SnapshotStore()
 
 
-def _kvm_record(store: StateStore, name: str):
-    record = store.load(name)
-    if record.backend != "kvm":
-        raise VmctlError(f"{name}: snapshots, stop and start are for native (kvm) machines; this one is {record.backend}")
-    return record
+def _take(store: StateStore, record, snapshots, args: argparse.Namespace):
+    if record.backend == "kvm":
+        from ..backends.kvm_snapshot import take
+
+        return take(store, record, snapshots, args.snapshot, args.memory)
+    if args.memory:
+        raise VmctlError(f"{record.name}: --memory snapshots are for native (kvm) machines; this one is "
+                         f"{record.backend} (vmctl snapshot create {record.name} {args.snapshot} snapshots its disks)")
+    if record.backend == "libvirt":
+        from ..backends.libvirt.disk_snapshots import take as take_libvirt
+
+        return take_libvirt(get_backend("libvirt"), store, record, snapshots, args.snapshot)
+    from ..backends.container.layer_snapshots import take as take_container
+
+    return take_container(store, record, snapshots, args.snapshot)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from ..backends.kvm_snapshot import take
-
     store, snapshots = _stores()
     with store.locked():
-        record = _kvm_record(store, args.name)
+        record = store.load(args.name)
         started = time.monotonic()
-        meta = take(store, record, snapshots, args.snapshot, args.memory)
+        meta = _take(store, record, snapshots, args)
     size = f", {meta.memory_bytes >> 20} MiB of memory" if meta.kind == "memory" else ""
     print(f"{args.snapshot}: {meta.kind} snapshot of {args.name} ({len(meta.layers)} disk layer(s){size}) "
           f"in {time.monotonic() - started:.2f} s", file=sys.stderr)
@@ -89,7 +101,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     _, snapshots = _stores()
     found = [m for m in snapshots.list() if not args.name or m.machine == args.name]
     if args.json:
-        print(json.dumps([{"name": m.name, "machine": m.machine, "kind": m.kind, "created": m.created,
+        print(json.dumps([{"name": m.name, "machine": m.machine, "backend": m.backend, "kind": m.kind, "created": m.created,
                            "layers": len(m.layers), "memory_bytes": m.memory_bytes} for m in found], indent=2))
         return 0
     print(f"{'SNAPSHOT':20} {'MACHINE':16} {'KIND':7} {'LAYERS':>6} {'MEMORY':>8}  CREATED")
@@ -103,30 +115,67 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from ..backends.kvm_snapshot import restore
-
     store, snapshots = _stores()
     with store.locked():
-        record = _kvm_record(store, args.name)
-        started = restore(store, record, snapshots, snapshots.load(args.snapshot))
+        record = store.load(args.name)
+        meta = snapshots.load(args.snapshot)
+        if meta.backend != record.backend:
+            raise VmctlError(f"snapshot {meta.name!r} is of a {meta.backend} machine; {args.name} is {record.backend}")
+        started = False
+        if record.backend == "kvm":
+            from ..backends.kvm_snapshot import restore
+
+            started = restore(store, record, snapshots, meta)
+        else:
+            if meta.machine != record.name:
+                raise VmctlError(f"snapshot {meta.name!r} is of machine {meta.machine!r}, not {record.name!r}")
+            if record.backend == "libvirt":
+                from ..backends.libvirt.disk_snapshots import restore as restore_libvirt
+
+                restore_libvirt(get_backend("libvirt"), store, record, snapshots, meta)
+            else:
+                from ..backends.container.layer_snapshots import restore as restore_container
+
+                restore_container(store, record, snapshots, meta)
     print(f"{args.name}: restored to {args.snapshot}" + (" and started" if started else " (vmctl start boots it)"),
           file=sys.stderr)
     return 0
 
 
-def cmd_delete(args: argparse.Namespace) -> int:
+def _delete(store: StateStore, snapshots, name: str) -> str:
+    from ..backends.container.layer_snapshots import delete as delete_container
+    from ..backends.container.layer_snapshots import recover as recover_container
     from ..backends.kvm_snapshot import delete
+    from ..backends.libvirt.disk_snapshots import delete as delete_libvirt
+    from ..backends.libvirt.disk_snapshots import recover as recover_libvirt
 
+    folder = snapshots.folder(name)
+    if folder.is_dir() and name in snapshots.incomplete():
+        # an interrupted create: whichever backend's machine stands on it undoes it
+        done = recover_container(store, folder)
+        if done is None:
+            done = recover_libvirt(get_backend("libvirt"), store, folder)
+        return done or delete(store, snapshots, name)
+    meta = snapshots.load(name)
+    if meta.backend == "libvirt":
+        return delete_libvirt(get_backend("libvirt"), store, snapshots, meta)
+    if meta.backend == "container":
+        return delete_container(store, snapshots, meta)
+    return delete(store, snapshots, name)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
     store, snapshots = _stores()
     with store.locked():
-        print(f"{args.snapshot}: {delete(store, snapshots, args.snapshot)}", file=sys.stderr)
+        print(f"{args.snapshot}: {_delete(store, snapshots, args.snapshot)}", file=sys.stderr)
     return 0
 
 
 def _stoppable(store: StateStore, name: str):
     record = store.load(name)
-    if record.backend not in ("kvm", "container"):
-        raise VmctlError(f"{name}: stop and start are for native (kvm) machines and containers; this one is {record.backend}")
+    if record.ephemeral:
+        raise VmctlError(f"{name}: ephemeral: it is removed when it stops (vmctl down); stop and start "
+                         f"are for machines that keep their disks")
     return record
 
 

@@ -224,7 +224,9 @@ def _plan(folder: Path, record: MachineRecord) -> Plan:
         rec = _rec(record)
         binary = shutil.which(rec.runtime) or rec.runtime
         try:
-            lower = str(base_tree(rec.image))
+            from .layer_snapshots import stacked
+
+            lower = stacked(rec.layers, str(base_tree(rec.image)))
         except VmctlError:
             lower = ""  # only the mount point matters to unmount it
         if folder not in _WARNED_UNREADABLE:  # stop and rm both read it: one warning is enough

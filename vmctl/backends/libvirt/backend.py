@@ -52,6 +52,7 @@ from .plan import (
 )
 
 DOMAIN_XML = "domain.xml"
+STOPPED = "stopped"  # marker file of `vmctl stop`: shut off on purpose, to be started again
 POLL = 0.1
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 
@@ -295,6 +296,8 @@ class LibvirtBackend:
                                             libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_SHUTDOWN):
             detail = "paused" if state == libvirt.VIR_DOMAIN_PAUSED else ""
             return MachineStatus(record.name, self.name, "running", record.pid, detail)
+        if (store.folder(record.name) / STOPPED).exists():
+            return MachineStatus(record.name, self.name, "stopped", None, "by vmctl stop (vmctl start boots it)")
         ended = ended_status(self.name, store, record)
         if ended is not None:
             return ended
@@ -375,12 +378,35 @@ class LibvirtBackend:
 
     def usage(self, store: StateStore, record: MachineRecord) -> Usage:
         """QEMU's process (local URIs) and the machine's own disks (its overlays)."""
-        pid = self._qemu_pid(_rec(record).uri, record.name)
+        pid = self._qemu_pid(_rec(record).uri, _rec(record).domain)
         return Usage((pid,) if pid else (), allocated_bytes(store.folder(record.name) / "disks"))
 
     def restart(self, store: StateStore, record: MachineRecord) -> None:
-        raise VmctlError(f"{record.name}: vmctl start is native-only for now (backend kvm); "
-                         f"virsh -c {_rec(record).uri} start {_rec(record).domain} starts the domain")
+        """`vmctl start`: the shut-off domain again (defined again from domain.xml if it was
+        undefined outside vmctl), on its own overlays, their chains re-read from the files."""
+        rec = _rec(record)
+        if record.ephemeral:
+            raise VmctlError(f"{record.name}: ephemeral: removed once it stops (vmctl up starts it anew)")
+        conn = self._conn(rec.uri, record.name)
+        folder = store.folder(record.name)
+        domain = self._domain(record)
+        if domain is not None and domain.isActive():
+            raise VmctlError(f"{record.name}: already running")
+        if domain is None:
+            with translated(record.name, f"defining domain {rec.domain} again from {folder / DOMAIN_XML}"):
+                domain = conn.defineXML((folder / DOMAIN_XML).read_text())
+        if not rec.remote:
+            from .disk_snapshots import Domains
+
+            Domains(self, store, record).sync_chains()
+        for leftover in (OUTCOME, STOPPED):
+            (folder / leftover).unlink(missing_ok=True)
+        if (folder / CONSOLE).exists():  # the last run's READY must not count for this one
+            (folder / CONSOLE).replace(folder / f"{CONSOLE}.1")
+        with translated(record.name, f"starting domain {rec.domain} on {rec.uri}"):
+            domain.create()
+        record.pid = self._qemu_pid(rec.uri, rec.domain)
+        store.save(record)
 
     def remove(self, store: StateStore, record: MachineRecord) -> None:
         self.stop(store, record, timeout=5)

@@ -69,6 +69,8 @@ def root_image(spec: MachineSpec) -> str | None:
         return None
     if is_oci_boot(spec):
         return None  # its disks are the image's layers (disks.oci_disks)
+    if spec.image == "busybox":
+        return None  # an initramfs, no root disk (and a machine booting its own disk needs no kernel)
     try:
         root = reference_images(spec.image).root_disk
     except VmctlError as error:

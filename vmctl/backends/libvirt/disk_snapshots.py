@@ -1,0 +1,218 @@
+"""Disk snapshots of libvirt machines: vmctl's qcow2 chains, with the domain redefined on them.
+
+The same model as native machines (vmctl/snapshot/disk_layers.py): each overlay vmctl made
+for the machine (`<state>/machines/<name>/disks/*.qcow2`) becomes a read-only layer of the
+snapshot and the machine goes on over a new overlay at the same path. The domain XML spells
+out every disk's whole backing chain, so after any change to the files the persistent
+definition is redefined with the chain read back from the files (`sync_chains`; `vmctl start`
+does it too, so a domain never starts on a chain its files do not have).
+
+Why not libvirt's own external snapshots (`virDomainSnapshotCreateXML`, disk-only): libvirt
+9.0 (Debian 12) creates and deletes them but cannot revert to one (that came in 9.9), and they
+would put the frozen layer at the old path and the new overlay elsewhere, outside the layout
+`vmctl snapshot list/restore/delete` share with native machines. So the domain is snapshotted
+while it is shut off (`vmctl stop` first), on every libvirt version; docs/libvirt.md.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from ...errors import VmctlError
+from ...plans import LibvirtRecord
+from ...snapshot.disk_layers import backing_of, freeze_overlay, merge_layer_into, overlay_on
+from ...snapshot.snapshot_store import Layer, SnapshotMeta, SnapshotStore
+from ...state import MachineRecord, StateStore
+from .connection import libvirt_module, translated
+from .disks import local_chain
+
+DOMAIN_XML = "domain.xml"
+
+
+def own_overlays(store: StateStore, record: MachineRecord, xml_text: str) -> list[tuple[int, Path]]:
+    """(disk index, path) of the writable qcow2 overlays vmctl made for the machine."""
+    disks_dir = store.folder(record.name) / "disks"
+    found = []
+    for index, disk in enumerate(ET.fromstring(xml_text).findall("devices/disk[@device='disk']")):
+        source, driver = disk.find("source"), disk.find("driver")
+        path = Path(source.get("file", "")) if source is not None else None
+        if (path is None or path.parent != disks_dir or disk.find("readonly") is not None
+                or driver is None or driver.get("type") != "qcow2"):
+            continue
+        found.append((index, path))
+    return found
+
+
+def with_chains(xml_text: str, overlays: list[Path], machine: str) -> str:
+    """The domain XML with each overlay's `<backingStore>` chain as its files have it now."""
+    domain = ET.fromstring(xml_text)
+    wanted = {str(path) for path in overlays}
+    for disk in domain.findall("devices/disk"):
+        source = disk.find("source")
+        if source is None or source.get("file") not in wanted:
+            continue
+        for old in disk.findall("backingStore"):
+            disk.remove(old)
+        parent = ET.Element("backingStore", type="file")
+        chain = local_chain(source.get("file", ""), machine)[1:]
+        top = parent
+        for layer in chain:
+            ET.SubElement(top, "format", type=layer.format)
+            ET.SubElement(top, "source", file=layer.path)
+            top = ET.SubElement(top, "backingStore", type="file")
+        top.attrib.clear()  # the chain ends here: an empty <backingStore/>
+        disk.insert(list(disk).index(source) + 1, parent if chain else ET.Element("backingStore"))
+    ET.indent(domain)
+    return ET.tostring(domain, encoding="unicode") + "\n"
+
+
+class Domains:
+    """The machine's domain through the backend's connection."""
+
+    def __init__(self, backend: Any, store: StateStore, record: MachineRecord) -> None:
+        self.backend, self.store, self.record = backend, store, record
+        self.rec: LibvirtRecord = record.plan_as(LibvirtRecord)
+        if self.rec.remote:
+            raise VmctlError(f"{record.name}: disk snapshots are for machines on a local libvirt "
+                             f"({self.rec.uri} keeps the overlays on the other host)")
+
+    def domain(self) -> Any | None:
+        return self.backend._domain(self.record)
+
+    def running(self) -> bool:
+        domain = self.domain()
+        return domain is not None and bool(domain.isActive())
+
+    def xml(self) -> str:
+        """The persistent definition (what the next start uses), else the saved domain.xml."""
+        domain = self.domain()
+        if domain is not None and domain.isPersistent():
+            return domain.XMLDesc(libvirt_module().VIR_DOMAIN_XML_INACTIVE)
+        return (self.store.folder(self.record.name) / DOMAIN_XML).read_text()
+
+    def overlays(self) -> list[tuple[int, Path]]:
+        return own_overlays(self.store, self.record, self.xml())
+
+    def sync_chains(self) -> None:
+        """Redefine the domain with its overlays' chains read from the files."""
+        xml = self.xml()
+        new = with_chains(xml, [path for _, path in own_overlays(self.store, self.record, xml)], self.record.name)
+        folder = self.store.folder(self.record.name)
+        temporary = folder / f".{DOMAIN_XML}.new"
+        temporary.write_text(new)
+        os.replace(temporary, folder / DOMAIN_XML)
+        domain = self.domain()
+        if domain is not None and domain.isPersistent():
+            conn = self.backend._conn(self.rec.uri, self.record.name)
+            with translated(self.record.name, f"redefining domain {self.rec.domain}"):
+                conn.defineXML(new)
+
+    def require_stopped(self, what: str) -> None:
+        if self.running():
+            raise VmctlError(f"{self.record.name}: running: vmctl stop {self.record.name} first "
+                             f"(a libvirt machine's disks are {what} while it is shut off)")
+
+
+def take(backend: Any, store: StateStore, record: MachineRecord, snapshots: SnapshotStore, name: str) -> SnapshotMeta:
+    domains = Domains(backend, store, record)
+    domains.require_stopped("snapshotted")
+    overlays = domains.overlays()
+    if not overlays:
+        raise VmctlError(f"{record.name}: no disk of its own to snapshot (read-only and `overlay: false` disks "
+                         f"are not part of a snapshot)")
+    folder = snapshots.new_folder(name)
+    frozen: list[tuple[Path, Path]] = []
+    try:
+        layers = []
+        for index, overlay in overlays:
+            layer = folder / f"disk{index}.qcow2"
+            freeze_overlay(overlay, layer)
+            frozen.append((overlay, layer))
+            layers.append(Layer.of(index, layer))
+        domains.sync_chains()
+        meta = SnapshotMeta(name, record.name, "libvirt", "disk", layers, domains.rec.to_json())
+        snapshots.save(meta)
+    except BaseException:
+        for overlay, layer in frozen:  # each overlay takes its layer's data back: the same disk
+            merge_layer_into(overlay, layer)
+        if frozen:
+            domains.sync_chains()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return meta
+
+
+def restore(backend: Any, store: StateStore, record: MachineRecord, snapshots: SnapshotStore,
+            meta: SnapshotMeta) -> None:
+    domains = Domains(backend, store, record)
+    domains.require_stopped("restored")
+    snapshots.check_layers(meta)
+    overlays = dict(domains.overlays())
+    by_index = {layer.index: Path(layer.path) for layer in meta.layers}
+    if set(by_index) - set(overlays):
+        raise VmctlError(f"snapshot {meta.name!r}: disk(s) {sorted(set(by_index) - set(overlays))} of it are not "
+                         f"overlays of {record.name} any more")
+    for index, layer in by_index.items():
+        overlay_on(layer, overlays[index])
+    domains.sync_chains()
+
+
+def delete(backend: Any, store: StateStore, snapshots: SnapshotStore, meta: SnapshotMeta) -> str:
+    """Refused while another snapshot, or a machine other than the stopped source, reads a
+    layer; the stopped source's overlays take the layers' data first (a qcow2 rebase)."""
+    layers = {layer.path for layer in meta.layers}
+    blocking = [f"snapshot {other.name}" for other in snapshots.list()
+                if other.name != meta.name and any(backing_of(Path(layer.path)) in layers for layer in other.layers)]
+    merge: list[Path] = []
+    source = None
+    for name in store.names():
+        record = store.load(name)
+        if not isinstance(record.plan, LibvirtRecord) or record.plan.remote:
+            continue
+        domains = Domains(backend, store, record)
+        used = [path for _, path in domains.overlays() if backing_of(path) in layers]
+        if not used:
+            continue
+        if name == meta.machine and not domains.running():
+            merge, source = used, domains
+        else:
+            blocking.append(f"machine {name}" + (" (running)" if domains.running() else ""))
+    if blocking:
+        raise VmctlError(f"snapshot {meta.name!r}: {', '.join(blocking)} still read(s) its disk layers "
+                         f"(remove or stop those first)")
+    for overlay in merge:
+        merge_layer_into(overlay, Path(backing_of(overlay) or ""))
+    if source is not None:
+        source.sync_chains()
+    snapshots.remove(meta.name)
+    return f"{len(merge)} overlay(s) of {meta.machine} merged" if merge else "removed"
+
+
+def recover(backend: Any, store: StateStore, folder: Path) -> str | None:
+    """Undo an interrupted `create` (no meta.json): the layers in `folder` that a stopped
+    libvirt machine's overlay stands on are merged back into it. None: none does."""
+    merged = 0
+    for name in store.names():
+        record = store.load(name)
+        if not isinstance(record.plan, LibvirtRecord) or record.plan.remote:
+            continue
+        domains = Domains(backend, store, record)
+        used = [path for _, path in domains.overlays() if (backing_of(path) or "").startswith(f"{folder}/")]
+        if not used:
+            continue
+        domains.require_stopped("merged back")
+        for overlay in used:
+            merge_layer_into(overlay, Path(backing_of(overlay) or ""))
+        domains.sync_chains()
+        merged += len(used)
+    if not merged:
+        return None
+    import shutil
+
+    shutil.rmtree(folder)
+    return f"incomplete snapshot removed ({merged} overlay(s) merged back)"
