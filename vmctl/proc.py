@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,34 @@ def reap(pid: int | None, block: bool = False) -> None:
 
 
 def wait_gone(pid: int | None, timeout: float, poll: float = POLL) -> bool:
-    """Wait up to `timeout` seconds for `pid` to end (reaping it if it is our child)."""
+    """Wait up to `timeout` seconds for `pid` to end (reaping it if it is our child).
+
+    Through a pidfd, which becomes readable the moment the process exits: a poll loop woke
+    up to `poll` seconds late, which was most of `vmctl rm`'s time (benchmarks-run.md)."""
+    if not pid_alive(pid):
+        reap(pid, block=True)
+        return True
+    assert pid is not None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone between the two checks
+        reap(pid, block=True)
+        return True
+    except OSError:  # no pidfds (kernel < 5.3, seccomp): poll
+        return _poll_gone(pid, timeout, poll)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.poll(max(timeout, 0.0) * 1000)  # readable once it exited (a zombie child included)
+    finally:
+        os.close(pidfd)
+    if not pid_alive(pid):
+        reap(pid, block=True)
+        return True
+    return False
+
+
+def _poll_gone(pid: int, timeout: float, poll: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not pid_alive(pid):

@@ -63,3 +63,17 @@ def test_allocated_bytes_counts_blocks_and_hard_links_once(tmp_path: Path):
     (data / "link").hardlink_to(data / "full")
     assert allocated_bytes(data) - allocated_bytes(data / "full") == empty_dir  # the link adds nothing
     assert allocated_bytes(data) < 1 << 20  # the sparse file counts what it holds
+
+
+def test_wait_gone_returns_when_the_process_ends_and_gives_up_at_the_timeout():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not wait_gone(child.pid, 0.2)  # still running: the timeout ends the wait
+        assert pid_alive(child.pid)
+        killer = subprocess.Popen(["sh", "-c", f"sleep 0.3; kill {child.pid}"])
+        assert wait_gone(child.pid, 30)  # woken by the exit (pidfd), reaped
+        assert process_state(child.pid) is None
+        killer.wait()
+    finally:
+        child.kill()
+        child.wait()

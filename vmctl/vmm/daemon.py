@@ -299,5 +299,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def exit_now(code: int) -> None:
+    """End the process once the outcome is written and every disk closed: skipping the
+    interpreter's finalisation (module teardown, collecting every object) ends the VMM, and
+    so `vmctl rm`/`run`'s wait for it, ~0.1 s sooner (1 s and more under emulation)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code & 0xFF)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
