@@ -308,3 +308,21 @@ def test_apt_mirror_from_sources(tmp_path: Path):
         "deb [arch=amd64] http://list.example/debian bookworm main\n")
     assert rootfs.apt_mirror(apt) == "http://list.example/debian"
     assert rootfs.apt_mirror(tmp_path / "none") is None
+
+
+def test_dpkg_versions_come_from_the_status_database(tmp_path: Path):
+    from vmctl.images.steps import _installed_version
+
+    status = (b"Package: a\nStatus: install ok installed\nVersion: 1.0\nDescription: x\n continued: not a field\n\n"
+              b"Package: b\nStatus: deinstall ok config-files\nVersion: 2.0\n\n"
+              b"Package: c\nArchitecture: i386\nStatus: deinstall ok config-files\nVersion: 3.0\n\n"
+              b"Package: c\nArchitecture: amd64\nStatus: install ok installed\nVersion: 3.1\n")
+    assert _installed_version(status, "a") == "1.0"
+    assert _installed_version(status, "b") is None  # removed, its configuration kept: not "ii"
+    assert _installed_version(status, "c") == "3.1"  # the installed one of two architectures
+    assert _installed_version(status, "d") is None and _installed_version(status, "Package: a") is None
+    database = tmp_path / "status"
+    database.write_bytes(status)
+    assert dpkg_version("a", database) == "1.0"
+    database.write_bytes(status.replace(b"1.0", b"1.1"))  # a new size: read again
+    assert dpkg_version("a", database) == "1.1"
