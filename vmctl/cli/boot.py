@@ -140,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         devices=devices,
     )
+    from ..vmm import profiling
+
+    profiled = profiling.install()
     outcome = Machine(config).run()
+    if profiled:
+        profiling.dump()
     if outcome.crashed or outcome.exit_code == 124:
         print(f"vmctl: error: {outcome.reason}", file=sys.stderr)
     else:

@@ -230,10 +230,15 @@ def serve(folder: Path, plan: KvmPlan) -> int:
             signal.signal(signal.SIGTERM, lambda *_: machine.stop(Outcome(143, "terminated (SIGTERM)")))
             if process.restore:
                 threading.Thread(target=process.take_identity, name="identity", daemon=True).start()
+            from . import profiling
+
+            profiled = profiling.install()
             try:
                 outcome = machine.run()
             except VmctlError as error:
                 outcome = Outcome(1, str(error))
+            if profiled:
+                profiling.dump()
             if process.shutdown_requested.is_set() and not outcome.crashed:
                 outcome = Outcome(outcome.exit_code, f"shut down by vmctl down ({outcome.reason})")
     finally:
