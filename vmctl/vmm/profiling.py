@@ -10,20 +10,23 @@ nothing then. Profiling slows Python code ~2x: read shares, not absolute times.
 
 from __future__ import annotations
 
-import cProfile
 import os
 import sys
 import threading
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import cProfile
 
 ENV = "VMCTL_PROFILE"
-_profiles: dict[str, cProfile.Profile] = {}
+_profiles: dict[str, "cProfile.Profile"] = {}
 _lock = threading.Lock()
 
 
 def _start_in_thread(*_: Any) -> None:
     """The first profile event of a new thread: replace this hook with the thread's own profiler."""
+    import cProfile  # only when profiling: every VMM start imports this module
+
     sys.setprofile(None)
     profile = cProfile.Profile()
     with _lock:
@@ -45,7 +48,7 @@ def dump() -> None:
     folder = os.environ.get(ENV)
     if not folder:
         return
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     with _lock:
         profiles = dict(_profiles)
     for name, profile in profiles.items():
