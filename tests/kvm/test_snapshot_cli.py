@@ -184,9 +184,9 @@ def test_kill_9_while_snapshotting_leaves_the_disk_intact_and_nothing_that_looks
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         folder = state / "snapshots" / "cut"
         deadline = time.monotonic() + 30
-        while not (folder / "disk0.qcow2").exists() and time.monotonic() < deadline:
+        # the disk is switched and the 1 GiB of RAM is being written (hashed, holes left): kill then
+        while not (folder / "memory").exists() and time.monotonic() < deadline:
             time.sleep(0.002)
-        time.sleep(0.05)  # the disk is switched; the 1 GiB of RAM is being written
         os.kill(pid, signal.SIGKILL)
         _, errors = creating.communicate(timeout=60)
         assert creating.returncode == 1 and errors.startswith("vmctl: error: ") and errors.count("\n") == 1, errors
