@@ -168,7 +168,8 @@ def _one_line_error(result, message: str) -> None:
 
 def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp_path, state, vmctl_cli, libvirtd):
     """The guest counts its boots on its own disk (BIOS writes through QEMU into our overlay):
-    stop/start keeps the count; a snapshot freezes it and restore goes back to it."""
+    stop/start keeps the count; a snapshot (live through libvirt's API, or of the shut-off
+    domain) freezes it and restore goes back to it."""
     base = boot_counter(tmp_path / "boot.raw", tmp_path)
     before = base.read_bytes()
     spec = tmp_path / "vm.yaml"
@@ -186,20 +187,37 @@ def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp
         assert stopped.returncode == 0, stopped.stderr
         assert ps(vmctl_cli)["lv-snap"]["state"] == "stopped"
 
-    def chain() -> list[str]:
-        info = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(overlay)],
+    def snapshot(*args: str) -> str:
+        result = vmctl_cli("snapshot", *args)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    def chain(top: Path = overlay) -> list[str]:
+        info = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(top)],
                               capture_output=True, text=True, check=True)
         return [image["filename"] for image in json.loads(info.stdout)]
+
+    def source() -> str:
+        conn = libvirt.open(libvirtd)
+        try:
+            return ET.fromstring(conn.lookupByName("vmctl-lv-snap").XMLDesc(0)).find("devices/disk/source").get("file")
+        finally:
+            conn.close()
 
     assert vmctl_cli("up", str(spec), "--no-wait", timeout=300).returncode == 0
     try:
         assert wait_for(lambda: _boots(vmctl_cli, "lv-snap"), "the first boot") == [b"01"]
-        _one_line_error(vmctl_cli("snapshot", "create", "lv-snap", "live"),
-                        "lv-snap: running: vmctl stop lv-snap first (a libvirt machine's disks are snapshotted "
-                        "while it is shut off)")
+        # live: libvirt switches QEMU to a new overlay above the frozen one
+        assert "live: disk snapshot of lv-snap (1 disk layer(s))" in snapshot("create", "lv-snap", "live")
+        live = state / "snapshots/live/disk0.qcow2"
+        assert source() == str(overlay.with_name(".vda.qcow2@live")) and chain(Path(source()))[1:] == [str(live), str(base)]
+        assert ps(vmctl_cli)["lv-snap"]["state"] == "running"
         _one_line_error(vmctl_cli("snapshot", "create", "--memory", "lv-snap", "mem"),
                         "lv-snap: --memory snapshots are for native (kvm) machines; this one is libvirt "
                         "(vmctl snapshot create lv-snap mem snapshots its disks)")
+        _one_line_error(vmctl_cli("snapshot", "restore", "lv-snap", "live"),
+                        "lv-snap: running: vmctl stop lv-snap first (a libvirt machine's disks are restored "
+                        "while it is shut off)")
         stop()
         conn = libvirt.open(libvirtd)
         try:
@@ -208,33 +226,35 @@ def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp
         finally:
             conn.close()
         start(b"02")  # the write of the first boot was kept
+        assert source() == str(overlay) and chain() == [str(overlay), str(live), str(base)]  # its usual name back
         stop()
 
-        made = vmctl_cli("snapshot", "create", "lv-snap", "two")
-        assert made.returncode == 0 and "two: disk snapshot of lv-snap (1 disk layer(s))" in made.stderr, made.stderr
-        layer = state / "snapshots/two/disk0.qcow2"
-        assert chain() == [str(overlay), str(layer), str(base)]
+        assert "two: disk snapshot of lv-snap" in snapshot("create", "lv-snap", "two")
+        two = state / "snapshots/two/disk0.qcow2"
+        assert chain() == [str(overlay), str(two), str(live), str(base)]
         listed = json.loads(vmctl_cli("snapshot", "list", "--json").stdout)
-        assert [(s["name"], s["machine"], s["backend"], s["kind"]) for s in listed] == [("two", "lv-snap", "libvirt", "disk")]
+        assert [(s["name"], s["machine"], s["backend"], s["kind"]) for s in listed] == [
+            ("live", "lv-snap", "libvirt", "disk"), ("two", "lv-snap", "libvirt", "disk")]
         start(b"03")  # the machine goes on over a new overlay above the layer
         stop()
-        restored = vmctl_cli("snapshot", "restore", "lv-snap", "two")
-        assert restored.returncode == 0, restored.stderr
+        snapshot("restore", "lv-snap", "two")
         start(b"03")  # back at count 2: this boot makes it 3 again
         stop()
+        snapshot("restore", "lv-snap", "live")
+        start(b"02")  # back at count 1
+        stop()
 
-        _one_line_error(vmctl_cli("snapshot", "restore", "lv-snap", "nope"), "no snapshot named 'nope' (snapshots: two)")
-        assert vmctl_cli("snapshot", "create", "lv-snap", "three").returncode == 0
-        _one_line_error(vmctl_cli("snapshot", "delete", "two"),
-                        "snapshot 'two': snapshot three still read(s) its disk layers (remove or stop those first)")
-        assert vmctl_cli("snapshot", "delete", "three").returncode == 0
-        deleted = vmctl_cli("snapshot", "delete", "two")
-        assert deleted.returncode == 0 and "1 overlay(s) of lv-snap merged" in deleted.stderr, deleted.stderr
-        assert chain() == [str(overlay), str(base)] and not (state / "snapshots/two").exists()
+        _one_line_error(vmctl_cli("snapshot", "restore", "lv-snap", "nope"),
+                        "no snapshot named 'nope' (snapshots: live, two)")
+        _one_line_error(vmctl_cli("snapshot", "delete", "live"),
+                        "snapshot 'live': snapshot two still read(s) its disk layers (remove or stop those first)")
+        assert snapshot("delete", "two") == "two: removed\n"
+        assert "1 overlay(s) of lv-snap merged" in snapshot("delete", "live")
+        assert chain() == [str(overlay), str(base)] and not (state / "snapshots/live").exists()
         assert subprocess.run(["qemu-img", "check", "-U", str(overlay)], capture_output=True).returncode == 0
-        start(b"04")  # the merged overlay still holds count 3
-        listed = json.loads(vmctl_cli("snapshot", "list", "--json").stdout)
-        assert listed == [] and os.listdir(state / "snapshots") == []
+        start(b"03")  # the merged overlay still holds count 2
+        assert json.loads(vmctl_cli("snapshot", "list", "--json").stdout) == []
+        assert os.listdir(state / "snapshots") == [] and os.listdir(overlay.parent) == ["vda.qcow2"]
     finally:
         assert vmctl_cli("rm", "lv-snap").returncode == 0
     assert base.read_bytes() == before

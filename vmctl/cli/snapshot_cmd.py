@@ -18,8 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "snapshot", help="disk snapshots of machines, memory snapshots of native ones",
         description="A disk snapshot freezes each overlay vmctl made for the machine into a read-only layer "
         "(the machine goes on over a new overlay; no data is copied): qcow2 overlays of native (kvm) and "
-        "libvirt machines, the overlayfs upper layer of a container (libvirt machines and containers are "
-        "snapshotted, restored and their snapshots deleted while stopped). --memory (native machines) also "
+        "libvirt machines (a running domain through libvirt's external disk-only snapshot), the overlayfs "
+        "upper layer of a container. Containers are snapshotted while stopped; libvirt machines and "
+        "containers are restored, and their snapshots deleted, while stopped. --memory (native machines) also "
         "saves the running guest (vCPUs, devices, RAM), so `vmctl up --from-snapshot` starts clones that "
         "continue it in milliseconds instead of booting.",
         epilog="examples:\n  vmctl snapshot create --memory db ready\n  vmctl up --from-snapshot ready --name db2\n"

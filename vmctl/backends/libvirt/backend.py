@@ -94,7 +94,8 @@ class LibvirtBackend:
     def start(self, store: StateStore, spec: MachineSpec, spec_file: str | None) -> MachineRecord:
         settings = spec.libvirt
         uri, remote = settings.uri, is_remote(settings.uri)
-        if not remote and domain_type_for(uri, settings.domain_type) == "kvm":
+        firmware_boot = spec.kernel is None and bool(spec.disks) and spec.image == "busybox"  # its own disk, maybe not Linux
+        if not remote and not firmware_boot and domain_type_for(uri, settings.domain_type) == "kvm":
             from ...host_probe import linux_guest_problem
 
             # QEMU/KVM on this host's /dev/kvm: the same limit as the native VMM, said before
@@ -398,7 +399,9 @@ class LibvirtBackend:
         if not rec.remote:
             from .disk_snapshots import Domains
 
-            Domains(self, store, record).sync_chains()
+            domains = Domains(self, store, record)
+            domains.normalize()  # an overlay a live snapshot made gets its usual name back
+            domains.sync_chains()
         for leftover in (OUTCOME, STOPPED):
             (folder / leftover).unlink(missing_ok=True)
         if (folder / CONSOLE).exists():  # the last run's READY must not count for this one

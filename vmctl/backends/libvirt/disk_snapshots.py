@@ -2,16 +2,22 @@
 
 The same model as native machines (vmctl/snapshot/disk_layers.py): each overlay vmctl made
 for the machine (`<state>/machines/<name>/disks/*.qcow2`) becomes a read-only layer of the
-snapshot and the machine goes on over a new overlay at the same path. The domain XML spells
-out every disk's whole backing chain, so after any change to the files the persistent
-definition is redefined with the chain read back from the files (`sync_chains`; `vmctl start`
-does it too, so a domain never starts on a chain its files do not have).
+snapshot and the machine goes on over a new overlay. The domain XML spells out every disk's
+whole backing chain, so after any change to the files the persistent definition is redefined
+with the chain read back from the files (`sync_chains`; `vmctl start` does it too, so a domain
+never starts on a chain its files do not have).
 
-Why not libvirt's own external snapshots (`virDomainSnapshotCreateXML`, disk-only): libvirt
-9.0 (Debian 12) creates and deletes them but cannot revert to one (that came in 9.9), and they
-would put the frozen layer at the old path and the new overlay elsewhere, outside the layout
-`vmctl snapshot list/restore/delete` share with native machines. So the domain is snapshotted
-while it is shut off (`vmctl stop` first), on every libvirt version; docs/libvirt.md.
+- Shut off: the overlay is frozen in place (`freeze_overlay`: the layer is the old file under
+  the snapshot's name, a new overlay takes the old path), then the domain is redefined.
+- Running: libvirt's own external disk-only snapshot (`virDomainSnapshotCreateXML` with
+  DISK_ONLY | REUSE_EXT | ATOMIC | NO_METADATA). The layer is first a second name (hard link)
+  of the running overlay in the snapshot folder, and the new overlay is made by vmctl on that
+  name (`.vda.qcow2@SNAP` next to the old one); libvirt switches QEMU to it and updates the
+  persistent definition. The next operation on the shut-off domain (`normalize`) gives the
+  new overlay its usual name back, so both paths end in the same layout.
+
+Restore and delete need the domain shut off: libvirt 9.0 (Debian 12) cannot revert to an
+external snapshot (that came with 9.9), so vmctl does both on the files; docs/libvirt.md.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from ...disk.qcow2.create import create_overlay
 from ...errors import VmctlError
 from ...plans import LibvirtRecord
 from ...snapshot.disk_layers import backing_of, freeze_overlay, merge_layer_into, overlay_on
@@ -30,6 +37,14 @@ from .connection import libvirt_module, translated
 from .disks import local_chain
 
 DOMAIN_XML = "domain.xml"
+LIVE_MARK = "@"  # `.vda.qcow2@SNAP`: the overlay a running domain went on with at snapshot SNAP
+
+
+def canonical(path: Path) -> Path:
+    """An overlay's usual name: `.vda.qcow2@SNAP` -> `vda.qcow2`."""
+    if path.name.startswith(".") and LIVE_MARK in path.name:
+        return path.with_name(path.name[1:].rsplit(LIVE_MARK, 1)[0])
+    return path
 
 
 def own_overlays(store: StateStore, record: MachineRecord, xml_text: str) -> list[tuple[int, Path]]:
@@ -96,9 +111,33 @@ class Domains:
     def overlays(self) -> list[tuple[int, Path]]:
         return own_overlays(self.store, self.record, self.xml())
 
-    def sync_chains(self) -> None:
-        """Redefine the domain with its overlays' chains read from the files."""
+    def normalize(self) -> None:
+        """Shut off: an overlay taken on by a live snapshot gets its usual name back (its old
+        holder is a layer now, kept under the snapshot's name), then the domain is redefined."""
         xml = self.xml()
+        renamed = False
+        domain = ET.fromstring(xml)
+        for disk in domain.findall("devices/disk"):
+            source = disk.find("source")
+            path = Path(source.get("file", "")) if source is not None else None
+            if source is None or path is None or canonical(path) == path or path.parent != self.disks_dir:
+                continue
+            if path.exists() or not canonical(path).exists():  # else renamed already (a kill before the redefine)
+                os.replace(path, canonical(path))
+            source.set("file", str(canonical(path)))
+            renamed = True
+        for leftover in self.disks_dir.glob(f".*{LIVE_MARK}*"):  # earlier tops: layers now, under their snapshot's name
+            leftover.unlink()
+        if renamed:
+            self.sync_chains(ET.tostring(domain, encoding="unicode"))
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.store.folder(self.record.name) / "disks"
+
+    def sync_chains(self, xml: str | None = None) -> None:
+        """Redefine the domain with its overlays' chains read from the files."""
+        xml = xml or self.xml()
         new = with_chains(xml, [path for _, path in own_overlays(self.store, self.record, xml)], self.record.name)
         folder = self.store.folder(self.record.name)
         temporary = folder / f".{DOMAIN_XML}.new"
@@ -118,7 +157,9 @@ class Domains:
 
 def take(backend: Any, store: StateStore, record: MachineRecord, snapshots: SnapshotStore, name: str) -> SnapshotMeta:
     domains = Domains(backend, store, record)
-    domains.require_stopped("snapshotted")
+    if domains.running():
+        return _take_live(domains, snapshots, name)
+    domains.normalize()
     overlays = domains.overlays()
     if not overlays:
         raise VmctlError(f"{record.name}: no disk of its own to snapshot (read-only and `overlay: false` disks "
@@ -147,10 +188,69 @@ def take(backend: Any, store: StateStore, record: MachineRecord, snapshots: Snap
     return meta
 
 
+def _take_live(domains: Domains, snapshots: SnapshotStore, name: str) -> SnapshotMeta:
+    """libvirt's external disk-only snapshot of the running domain onto overlays vmctl made."""
+    libvirt = libvirt_module()
+    domain = domains.domain()
+    live = domain.XMLDesc(0)
+    overlays = own_overlays(domains.store, domains.record, live)
+    if not overlays:
+        raise VmctlError(f"{domains.record.name}: no disk of its own to snapshot (read-only and `overlay: false` "
+                         f"disks are not part of a snapshot)")
+    folder = snapshots.new_folder(name)
+    made: list[Path] = []
+    switched = False
+    try:
+        spec = ET.Element("domainsnapshot")
+        ET.SubElement(spec, "name").text = name
+        disks = ET.SubElement(spec, "disks")
+        own = dict(overlays)
+        for index, disk in enumerate(ET.fromstring(live).findall("devices/disk[@device='disk']")):
+            target = disk.find("target")
+            entry = ET.SubElement(disks, "disk", name=target.get("dev", "") if target is not None else "")
+            if index not in own:
+                entry.set("snapshot", "no")
+                continue
+            layer = folder / f"disk{index}.qcow2"
+            os.link(own[index], layer)  # the running overlay's content is this layer from the switch on
+            made.append(layer)
+            new = domains.disks_dir / f".{canonical(own[index]).name}{LIVE_MARK}{name}"
+            create_overlay(str(layer), str(new), absolute=True, durable=True)
+            made.append(new)
+            entry.set("snapshot", "external")
+            entry.set("type", "file")
+            ET.SubElement(entry, "driver", type="qcow2")
+            ET.SubElement(entry, "source", file=str(new))
+        flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+        with translated(domains.record.name, f"external snapshot of domain {domains.rec.domain}"):
+            domain.snapshotCreateXML(ET.tostring(spec, encoding="unicode"), flags)
+        switched = True
+        layers = []
+        for index, _ in overlays:
+            layer = folder / f"disk{index}.qcow2"
+            os.chmod(layer, 0o444)
+            layers.append(Layer.of(index, layer))
+        meta = SnapshotMeta(name, domains.record.name, "libvirt", "disk", layers, domains.rec.to_json())
+        snapshots.save(meta)
+    except BaseException as error:
+        if switched:  # QEMU already writes the new overlays: the folder is their layer
+            raise VmctlError(f"{error}; snapshot {name!r} is incomplete: vmctl stop {domains.record.name}, "
+                             f"then vmctl snapshot delete {name}") from None
+        for path in made:
+            path.unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return meta
+
+
 def restore(backend: Any, store: StateStore, record: MachineRecord, snapshots: SnapshotStore,
             meta: SnapshotMeta) -> None:
     domains = Domains(backend, store, record)
     domains.require_stopped("restored")
+    domains.normalize()
     snapshots.check_layers(meta)
     overlays = dict(domains.overlays())
     by_index = {layer.index: Path(layer.path) for layer in meta.layers}
@@ -179,6 +279,8 @@ def delete(backend: Any, store: StateStore, snapshots: SnapshotStore, meta: Snap
         if not used:
             continue
         if name == meta.machine and not domains.running():
+            domains.normalize()
+            used = [path for _, path in domains.overlays() if backing_of(path) in layers]
             merge, source = used, domains
         else:
             blocking.append(f"machine {name}" + (" (running)" if domains.running() else ""))
@@ -206,6 +308,8 @@ def recover(backend: Any, store: StateStore, folder: Path) -> str | None:
         if not used:
             continue
         domains.require_stopped("merged back")
+        domains.normalize()
+        used = [path for _, path in domains.overlays() if (backing_of(path) or "").startswith(f"{folder}/")]
         for overlay in used:
             merge_layer_into(overlay, Path(backing_of(overlay) or ""))
         domains.sync_chains()
