@@ -482,5 +482,6 @@ def _repair_copied(image: Qcow2Image, wrong: list[tuple[int, int, int, bool]]) -
         elif image.l2_cache.cached(table):
             image.l2_cache.drop(table)
     if wrong:
+        image.forget_mappings()
         os.fdatasync(image.fd)
     return len(wrong)
