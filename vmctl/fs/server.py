@@ -121,11 +121,14 @@ class FileServer:
             log.warning("fuse: %s", error)
             unique = p.IN_HEADER.unpack_from(data)[2] if len(data) >= p.IN_HEADER.size else 0
             return p.reply(unique, error=errno.EIO)
-        if request.opcode == p.FORGET:
-            self._forget_many([(request.nodeid, request.args(p.FORGET_IN)[0])])
-            return None
-        if request.opcode == p.BATCH_FORGET:
-            self._batch_forget(request)
+        if request.opcode in p.NO_REPLY:
+            try:
+                if request.opcode == p.FORGET:
+                    self._forget_many([(request.nodeid, request.args(p.FORGET_IN)[0])])
+                else:
+                    self._batch_forget(request)
+            except ProtocolError as error:  # nothing to answer: drop it (found by fuzzing)
+                log.warning("fuse: %s", error)
             return None
         if request.opcode == p.INTERRUPT:
             return None  # requests are answered synchronously; nothing to interrupt
@@ -139,6 +142,8 @@ class FileServer:
         except ProtocolError as error:
             log.warning("fuse: %s", error)
             return p.reply(request.unique, error=errno.EINVAL)
+        except OverflowError:  # an offset, size or flags word beyond what the call takes
+            return p.reply(request.unique, error=errno.EINVAL)  # (found by fuzzing)
 
     # ---- zero-copy data path (virtio-fs: straight between the file and guest memory) ---
 

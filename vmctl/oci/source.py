@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import lzma
 import os
 import posixpath
 import stat
@@ -18,7 +19,9 @@ from typing import BinaryIO, Iterator
 from ..errors import VmctlError
 
 JSON_LIMIT = 8 << 20  # index/manifest/config blobs are small; a bigger one is hostile or broken
-READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+# UnicodeError: a pax header whose charset or values do not decode (tarfile lets it out);
+# LZMAError: an xz archive's corrupt stream. Both found by fuzzing.
+READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError, lzma.LZMAError)
 
 
 def inner_name(name: object, where: str) -> str:
@@ -105,7 +108,9 @@ class TarSource(Source):
                 if member.isfile():
                     self.members[posixpath.normpath(member.name.lstrip("/"))] = member
         except READ_ERRORS as error:
-            raise VmctlError(f"{self.label}: not a readable tar archive: {error}") from None
+            # "r:*" lists each method it tried on lines of its own; the tar one says why
+            reason = str(error).strip().splitlines()[-1].lstrip("- ") if str(error).strip() else repr(error)
+            raise VmctlError(f"{self.label}: not a readable tar archive: {reason}") from None
 
     def exists(self, name: str) -> bool:
         return inner_name(name, self.label) in self.members

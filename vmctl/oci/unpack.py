@@ -236,15 +236,16 @@ def unpack(blob: BinaryIO, compression: str, dest: Path, diff_id: str, label: st
         if hashed.count < end + 2 * tarfile.BLOCKSIZE:
             raise VmctlError(f"{label}: entry {current!r}: the layer ends without the end-of-archive "
                              f"marker after {hashed.count} bytes (truncated layer)")
+        for target, member in reversed(check.directories):  # after their content: mtimes, xattrs
+            current = member.name
+            _apply_xattrs(target, member)
+            os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
     except LayerEntryError as error:
         raise VmctlError(f"{label}: entry {error.member!r}: {error.message}") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeError) as error:  # Unicode: a pax header (fuzzing)
         raise VmctlError(f"{label}: entry {current!r}: {error} (truncated or corrupt layer)") from None
     except OSError as error:
         raise VmctlError(f"{label}: entry {current!r}: {error.strerror or error}") from None
-    for target, member in reversed(check.directories):  # after their content: mtimes, xattrs
-        _apply_xattrs(target, member)
-        os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
     if hashed.digest != diff_id:
         raise VmctlError(f"{label}: uncompressed content is {dg.short(hashed.digest)}, "
                          f"the config's diff_id is {dg.short(diff_id)}")

@@ -95,6 +95,9 @@ class FsDevice(VirtioDevice):
         except OSError as error:
             header = protocol.reply(unique, error=error.errno or 5)
             payload_length = 0
+        except OverflowError:  # an offset of 2^63 or more: what Linux answers for it
+            header = protocol.reply(unique, error=22)  # EINVAL
+            payload_length = 0
         _scatter(header_views, header)
         return protocol.OUT_HEADER.size + payload_length
 
