@@ -5,7 +5,7 @@ Run one for a while: `scripts/fuzz TARGET SECONDS` (tests/fuzz/run.py drives hyp
 fuzz_one_input with random and corpus buffers). tests/unit/test_fuzz_targets.py runs every
 target briefly in CI. Targets: qcow2, virtqueue, blk, rng, net (TX over a real TAP),
 net_rx (frames into the TAP, then into guest buffers), console, spec, fuse (the FUSE file
-server), fs (virtio-fs rings), oci_layer (layer tars), oci_image (whole image archives).
+server), fs (virtio-fs rings), pmem, oci_layer (layer tars), oci_image (whole image archives).
 """
 
 from __future__ import annotations
@@ -329,6 +329,36 @@ def console(r, typed):
         while client.recv(65536):
             pass
     except BlockingIOError:
+        pass
+
+
+_PMEM: list = []
+
+
+def pmem_device():
+    """A real virtio-pmem device over a small temporary file (mapped read-only)."""
+    if not _PMEM:
+        from vmctl.virtio.pmem import PmemDevice
+        work = tempfile.mkdtemp(prefix="vmctl-fuzz-pmem-")
+        _WORK.append(work)
+        path = os.path.join(work, "pmem.img")
+        with open(path, "wb") as file:
+            file.write(b"p" * 8192)
+        _PMEM.append(PmemDevice(path))
+    return _PMEM[0]
+
+
+@SETTINGS
+@given(r=ring, kind=st.sampled_from([0, 1, 0xFFFFFFFF]) | st.integers(0, 0xFFFFFFFF),
+       header=st.binary(max_size=8))
+def pmem(r, kind, header):
+    """virtio-pmem requests on fuzzed rings: short requests and replies, split words."""
+    mem = memory()
+    mem.write(0x10000, struct.pack("<I", kind) + header)
+    device, sink = pmem_device(), _Sink()
+    try:
+        device.process(0, build_queue(r), QueueContext(mem, sink))
+    except (QueueError, DeviceError):
         pass
 
 
@@ -665,6 +695,8 @@ def cleanup() -> None:
         device.close()
     for device, _ in _FS:
         device.close()
+    for device in _PMEM:
+        device.close()
     for device, client in _CONSOLE:
         client.close()
         device.close()
@@ -672,12 +704,12 @@ def cleanup() -> None:
         sock.close()
     for device in _NET:
         device.close()
-    _BLK.clear(), _FS.clear(), _CONSOLE.clear(), _NET.clear(), _SENDER.clear()
+    _BLK.clear(), _FS.clear(), _PMEM.clear(), _CONSOLE.clear(), _NET.clear(), _SENDER.clear()
     for work in _WORK:
         shutil.rmtree(work, ignore_errors=True)
     _WORK.clear()
 
 
 TARGETS = {"qcow2": qcow2, "virtqueue": virtqueue, "blk": blk, "rng": rng, "net": net, "net_rx": net_rx,
-           "console": console, "spec": spec, "fuse": fuse, "fs": fs, "oci_layer": oci_layer,
+           "console": console, "pmem": pmem, "spec": spec, "fuse": fuse, "fs": fs, "oci_layer": oci_layer,
            "oci_image": oci_image}
