@@ -110,3 +110,12 @@ def test_guest_reads_a_pmem_region_and_cannot_write_it(assemble, tmp_path):
     assert base.read_bytes() == before
     start = 1 << 32  # above 64 MiB of RAM and the 32-bit MMIO gap
     assert machine.mmio.unhandled == {("write", start): 1}
+
+
+def test_cli_boot_with_pmem(assemble, vmctl_cli, tmp_path):
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"pmem from the CLI")
+    result = vmctl_cli("boot", "--kernel", str(assemble("virtio_pmem.S")), "--pmem", str(base), "--timeout", "120")
+    assert result.stdout == "pmem from the CLp\n" and result.returncode == 0, result.stderr
+    missing = vmctl_cli("boot", "--kernel", str(assemble("virtio_pmem.S")), "--pmem", str(tmp_path / "nope"))
+    assert missing.returncode != 0 and f"--pmem {tmp_path / 'nope'}: no such file" in missing.stderr

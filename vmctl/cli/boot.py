@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="virtio-blk disk (raw or qcow2), /dev/vda, /dev/vdb... in order; repeatable")
     parser.add_argument("--fs", action="append", default=[], metavar="HOSTDIR,tag=TAG[,ro]",
                         help="virtio-fs share of a host folder; in the guest: mount -t virtiofs TAG DIR; repeatable")
+    parser.add_argument("--pmem", action="append", default=[], metavar="FILE",
+                        help="virtio-pmem of a file, read-only (/dev/pmemN in the guest, in order; for a raw ext4 "
+                        "with 4 KiB blocks: mount -t ext4 -o ro,dax /dev/pmemN DIR); repeatable")
     parser.add_argument("--rng", action="store_true", help="virtio-rng device fed from the host's urandom")
     parser.add_argument("--net", choices=("none", "isolated", "nat"), default="none",
                         help="virtio-net on a new TAP: isolated (guest <-> host only) or nat (plus outbound "
@@ -109,6 +112,10 @@ def virtio_devices(args: argparse.Namespace) -> list[VirtioMmioFactory]:
     """The virtio slots the options ask for: disks first (slot order = vda, vdb...)."""
     devices = [parse_disk_option(spec) for spec in args.disk]
     devices += [parse_fs_option(spec) for spec in args.fs]
+    for path in args.pmem:
+        if not Path(path).is_file():
+            raise VmctlError(f"--pmem {path}: no such file")
+        devices.append(factories.pmem(path))
     if args.rng:
         devices.append(factories.rng())
     if args.console_channel:
