@@ -261,11 +261,14 @@ def test_disk_snapshots_freeze_the_upper_layer_and_restore_goes_back(spec, vmctl
                         "a: running: vmctl stop a first (a container's layers change only while it is stopped: "
                         "vmctl snapshot create)")
         _one_line_error(vmctl_cli("snapshot", "create", "--memory", "a", "m"),
-                        "a: --memory snapshots are for native (kvm) machines; this one is container "
+                        "a: --memory snapshots are for native (kvm) and libvirt machines; this one is container "
                         "(vmctl snapshot create a m snapshots its disks)")
         assert not (state / "snapshots/live").exists() and not (state / "snapshots/m").exists()
         stop()
         assert "s1: disk snapshot of a (1 disk layer(s))" in snapshot("create", "a", "s1")
+        _one_line_error(vmctl_cli("up", "--from-snapshot", "s1", "--name", "x"),
+                        "snapshot 's1' is of the container machine a: only snapshots of native (kvm) machines "
+                        "start clones (vmctl snapshot restore a s1)")
         start()
         assert run("cat /root/file") == "one\n"  # from the frozen layer now
         host_mount = [line for line in Path("/proc/mounts").read_text().splitlines() if str(folder) in line]

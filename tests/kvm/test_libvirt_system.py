@@ -166,15 +166,17 @@ def _one_line_error(result, message: str) -> None:
     assert result.returncode != 0 and result.stderr == f"vmctl: error: {message}\n", result.stderr
 
 
-def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp_path, state, vmctl_cli, libvirtd):
-    """The guest counts its boots on its own disk (BIOS writes through QEMU into our overlay):
-    stop/start keeps the count; a snapshot (live through libvirt's API, or of the shut-off
-    domain) freezes it and restore goes back to it."""
+def test_stop_start_and_snapshots_keep_and_restore_what_the_guest_wrote(tmp_path, state, vmctl_cli, libvirtd):
+    """The guest counts its boots on its own disk (BIOS writes through QEMU into our overlay),
+    then prints a dot per timer tick: stop/start keeps the count; a disk snapshot (live through
+    libvirt's API, or of the shut-off domain) freezes it and restore goes back to it; a memory
+    snapshot (a libvirt save image) restores the running guest without a boot."""
     base = boot_counter(tmp_path / "boot.raw", tmp_path)
     before = base.read_bytes()
     spec = tmp_path / "vm.yaml"
     spec.write_text(f"machines:\n  lv-snap:\n    backend: libvirt\n    memory: 64M\n    disks: [{base}]\n")
     overlay = state / "machines/lv-snap/disks/vda.qcow2"
+    layer = {name: state / f"snapshots/{name}/disk0.qcow2" for name in ("mem", "live", "two")}
 
     def start(expected: bytes) -> None:
         started = vmctl_cli("start", "lv-snap", "--no-wait", timeout=300)
@@ -188,7 +190,7 @@ def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp
         assert ps(vmctl_cli)["lv-snap"]["state"] == "stopped"
 
     def snapshot(*args: str) -> str:
-        result = vmctl_cli("snapshot", *args)
+        result = vmctl_cli("snapshot", *args, timeout=300)
         assert result.returncode == 0, result.stderr
         return result.stderr
 
@@ -204,17 +206,23 @@ def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp
         finally:
             conn.close()
 
+    def ticks() -> int:
+        return logs(vmctl_cli, "lv-snap").count(b".")
+
     assert vmctl_cli("up", str(spec), "--no-wait", timeout=300).returncode == 0
     try:
         assert wait_for(lambda: _boots(vmctl_cli, "lv-snap"), "the first boot") == [b"01"]
+        # memory: saved, disks frozen, and the guest goes on (no boot: the console keeps ticking)
+        assert "mem: memory snapshot of lv-snap (1 disk layer(s)" in snapshot("create", "--memory", "lv-snap", "mem")
+        assert ps(vmctl_cli)["lv-snap"]["state"] == "running" and (state / "snapshots/mem/domain.save").is_file()
+        seen = ticks()
+        wait_for(lambda: ticks() > seen, "the saved guest to go on")
+        assert _boots(vmctl_cli, "lv-snap") == [b"01"]
         # live: libvirt switches QEMU to a new overlay above the frozen one
         assert "live: disk snapshot of lv-snap (1 disk layer(s))" in snapshot("create", "lv-snap", "live")
-        live = state / "snapshots/live/disk0.qcow2"
-        assert source() == str(overlay.with_name(".vda.qcow2@live")) and chain(Path(source()))[1:] == [str(live), str(base)]
+        assert source() == str(overlay.with_name(".vda.qcow2@live"))
+        assert chain(Path(source()))[1:] == [str(layer["live"]), str(layer["mem"]), str(base)]
         assert ps(vmctl_cli)["lv-snap"]["state"] == "running"
-        _one_line_error(vmctl_cli("snapshot", "create", "--memory", "lv-snap", "mem"),
-                        "lv-snap: --memory snapshots are for native (kvm) machines; this one is libvirt "
-                        "(vmctl snapshot create lv-snap mem snapshots its disks)")
         _one_line_error(vmctl_cli("snapshot", "restore", "lv-snap", "live"),
                         "lv-snap: running: vmctl stop lv-snap first (a libvirt machine's disks are restored "
                         "while it is shut off)")
@@ -226,15 +234,16 @@ def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp
         finally:
             conn.close()
         start(b"02")  # the write of the first boot was kept
-        assert source() == str(overlay) and chain() == [str(overlay), str(live), str(base)]  # its usual name back
+        assert source() == str(overlay)  # its usual name back
+        assert chain() == [str(overlay), str(layer["live"]), str(layer["mem"]), str(base)]
         stop()
 
         assert "two: disk snapshot of lv-snap" in snapshot("create", "lv-snap", "two")
-        two = state / "snapshots/two/disk0.qcow2"
-        assert chain() == [str(overlay), str(two), str(live), str(base)]
+        assert chain()[:2] == [str(overlay), str(layer["two"])]
         listed = json.loads(vmctl_cli("snapshot", "list", "--json").stdout)
         assert [(s["name"], s["machine"], s["backend"], s["kind"]) for s in listed] == [
-            ("live", "lv-snap", "libvirt", "disk"), ("two", "lv-snap", "libvirt", "disk")]
+            ("live", "lv-snap", "libvirt", "disk"), ("mem", "lv-snap", "libvirt", "memory"),
+            ("two", "lv-snap", "libvirt", "disk")]
         start(b"03")  # the machine goes on over a new overlay above the layer
         stop()
         snapshot("restore", "lv-snap", "two")
@@ -243,14 +252,24 @@ def test_stop_start_and_disk_snapshots_keep_and_restore_what_the_guest_wrote(tmp
         snapshot("restore", "lv-snap", "live")
         start(b"02")  # back at count 1
         stop()
+        assert "lv-snap: restored to mem and started" in snapshot("restore", "lv-snap", "mem")
+        assert ps(vmctl_cli)["lv-snap"]["state"] == "running"
+        wait_for(lambda: ticks() > 0, "the restored guest to tick")
+        assert _boots(vmctl_cli, "lv-snap") == []  # it continues: no boot
+        stop()
+        start(b"02")  # its disk as the memory snapshot froze it: count 1
 
+        stop()
         _one_line_error(vmctl_cli("snapshot", "restore", "lv-snap", "nope"),
-                        "no snapshot named 'nope' (snapshots: live, two)")
+                        "no snapshot named 'nope' (snapshots: live, mem, two)")
         _one_line_error(vmctl_cli("snapshot", "delete", "live"),
                         "snapshot 'live': snapshot two still read(s) its disk layers (remove or stop those first)")
+        _one_line_error(vmctl_cli("snapshot", "delete", "mem"),
+                        "snapshot 'mem': snapshot live still read(s) its disk layers (remove or stop those first)")
         assert snapshot("delete", "two") == "two: removed\n"
-        assert "1 overlay(s) of lv-snap merged" in snapshot("delete", "live")
-        assert chain() == [str(overlay), str(base)] and not (state / "snapshots/live").exists()
+        assert snapshot("delete", "live") == "live: removed\n"
+        assert "1 overlay(s) of lv-snap merged" in snapshot("delete", "mem")
+        assert chain() == [str(overlay), str(base)]
         assert subprocess.run(["qemu-img", "check", "-U", str(overlay)], capture_output=True).returncode == 0
         start(b"03")  # the merged overlay still holds count 2
         assert json.loads(vmctl_cli("snapshot", "list", "--json").stdout) == []

@@ -224,3 +224,36 @@ def test_after_a_live_snapshot_the_new_overlay_gets_its_usual_name_back(tmp_path
     assert chain_in_xml(backend, record) == [str(overlay), str(layer), str(tmp_path / "base.qcow2")]
     assert not hidden.exists() and read(overlay, 3) == b"two" and read(layer, 3) == b"one"
     backend.remove(store, record)
+
+
+def test_a_save_images_xml_is_retargeted_to_the_disks_as_they_are_now(tmp_path):
+    """A memory snapshot's save image names the overlay of its moment (maybe the name a live
+    snapshot gave it); the restore passes it with today's source and chain per target."""
+    from vmctl.backends.libvirt.memory_snapshots import retarget
+    from vmctl.disk.qcow2.create import create_overlay
+
+    create(str(tmp_path / "base.qcow2"), 1 << 20)
+    create_overlay(str(tmp_path / "base.qcow2"), str(tmp_path / "layer.qcow2"), absolute=True)
+    create_overlay(str(tmp_path / "layer.qcow2"), str(tmp_path / "vda.qcow2"), absolute=True)
+    saved = ("<domain><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+             f"<source file='{tmp_path}/.vda.qcow2@live' index='3'/><backingStore/><target dev='vda'/>"
+             "<alias name='virtio-disk0'/></disk></devices></domain>")
+    current = (f"<domain><devices><disk type='file' device='disk'><source file='{tmp_path}/vda.qcow2'/>"
+               "<target dev='vda'/></disk></devices></domain>")
+    disk = ET.fromstring(retarget(saved, current, "m", [tmp_path / "vda.qcow2"])).find("devices/disk")
+    assert disk.find("source").get("file") == str(tmp_path / "vda.qcow2")
+    assert disk.find("backingStore/source").get("file") == str(tmp_path / "layer.qcow2")
+    assert disk.find("backingStore/backingStore/source").get("file") == str(tmp_path / "base.qcow2")
+    assert disk.find("alias").get("name") == "virtio-disk0"  # the rest is the saved machine's
+
+
+def test_a_memory_snapshot_needs_a_running_domain(tmp_path, backend, store, snapshots):
+    from vmctl.backends.libvirt.memory_snapshots import take as save
+
+    record = started(tmp_path, backend, store)
+    stop(backend, store, record)
+    with pytest.raises(VmctlError, match="^s1: not running: a memory snapshot saves a running guest"):
+        save(backend, store, record, snapshots, "m")
+    assert snapshots.list() == [] and snapshots.incomplete() == []
+    backend.remove(store, record)
+

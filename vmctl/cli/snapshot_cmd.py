@@ -20,9 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(the machine goes on over a new overlay; no data is copied): qcow2 overlays of native (kvm) and "
         "libvirt machines (a running domain through libvirt's external disk-only snapshot), the overlayfs "
         "upper layer of a container. Containers are snapshotted while stopped; libvirt machines and "
-        "containers are restored, and their snapshots deleted, while stopped. --memory (native machines) also "
-        "saves the running guest (vCPUs, devices, RAM), so `vmctl up --from-snapshot` starts clones that "
-        "continue it in milliseconds instead of booting.",
+        "containers are restored, and their snapshots deleted, while stopped. --memory also saves the running "
+        "guest (vCPUs, devices, RAM): `snapshot restore` continues it, and for native machines `vmctl up "
+        "--from-snapshot` starts clones that continue it in milliseconds instead of booting (libvirt: "
+        "through a libvirt save image).",
         epilog="examples:\n  vmctl snapshot create --memory db ready\n  vmctl up --from-snapshot ready --name db2\n"
         "  vmctl snapshot list\n  vmctl stop db && vmctl snapshot restore db ready\n  vmctl snapshot delete ready",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("name", help="machine")
     create.add_argument("snapshot", help="snapshot name (letters, digits, - _ .)")
     create.add_argument("--memory", action="store_true",
-                        help="also save the running guest (memory, vCPUs, devices); native machines only")
+                        help="also save the running guest (memory, vCPUs, devices); native and libvirt machines")
     create.set_defaults(func=cmd_create)
     listing = verbs.add_parser("list", help="list snapshots")
     listing.add_argument("name", nargs="?", help="only this machine's")
@@ -74,8 +75,12 @@ def _take(store: StateStore, record, snapshots, args: argparse.Namespace):
         from ..backends.kvm_snapshot import take
 
         return take(store, record, snapshots, args.snapshot, args.memory)
+    if args.memory and record.backend == "libvirt":
+        from ..backends.libvirt.memory_snapshots import take as save_libvirt
+
+        return save_libvirt(get_backend("libvirt"), store, record, snapshots, args.snapshot)
     if args.memory:
-        raise VmctlError(f"{record.name}: --memory snapshots are for native (kvm) machines; this one is "
+        raise VmctlError(f"{record.name}: --memory snapshots are for native (kvm) and libvirt machines; this one is "
                          f"{record.backend} (vmctl snapshot create {record.name} {args.snapshot} snapshots its disks)")
     if record.backend == "libvirt":
         from ..backends.libvirt.disk_snapshots import take as take_libvirt
@@ -130,7 +135,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         else:
             if meta.machine != record.name:
                 raise VmctlError(f"snapshot {meta.name!r} is of machine {meta.machine!r}, not {record.name!r}")
-            if record.backend == "libvirt":
+            if record.backend == "libvirt" and meta.kind == "memory":
+                from ..backends.libvirt.memory_snapshots import restore as resume_libvirt
+
+                resume_libvirt(get_backend("libvirt"), store, record, snapshots, meta)
+                started = True
+            elif record.backend == "libvirt":
                 from ..backends.libvirt.disk_snapshots import restore as restore_libvirt
 
                 restore_libvirt(get_backend("libvirt"), store, record, snapshots, meta)
@@ -224,7 +234,7 @@ def clone_from_snapshot(snapshot: str, name: str, no_wait: bool, timeout: float)
     with store.locked():
         if store.exists(name):
             raise VmctlError(f"machine {name!r} already exists (vmctl rm {name} first)")
-        record = clone(store, snapshots, snapshots.load(snapshot), name)
+        record = clone(store, snapshots, _kvm_snapshot(snapshots, snapshot), name)
     print(f"{name}: started from snapshot {snapshot} (pid {record.pid})", file=sys.stderr)
     if not no_wait:
         get_backend(record.backend).wait_ready(store, record, timeout)
@@ -240,4 +250,14 @@ def clone_record(store: StateStore, spec, spec_file: str):
     if spec.backend != "kvm":
         raise VmctlError(f"{spec.source}: snapshot: only native (kvm) machines start from snapshots")
     snapshots = SnapshotStore(store.root.parent)
-    return clone(store, snapshots, snapshots.load(spec.snapshot), spec.name, spec_file)
+    return clone(store, snapshots, _kvm_snapshot(snapshots, spec.snapshot), spec.name, spec_file)
+
+
+def _kvm_snapshot(snapshots, name: str):
+    """A snapshot clones can start from: a native machine's (libvirt and container snapshots
+    are restored onto their own machine only)."""
+    meta = snapshots.load(name)
+    if meta.backend != "kvm":
+        raise VmctlError(f"snapshot {name!r} is of the {meta.backend} machine {meta.machine}: only snapshots of "
+                         f"native (kvm) machines start clones (vmctl snapshot restore {meta.machine} {name})")
+    return meta

@@ -1,6 +1,7 @@
 /* A boot sector that counts its boots on its own disk: BIOS int 13h reads sector 2, adds
-   one to its first byte, writes it back, and prints "vmctl boots: NN" to COM1; then idles.
-   tests/kvm/test_libvirt_snapshots.py boots it under libvirt (QEMU + SeaBIOS). */
+   one to its first byte, writes it back, and prints "vmctl boots: NN" to COM1; then a dot
+   per timer tick.
+   tests/kvm/test_libvirt_system.py boots it under libvirt (QEMU + SeaBIOS). */
     .code16
     .globl _start
 _start:
@@ -39,8 +40,11 @@ number:
     out %al, %dx
     mov $'\n', %al
     out %al, %dx
-idle:
+idle:                           /* a dot per BIOS timer tick (18.2 Hz): the guest is alive */
     hlt
+    mov $'.', %al
+    mov $0x3f8, %dx
+    out %al, %dx
     jmp idle
 disk:                           /* ax = function, 1 sector: cylinder 0, head 0, sector 2 -> 0x7e00 */
     mov $0x0002, %cx
