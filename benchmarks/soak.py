@@ -256,7 +256,8 @@ class Soak:
             # A killed `run` leaves its ephemeral machine (NAME-run-ID, shown by `vmctl ps`):
             # removed as a user would, by name.
             for left in (self.state / "machines").glob(f"{name}r-run-*"):
-                if self.vmctl("rm", left.name) != 0:
+                # (its VMM may finish and remove the ephemeral machine meanwhile: gone is fine)
+                if self.vmctl("rm", left.name) != 0 and left.exists():
                     self.tally.rm_failures.append(f"{left.name}: {self.last_error.strip()}")
                 with self.tally.lock:
                     self.tally.leftover_runs += 1
@@ -273,7 +274,7 @@ class Soak:
         self.vmctl("rm", name, kill_after=delay / 4 if faulty == "rm" else None)
         # After any fault, a plain `vmctl rm` must leave nothing (it may say "no machine").
         if (self.state / "machines" / name).exists():
-            if self.vmctl("rm", name) != 0:
+            if self.vmctl("rm", name) != 0 and (self.state / "machines" / name).exists():
                 self.tally.rm_failures.append(f"{name} ({kind}, fault {faulty}): {self.last_error.strip()}")
         with self.tally.lock:
             self.tally.cycles += 1
