@@ -143,7 +143,7 @@ def test_a_flush_waits_for_the_writes_posted_before_it(rig, disk_file):
     made = rig()
     backend = made.device.backend
     finished: list[str] = []
-    write, flush = backend.write, backend.flush
+    write, flush = backend.write_iovecs, backend.flush  # a raw disk takes Linux-shaped writes as iovecs
 
     def slow_write(offset, buffers):
         time.sleep(0.05)  # a slow disk: the flush must still come after it
@@ -155,7 +155,7 @@ def test_a_flush_waits_for_the_writes_posted_before_it(rig, disk_file):
         finished.append("flush")
         flush()
 
-    backend.write, backend.flush = slow_write, checked_flush
+    backend.write_iovecs, backend.flush = slow_write, checked_flush
     queue = made.queues[0]
     for index in range(3):
         queue.post([header(blk.T_OUT, index * (LARGE // 512)), bytes([index + 1]) * LARGE], [1], indirect=True)

@@ -6,10 +6,20 @@ import ctypes
 import errno
 import os
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import image_lock as lock_mod
-from .block_backend import BlockBackend, DiskError, as_bytes_views, chunks, slice_buffers, total_length
+from .block_backend import (
+    IOV_MAX,
+    BlockBackend,
+    ByteViews,
+    DiskError,
+    Iovecs,
+    as_bytes_views,
+    chunks,
+    slice_buffers,
+    total_length,
+)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -30,6 +40,32 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
     if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise DiskError(f"fallocate failed: {os.strerror(ctypes.get_errno())}")
+
+
+_vector_io: tuple[Any, Any] | None = None
+
+
+def _vector_calls() -> tuple[Any, Any]:
+    """libc's preadv and pwritev over a packed iovec array (ctypes drops the GIL around them)."""
+    global _vector_io
+    if _vector_io is None:
+        library = ctypes.CDLL("libc.so.6", use_errno=True)  # a handle of our own: argtypes are per handle
+        calls = library.preadv, library.pwritev
+        for call in calls:
+            call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int64]
+            call.restype = ctypes.c_ssize_t
+        _vector_io = calls
+    return _vector_io
+
+
+def _vector(call: Any, fd: int, iovecs: Iovecs, offset: int) -> int:
+    while True:
+        done: int = call(fd, iovecs.packed, iovecs.count, offset)
+        if done >= 0:
+            return done
+        error = ctypes.get_errno()
+        if error != errno.EINTR:
+            raise OSError(error, os.strerror(error))
 
 
 class RawDisk(BlockBackend):
@@ -68,6 +104,28 @@ class RawDisk(BlockBackend):
         if got < length:  # the file shrank under us: the rest reads as zeros
             for view in slice_buffers(views, got, length - got):
                 view[:] = bytes(view.nbytes)
+        return length
+
+    def readinto_iovecs(self, offset: int, iovecs: Iovecs) -> int:
+        length = iovecs.nbytes
+        self._check_range(offset, length, "read")
+        if iovecs.count > IOV_MAX:
+            return self.readinto(offset, ByteViews(iovecs.views(), length))
+        got = _vector(_vector_calls()[0], self.fd, iovecs, offset)
+        if got < length:  # the file shrank under us: the rest reads as zeros
+            for view in slice_buffers(iovecs.views(), got, length - got):
+                view[:] = bytes(view.nbytes)
+        return length
+
+    def write_iovecs(self, offset: int, iovecs: Iovecs) -> int:
+        length = iovecs.nbytes
+        self._check_writable("write")
+        self._check_range(offset, length, "write")
+        if iovecs.count > IOV_MAX:
+            return self.write(offset, ByteViews(iovecs.views(), length))
+        done = _vector(_vector_calls()[1], self.fd, iovecs, offset)
+        if done != length:
+            raise DiskError(f"{self.path}: short write at {offset:#x} ({done}/{length})")
         return length
 
     def write(self, offset: int, buffers: Sequence[memoryview]) -> int:

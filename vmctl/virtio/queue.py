@@ -9,7 +9,9 @@ those raises `QueueError`; the transport then puts the device into DEVICE_NEEDS_
 from __future__ import annotations
 
 import struct
+import sys
 import threading
+from array import array
 from dataclasses import dataclass
 from operator import add, eq, itemgetter
 from typing import Iterator
@@ -33,6 +35,7 @@ _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
 _LENGTH = itemgetter(1)
 _FENCE = threading.Lock()
+_LITTLE_ENDIAN = sys.byteorder == "little"  # virtio rings are little-endian; array() is native
 
 
 def _full_barrier() -> None:
@@ -63,14 +66,53 @@ class DescriptorChain:
     was walked; `region` is the one RAM region that holds all of them (None when they span
     several), so the views are slices of one memoryview with no lookup per buffer."""
 
-    __slots__ = ("head", "readable_ranges", "writable_ranges", "region")
+    __slots__ = ("head", "_readable", "_writable", "region", "table", "split")
 
     def __init__(self, head: int, readable_ranges: list[tuple[int, int]] | None = None,
                  writable_ranges: list[tuple[int, int]] | None = None, region: MemoryRegion | None = None) -> None:
         self.head = head
-        self.readable_ranges = readable_ranges if readable_ranges is not None else []
-        self.writable_ranges = writable_ranges if writable_ranges is not None else []
+        self._readable = readable_ranges if readable_ranges is not None else []
+        self._writable = writable_ranges if writable_ranges is not None else []
         self.region = region
+        # A plain indirect table in one region (the fast walk): its bytes, and how many of
+        # its entries are device-readable. The ranges are then made only when asked for, so
+        # a device that can use the table as it is (virtio-blk on a raw file) never makes a
+        # Python object per guest page.
+        self.table: bytes | None = None
+        self.split = 0
+
+    def _unpack_table(self) -> None:
+        table, split = self.table, self.split
+        assert table is not None
+        flat = _table_layout(len(table) // DESC_SIZE)[0].unpack(table)
+        addresses, lengths = flat[0::4], flat[1::4]
+        self._readable = _merge(addresses[:split], lengths[:split])
+        self._writable = _merge(addresses[split:], lengths[split:])
+        self.table = None
+
+    @property
+    def readable_ranges(self) -> list[tuple[int, int]]:
+        if self.table is not None:
+            self._unpack_table()
+        return self._readable
+
+    @readable_ranges.setter
+    def readable_ranges(self, ranges: list[tuple[int, int]]) -> None:
+        if self.table is not None:
+            self._unpack_table()
+        self._readable = ranges
+
+    @property
+    def writable_ranges(self) -> list[tuple[int, int]]:
+        if self.table is not None:
+            self._unpack_table()
+        return self._writable
+
+    @writable_ranges.setter
+    def writable_ranges(self, ranges: list[tuple[int, int]]) -> None:
+        if self.table is not None:
+            self._unpack_table()
+        self._writable = ranges
 
     @property
     def readable(self) -> list[Buffer]:
@@ -82,10 +124,14 @@ class DescriptorChain:
 
     @property
     def readable_length(self) -> int:
+        if self.table is not None:
+            return sum(_table_lengths(self.table)[: self.split])
         return sum(map(_LENGTH, self.readable_ranges))
 
     @property
     def writable_length(self) -> int:
+        if self.table is not None:
+            return sum(_table_lengths(self.table)[self.split :])
         return sum(map(_LENGTH, self.writable_ranges))
 
     def _views(self, ranges: list[tuple[int, int]], memory: GuestMemory) -> list[memoryview]:
@@ -201,6 +247,22 @@ def _table_layout(count: int) -> tuple[struct.Struct, tuple[int, ...]]:
         layout = _TABLE_STRUCTS[count] = struct.Struct("<" + "QIHH" * count)
         _NEXT_SEQUENCES[count] = tuple(range(1, count))
     return layout, _NEXT_SEQUENCES[count]
+
+
+_NEXT_BYTES: dict[int, tuple[bytes, bytes]] = {}
+
+
+def _next_bytes(count: int) -> tuple[bytes, bytes]:
+    """The low and high bytes of the `next` fields 1, 2, ..., count-1 of a sequential table."""
+    columns = _NEXT_BYTES.get(count)
+    if columns is None:
+        columns = _NEXT_BYTES[count] = (bytes(i & 0xFF for i in range(1, count)), bytes(i >> 8 for i in range(1, count)))
+    return columns
+
+
+def _table_lengths(table: bytes) -> array[int]:
+    """The 32-bit `len` fields of a descriptor table, one C-level copy."""
+    return array("I", table)[2::4]
 
 
 @dataclass
@@ -373,8 +435,8 @@ class Virtqueue:
             index = nxt
         raise QueueError(f"descriptor chain from {head} loops or is longer than the queue ({self.size})")
 
-    def _table(self, table: int, length: int) -> tuple[int, tuple[int, ...]]:
-        """(count, flat unpacked fields) of an indirect table, after its framing checks."""
+    def _table(self, table: int, length: int) -> tuple[int, bytes]:
+        """(count, bytes) of an indirect table, after its framing checks."""
         if length == 0 or length % DESC_SIZE:
             raise QueueError(f"indirect table length {length} is not a non-zero multiple of 16")
         count = length // DESC_SIZE
@@ -384,28 +446,31 @@ class Virtqueue:
             entries = self.memory.view(table, length)  # one lookup for the whole table
         except GuestMemoryError:
             raise QueueError(f"indirect table 0x{table:x}+{length} is outside guest RAM") from None
-        return count, _table_layout(count)[0].unpack(entries)  # one C-level pass over the table
+        # One copy: the driver may rewrite its table while we read it; we act on one version.
+        return count, bytes(entries)
 
     def _walk_indirect(self, chain: DescriptorChain, table: int, length: int) -> None:
         """The fast path for the tables drivers really build: entries linked in order, the
         readable ones first, all in one RAM region. It checks exactly what the slow path
-        checks, with C-level operations over whole columns; anything else takes the slow path."""
-        count, flat = self._table(table, length)
-        try:
-            flags = bytes(flat[2::4])  # ValueError when a flags word is above 255: not plain
-        except ValueError:
-            flags = b""
+        checks, with C-level operations over the table's byte columns (no Python object per
+        entry); anything else takes the slow path."""
+        count, raw = self._table(table, length)
+        flags = raw[12::16]
         body, last = flags[:-1], flags[-1:]
         readable = len(body) - len(body.lstrip(b"\x01"))  # NEXT-only entries lead...
+        next_low, next_high = _next_bytes(count)
         plain = (
-            flags
+            _LITTLE_ENDIAN
+            and not raw[13::16].strip(b"\0")  # every flags word below 256
             and not body[readable:].lstrip(b"\x03")  # ...then NEXT|WRITE ones
             and (last == b"\x02" or (last == b"\x00" and readable == len(body)))  # the end: no NEXT
-            and flat[3::4][:-1] == _table_layout(count)[1]  # entry i links to i + 1
+            and raw[14::16][:-1] == next_low and raw[15::16][:-1] == next_high  # entry i links to i + 1
         )
         if plain:
-            addresses, lengths = flat[0::4], flat[1::4]
-            low, high = min(addresses), max(map(add, addresses, lengths))
+            # Bounds from the columns' extremes: max(address) + max(len) is at least the true
+            # end, so a table near a region's end may take the exact slow path; never the reverse.
+            low = min(array("Q", raw)[0::2])
+            high = max(array("Q", raw)[0::2]) + max(_table_lengths(raw))
             region = self._region
             if region is None or not (region.guest_address <= low and high <= region.end):
                 try:
@@ -413,16 +478,14 @@ class Virtqueue:
                 except GuestMemoryError:
                     region = None  # spans regions (or leaves RAM): checked buffer by buffer
             if region is not None:
-                if last == b"\x00":
-                    readable = count
-                chain.readable_ranges = _merge(addresses[:readable], lengths[:readable])
-                chain.writable_ranges = _merge(addresses[readable:], lengths[readable:])
-                chain.region = region
+                chain.table, chain.split, chain.region = raw, count if last == b"\x00" else readable, region
                 return
+        flat = _table_layout(count)[0].unpack(raw)  # one C-level pass
         self._walk_entries(chain, count, list(zip(*[iter(flat)] * 4)))
 
     def _walk_indirect_slow(self, chain: DescriptorChain, table: int, length: int) -> None:
-        count, flat = self._table(table, length)
+        count, raw = self._table(table, length)
+        flat = _table_layout(count)[0].unpack(raw)
         self._walk_entries(chain, count, list(zip(*[iter(flat)] * 4)))
 
     def _walk_entries(self, chain: DescriptorChain, count: int, entries: list[tuple[int, int, int, int]]) -> None:
