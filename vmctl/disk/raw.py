@@ -82,6 +82,7 @@ class RawDisk(BlockBackend):
             if lock:
                 lock_mod.acquire(self.fd, path, lock_mod.READER if read_only else lock_mod.WRITER)
             self._size = os.fstat(self.fd).st_size
+            _vector_calls()  # bound now, before a VMM's seccomp filter could refuse what dlopen does
         except BaseException:
             os.close(self.fd)
             raise
