@@ -42,7 +42,7 @@ UNALLOCATED, ZERO, DATA, COMPRESSED = range(4)
 _ZEROS = memoryview(bytes(1 << 21))
 DEFAULT_L2_CACHE_BYTES = 32 << 20
 DEFAULT_REFCOUNT_CACHE_BYTES = 4 << 20
-# Remembered data-cluster mappings (~100 bytes each): 16 Ki of them cover 1 GiB of 64 KiB
+# Remembered cluster mappings (~100 bytes each): 16 Ki of them cover 1 GiB of 64 KiB
 # clusters and cost at most ~1.5 MiB of VMM memory.
 DATA_MAP_ENTRIES = 1 << 14
 
@@ -116,9 +116,10 @@ class Qcow2Image(BlockBackend):
                                                 "l1_table_offset")) if h.l1_size else array("Q")
         self._l1_dirty: set[int] = set()
         self._l2_valid: dict[int, int] = {}  # L1 index -> checked L2 offset
-        # Guest cluster -> host offset of a data cluster whose entry was checked: a read of an
-        # allocated cluster then costs one lookup instead of L1 -> L2 table -> entry checks.
-        # Entries leave it when their L2 entry changes (allocating write, discard, repair).
+        # Guest cluster -> host offset of a data cluster whose entry was checked, or -1 for an
+        # unallocated one (an overlay's reads mostly are: they go on to the backing file). A
+        # read then costs one lookup instead of L1 -> L2 table -> entry checks. Entries leave
+        # it when their L2 entry changes (allocating write, discard, write-zeroes, repair).
         self._data_map: dict[int, int] = {}
         self.overlap: ol.MetadataMap | None = None  # writers only (_check_writable_image)
         capacity = max(self._l2_cache_bytes // self.cluster_size, 4)
@@ -452,9 +453,10 @@ class Qcow2Image(BlockBackend):
         """(kind, host offset or the raw entry for compressed) of a guest cluster."""
         host = self._data_map.get(cluster)
         if host is not None:
-            return DATA, host
+            return (DATA, host) if host >= 0 else (UNALLOCATED, 0)
         entry, l2_offset, index = self._entry(cluster)
         if not entry:
+            self._remember(cluster, -1)
             return UNALLOCATED, 0
         if entry & C.OFLAG_COMPRESSED:
             return COMPRESSED, entry
@@ -471,16 +473,20 @@ class Qcow2Image(BlockBackend):
                                 "version 2 image")
         host = entry & C.OFFSET_MASK
         if not host:
+            self._remember(cluster, -1)
             return UNALLOCATED, 0
         if host & (self.cluster_size - 1) or host >= self.file_size:
             what = "not cluster aligned" if host & (self.cluster_size - 1) else \
                 "past the end of the file"
             self._corrupt_entry(f"L2 entry {index} of the table at {l2_offset:#x}",
                                 l2_offset + 8 * index, f"data cluster offset {host:#x} is {what}")
+        self._remember(cluster, host)
+        return DATA, host
+
+    def _remember(self, cluster: int, host: int) -> None:
         if len(self._data_map) >= DATA_MAP_ENTRIES:
             self._data_map.clear()  # bounded memory; refilled by the next reads
         self._data_map[cluster] = host
-        return DATA, host
 
     def forget_mappings(self) -> None:
         """Drop every remembered cluster mapping (after L1 or L2 entries changed behind
