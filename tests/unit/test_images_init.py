@@ -26,7 +26,10 @@ def parsed(tmp_path: Path, cmdline: str) -> dict[str, str]:
     file.write_text(cmdline + "\n")
     out = subprocess.run([BUSYBOX, "sh", str(INIT_SCRIPT), "--print-config", str(file)],
                          capture_output=True, text=True, check=True).stdout
-    return dict(line.split("=", 1) for line in out.splitlines())
+    pairs = [line.split("=", 1) for line in out.splitlines()]
+    config = {key: value for key, value in pairs if key != "mount"}
+    mounts = [value for key, value in pairs if key == "mount"]  # one line per vmctl.mount= word
+    return {**config, "mounts": mounts} if mounts else config
 
 
 @needs_busybox
@@ -62,6 +65,50 @@ def test_pmem_words_name_each_device_and_its_mount_point(tmp_path: Path):
 def test_pmem_paths_must_be_absolute():
     with pytest.raises(VmctlError, match="vmctl.pmem"):
         InitArgs(pmem=["relative"]).words()
+
+
+@needs_busybox
+def test_every_mount_word_is_kept_in_order(tmp_path: Path):
+    args = InitArgs(mounts=[("virtiofs", "vmctl-xfer", "/run/vmctl/xfer", False),
+                            ("9p", "m0", "/with space/and,comma", True), ("virtiofs", "m1", "/srv", False)])
+    config = parsed(tmp_path, "console=ttyS0 " + args.cmdline() + " ro")
+    assert config["mounts"] == ["virtiofs vmctl-xfer /run/vmctl/xfer rw", "9p m0 /with space/and,comma ro",
+                                "virtiofs m1 /srv rw"]
+    assert config["ro"] == "1"
+
+
+@needs_busybox
+def test_malformed_mount_words_are_reported_not_guessed(tmp_path: Path):
+    relative = initargs.encode("relative")
+    config = parsed(tmp_path, f"vmctl.mount=virtiofs vmctl.mount=virtiofs,t,{relative},rw "
+                              f"vmctl.mount=virtiofs,t,{initargs.encode('/x')},rwx vmctl.mount=virtiofs,t,!!,ro")
+    assert config["mounts"] == ["bad virtiofs", f"bad virtiofs,t,{relative},rw",
+                                f"bad virtiofs,t,{initargs.encode('/x')},rwx", "bad virtiofs,t,!!,ro"]
+
+
+@needs_busybox
+def test_a_failed_mount_is_printed_and_boot_goes_on(tmp_path: Path):
+    # mount_share as written in /init, with `mount` failing and `mkdir` working in tmp_path
+    text = INIT_SCRIPT.read_text()
+    functions = "".join(re.search(rf"^{name}\(\) \{{.*?^\}}$", text, re.M | re.S).group(0) + "\n"
+                        for name in ("decode", "split_mount", "mount_share", "mount_shares"))
+    fake = tmp_path / "bb"
+    fake.write_text(f'#!/bin/sh\n[ "$1" = mount ] && {{ echo "$*" >>{tmp_path}/calls; exit 32; }}\n'
+                    f'exec {BUSYBOX} "$@"\n')
+    fake.chmod(0o755)
+    target = tmp_path / "guest" / "shared"
+    words = [w.split("=", 1)[1] for w in InitArgs(mounts=[("virtiofs", "one", str(target), True),
+                                                           ("9p", "two", str(target), False)]).words()]
+    script = f"BB={fake}\n{functions}MOUNTS='{' '.join(words)} bogus'\nmount_shares; echo booted"
+    out = subprocess.run([BUSYBOX, "sh", "-c", script], capture_output=True, text=True)
+    assert out.stdout == "booted\n"
+    assert out.stderr.splitlines() == [f"vmctl-init: cannot mount virtiofs one at {target}",
+                                       f"vmctl-init: cannot mount 9p two at {target}",
+                                       "vmctl-init: bad vmctl.mount=bogus"]
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"mount -t virtiofs -o ro one {target}",
+        f"mount -t 9p -o rw,trans=virtio,version=9p2000.L,msize=524288 two {target}"]
+    assert target.is_dir()
 
 
 @needs_busybox
