@@ -92,8 +92,10 @@ def describe(report: HostReport) -> list[str]:
                                          f"no: virtio-net is served in Python (load vhost_net for {vhost.DEVICE})"))
     from .vmm.sandbox import allowed, available
     why_not = available()
-    lines.append(f"{'vmm sandbox':18} " + (f"available: seccomp allow-list of {len(allowed())} system "
-                                           "calls, no_new_privs, user nobody (VMCTL_SANDBOX=1)"
+    state = "on" if os.environ.get("VMCTL_SANDBOX") == "1" else "off (VMCTL_SANDBOX=1 turns it on)"
+    lines.append(f"{'vmm sandbox':18} " + (f"available, {state}: seccomp allow-list of {len(allowed())} "
+                                           "system calls, no_new_privs, user nobody; networked machines "
+                                           "too (their NAT rule goes at exit through a guard process)"
                                            if why_not is None else f"unavailable: {why_not}"))
     verdict = (
         "yes" if report.boots_linux

@@ -86,3 +86,83 @@ def test_daemon_in_the_sandbox_reports_it_in_status(assemble, vmctl_cli, tmp_pat
         shutil.rmtree(state, ignore_errors=True)
     check = vmctl_cli("host-check")
     assert "vmm sandbox" in check.stdout and "available" in check.stdout
+
+
+def _nat_rules() -> str:
+    return subprocess.run(["iptables", "-w", "-t", "nat", "-S", "POSTROUTING"], capture_output=True,
+                          text=True).stdout
+
+
+@pytest.fixture
+def sandbox_state(monkeypatch):
+    state = tempfile.mkdtemp(prefix="vmctl-sandbox-")  # pytest's tmp_path is 0700: nobody
+    os.chmod(state, 0o755)  # could not write the outcome there
+    monkeypatch.setenv("VMCTL_STATE_DIR", state)
+    monkeypatch.setenv("VMCTL_SANDBOX", "1")
+    yield state
+    shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(params=["interpreter", "launcher"])
+def spawned_by(request, tmp_path, monkeypatch):
+    """The daemon as a new interpreter, or forked by the launcher (which must pass
+    VMCTL_SANDBOX on with the client's environment)."""
+    if request.param == "launcher":
+        from vmctl.launcher import client
+        folder = tmp_path / "launcher"
+        folder.mkdir(mode=0o700)
+        socket_path = str(folder / "launcher.sock")
+        server = subprocess.Popen([sys.executable, "-m", "vmctl.launcher", "serve", socket_path, "--idle", "120"],
+                                  stdin=subprocess.DEVNULL)
+        assert client.wait_for_server(socket_path, 60)
+        monkeypatch.setenv("VMCTL_LAUNCHER", socket_path)
+        monkeypatch.delenv(client.ENV, raising=False)
+        yield server
+        server.kill()
+        server.wait()
+    else:
+        monkeypatch.delenv("VMCTL_LAUNCHER", raising=False)
+        yield None
+
+
+def test_networked_machine_is_sandboxed_and_its_nat_rule_goes_when_the_vmm_is_killed(
+        assemble, vmctl_cli, tmp_path, sandbox_state, spawned_by):
+    """A machine on `network: nat` runs as nobody under the filter; the NAT rule it needed
+    root to add is removed by its guard process when the VMM is killed with -9."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"machines:\n  boxnet:\n    kernel: {assemble('forever.S')}\n    memory: 32M\n"
+                    "    network: nat\n")
+    up = vmctl_cli("up", str(spec), "--no-wait")
+    try:
+        assert up.returncode == 0, up.stderr
+        folder = os.path.join(sandbox_state, "machines", "boxnet")
+        record = json.loads(open(os.path.join(folder, "machine.json")).read())
+        if spawned_by is not None:
+            assert record["pid"] in [int(p) for p in open(
+                f"/proc/{spawned_by.pid}/task/{spawned_by.pid}/children").read().split()]
+        tap = _wait_for(lambda: json.loads(open(os.path.join(folder, "network.json")).read())["tap"])
+        report = _wait_for(lambda: json.loads(open(os.path.join(folder, "sandbox.json")).read()))
+        assert report["seccomp"] == "filter" and report["user"] == "nobody", report
+        assert any("guard process" in note for note in report["notes"]), report
+        assert f"vmctl:{tap}" in _nat_rules()
+        status = json.loads(vmctl_cli("status", "boxnet").stdout)
+        assert status["state"] == "running" and status["sandbox"]["seccomp"] == "filter", status
+        os.kill(record["pid"], signal.SIGKILL)
+        assert _wait_for(lambda: f"vmctl:{tap}" not in _nat_rules()), _nat_rules()
+    finally:
+        vmctl_cli("rm", "boxnet")
+
+
+def _wait_for(probe, seconds: float = 60):
+    """The first truthy value of `probe()` (errors count as not yet), or None at the deadline."""
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+        except (OSError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    return None

@@ -117,6 +117,7 @@ class HostNetwork(PointToPoint):
     tap: Tap | None = None
     subnet: ipaddress.IPv4Network | None = None
     _nat_rule: list[str] | None = None
+    _guard: object | None = None  # the guard process holding the NAT rule (sandboxed VMMs)
 
     def kernel_ip_parameter(self) -> str:
         """`ip=` for the guest kernel's autoconfiguration (guest eth0, gateway = host)."""
@@ -153,6 +154,19 @@ class HostNetwork(PointToPoint):
         self.tap.close()
         self.tap, self._nat_rule = None, None
         return info
+
+    def guard_nat_rule(self) -> str | None:
+        """Hand the NAT rule to a privileged guard process (net/guard.py) that removes it when
+        this process ends: for a VMM about to lose the right to run iptables. Returns what
+        was done, for the sandbox's notes."""
+        if not self._nat_rule:
+            return None
+        from . import guard
+
+        process = guard.start(self._nat_rule)
+        self._guard = process  # its stdin stays open as long as we run
+        self._nat_rule = None
+        return f"NAT rule removed at exit by guard process {process.pid}"
 
     def close(self) -> None:
         if self._nat_rule:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .device import VirtioDevice
 from .slot import VirtioMmioFactory
+
+if TYPE_CHECKING:
+    from .net import NetDevice
 
 # Device modules (and the disk and network layers behind them) are imported when a VM
 # actually gets that device: `vmctl boot` of a bare kernel starts faster without them.
@@ -58,12 +62,18 @@ class NetFactory(VirtioMmioFactory):
     def __init__(self, mode: str = "isolated", mac: str | None = None) -> None:
         from ..net.host import HostNetwork, random_mac
         self.network = HostNetwork(mode, mac or random_mac()).open()
+        self.device: NetDevice | None = None
         super().__init__(self._make, f"net:{mode}")
 
     def _make(self) -> VirtioDevice:
         from .net import NetDevice
         assert self.network.tap is not None, "the host network is open"
-        return NetDevice(self.network.tap, self.network.mac, on_close=self.network.close)
+        self.device = NetDevice(self.network.tap, self.network.mac, on_close=self.network.close)
+        return self.device
+
+    def before_sandbox(self) -> list[str]:
+        """What the device must open while the process still may (vmm/sandbox.py)."""
+        return self.device.before_sandbox() if self.device is not None else []
 
     def cmdline_words(self) -> list[str]:
         return [self.network.kernel_ip_parameter()]

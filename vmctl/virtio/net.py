@@ -83,6 +83,7 @@ class NetDevice(VirtioDevice):
         self._held_bytes = 0
         self._vhost: vhost.VhostNet | None = None  # while the kernel serves the queues
         self._vhost_problem_logged = False
+        self._vhost_spare: vhost.VhostNet | None = None  # opened before a sandbox dropped root
 
     @property
     def features(self) -> int:
@@ -107,12 +108,12 @@ class NetDevice(VirtioDevice):
     def offload(self, features: int, memory: GuestMemory, queues: list[QueueHandoff]) -> bool:
         from . import vhost
 
-        if os.environ.get("VMCTL_VHOST") == "0" or not vhost.available():
+        if os.environ.get("VMCTL_VHOST") == "0" or (self._vhost_spare is None and not vhost.available()):
             return False
         # vhost sees the ring and header features only; offloads are the TAP's business.
         wanted = features & (TRANSPORT_FEATURES | F_MRG_RXBUF)
         try:
-            kernel = vhost.VhostNet()
+            kernel, self._vhost_spare = self._vhost_spare or vhost.VhostNet(), None
             try:
                 kernel.start(wanted, memory, queues, self.tap.fd)
             except vhost.VhostError:
@@ -128,6 +129,19 @@ class NetDevice(VirtioDevice):
             self.unwatch(self.tap.fd)  # the kernel reads the TAP now
         log.info("virtio-net: vhost-net serves the queues (features 0x%x)", wanted)
         return True
+
+    def before_sandbox(self) -> list[str]:
+        """Open /dev/vhost-net now: the sandbox's user may not (a device reset after that
+        needs a fresh one and falls back to the Python data path)."""
+        from . import vhost
+
+        if os.environ.get("VMCTL_VHOST") == "0" or not vhost.available() or self._vhost_spare:
+            return []
+        try:
+            self._vhost_spare = vhost.VhostNet()
+        except vhost.VhostError as error:
+            return [f"vhost-net: {error}"]
+        return ["/dev/vhost-net opened before the drop"]
 
     def _stop_vhost(self) -> None:
         if self._vhost is not None:
@@ -301,9 +315,10 @@ class NetDevice(VirtioDevice):
         return True
 
     def close(self) -> None:
-        if self._vhost is not None:
-            self._vhost.close()
-            self._vhost = None
+        for kernel in (self._vhost, self._vhost_spare):
+            if kernel is not None:
+                kernel.close()
+        self._vhost = self._vhost_spare = None
         self.tap.close()
         if self._on_close:
             self._on_close()

@@ -100,23 +100,23 @@ class MachineProcess:
     def _enter_sandbox(self) -> None:
         """VMCTL_SANDBOX=1: seccomp allow-list + no_new_privs once every fd is open, and user
         nobody when other users can reach the state folder (the outcome is written there).
-        Not with a network: its TAP and NAT rule are removed at exit by running `ip` and
-        `iptables`, which needs root and exec. What is on goes to sandbox.json, which
-        `vmctl status` shows."""
-        from .sandbox import SandboxState, current, enter
+        With a network, what still needs privileges is done before: the NAT rule goes to a
+        guard process that deletes it when this process ends (net/guard.py), and
+        /dev/vhost-net is opened now. What is on goes to sandbox.json (`vmctl status`)."""
+        from .sandbox import enter
 
-        network = self.plan.network.mode
-        if network != "none":
-            state: SandboxState = current()
-            state.notes.append(f"not entered: network {network} is torn down with ip/iptables")
-        else:
-            drop, note = "nobody", None
-            if not _reachable_by_others(self.folder):
-                drop, note = None, f"kept root: {self.folder} is not reachable by other users"
-            writable = [str(self.folder)] + [str(p) for p in self.folder.iterdir()] if drop else []
-            state = enter(drop, writable)
-            if note:
-                state.notes.append(note)
+        notes = []
+        if self.net is not None:
+            guarded = self.net.network.guard_nat_rule()
+            if guarded:
+                notes.append(guarded)
+            notes += self.net.before_sandbox()
+        drop, note = "nobody", None
+        if not _reachable_by_others(self.folder):
+            drop, note = None, f"kept root: {self.folder} is not reachable by other users"
+        writable = [str(self.folder)] + [str(p) for p in self.folder.iterdir()] if drop else []
+        state = enter(drop, writable)
+        state.notes += notes + ([note] if note else [])
         write_json_atomic(self.folder / "sandbox.json", state.as_dict())
         log.info("sandbox: %s", state.as_dict())
 
