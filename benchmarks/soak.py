@@ -14,14 +14,21 @@ at a time. The audit compares before/after: TAP and veth devices, `iptables -S` 
 `iptables -t nat -S`, cgroups under /sys/fs/cgroup/vmctl, /proc/mounts (overlays and all),
 state folders, processes naming the state dir, and this process's fds.
 
+`--linux`: the VMs boot the busybox reference Linux instead (where KVM boots Linux: run it in
+the nested host, `python -m vmctl.nested --share DIR -- ...`); `--sandbox`: every VMM runs
+sandboxed (VMCTL_SANDBOX=1, so a killed VMM's NAT rule is the guard process's to remove).
+
 vmctl's own memory: `--in-process` cycles call vmctl.cli.main(argv) inside this process
 (as a long-lived program using vmctl does); its RSS and fd count after a warm-up and at the
-end are reported. No timing asserts: figures only.
+end are reported. `--gc-curve` adds RSS and live allocations after `gc.collect()` eight
+times along the run, `--tracemalloc` the Python allocations that grew. No timing asserts:
+figures only.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -32,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,9 +180,12 @@ class Tally:
 
 
 class Soak:
-    def __init__(self, work: Path, seed: int, with_containers: bool) -> None:
+    def __init__(self, work: Path, seed: int, with_containers: bool, linux: bool = False) -> None:
         self.work, self.state = work, work / "state"
         self.env = dict(os.environ, VMCTL_STATE_DIR=str(self.state))
+        # Linux guests (the busybox reference image; nested host only here) boot in seconds,
+        # not milliseconds: the random kill delays stretch with them.
+        self.linux, self.delay_scale = linux, 4.0 if linux else 1.0
         self.random = random.Random(seed)
         self.random_lock = threading.Lock()
         self.kernel = assemble(work, "forever.S")
@@ -193,7 +204,9 @@ class Soak:
     def spec(self, name: str, kind: str, nat: bool) -> Path:
         path = self.work / f"{name}.yaml"
         net = "    network: nat\n" if nat else ""
-        if kind == "kvm":
+        if kind == "kvm" and self.linux:
+            body = f"    memory: 128M\n{net}"  # no kernel: the busybox reference Linux
+        elif kind == "kvm":
             body = f"    kernel: {self.kernel}\n    memory: 32M\n{net}"
         else:
             body = f"    backend: container\n    memory: 48M\n{net}"
@@ -246,12 +259,13 @@ class Soak:
         spec = self.spec(name, kind, nat)
         steps = ["up", "exec", "down", "rm", "vmm"] if kind == "container" else ["up", "run", "down", "rm", "vmm"]
         faulty = self.pick(steps)
-        delay = self.uniform(0.0, 2.5)
+        delay = self.uniform(0.0, 2.5 * self.delay_scale)
         with self.tally.lock:
             self.tally.machines += 1
         if faulty == "run":  # a throwaway `vmctl run` (ephemeral machine), killed mid-way
             throwaway = self.work / f"{name}r.yaml"
-            throwaway.write_text(f"machines:\n  {name}r:\n    kernel: {self.hello}\n    memory: 32M\n")
+            guest = "    memory: 128M\n" if self.linux else f"    kernel: {self.hello}\n    memory: 32M\n"
+            throwaway.write_text(f"machines:\n  {name}r:\n{guest}")
             self.vmctl("run", str(throwaway), "--name", f"{name}r", "--", "true", kill_after=delay)
             # A killed `run` leaves its ephemeral machine (NAME-run-ID, shown by `vmctl ps`):
             # removed as a user would, by name.
@@ -279,7 +293,7 @@ class Soak:
         with self.tally.lock:
             self.tally.cycles += 1
 
-    def in_process(self, cycles: int) -> dict[str, object]:
+    def in_process(self, cycles: int, curve: bool = False, trace: bool = False) -> dict[str, object]:
         """vmctl.cli.main in this process: RSS and fds after a warm-up and at the end."""
         from vmctl.cli import main
 
@@ -287,7 +301,7 @@ class Soak:
         saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         os.environ["VMCTL_STATE_DIR"] = str(self.state)
         try:
-            return self._in_process(main, cycles)
+            return self._in_process(main, cycles, curve, trace)
         finally:  # main() installs vmctl's handlers; a caller (pytest) gets its own back
             for sig, handler in saved_handlers.items():
                 signal.signal(sig, handler)
@@ -296,10 +310,17 @@ class Soak:
             else:
                 os.environ["VMCTL_STATE_DIR"] = saved_env
 
-    def _in_process(self, main, cycles: int) -> dict[str, object]:
+    def _in_process(self, main, cycles: int, with_curve: bool = False, trace: bool = False) -> dict[str, object]:
         spec = self.spec("inproc", "kvm", False)
         samples = []
+        traced: dict[str, object] = {}
+        curve: list[dict[str, int]] = []
+        rss_curve: list[list[int]] = []  # [cycle, RSS KiB], 12 times along the run
         for i in range(cycles):
+            if trace and i == min(5, cycles - 1):
+                gc.collect()
+                tracemalloc.start(8)
+                first = tracemalloc.take_snapshot()
             for argv in (["up", str(spec), "--no-wait"], ["ps", "--json"], ["down", "inproc", "--timeout", "2"],
                          ["rm", "inproc"]):
                 with open(os.devnull, "w") as null:
@@ -313,10 +334,40 @@ class Soak:
                         sys.stdout, sys.stderr = saved
             if i in (min(4, cycles - 1), cycles - 1):
                 samples.append((i + 1, rss_kib(), len(os.listdir("/proc/self/fd"))))
+            if (i + 1) % max(1, cycles // 12) == 0:
+                rss_curve.append([i + 1, rss_kib()])
+            if with_curve and (i + 1) % max(1, cycles // 8) == 0:
+                # what is still reachable once cyclic garbage is collected, against RSS
+                rss, unreachable = rss_kib(), gc.collect()
+                curve.append({"cycle": i + 1, "rss_kib": rss, "collected_objects": unreachable,
+                              "live_blocks": sys.getallocatedblocks(), "rss_after_collect_kib": rss_kib()})
+        if trace and tracemalloc.is_tracing():
+            gc.collect()
+            traced = python_growth(first, tracemalloc.take_snapshot(), cycles - min(5, cycles - 1))
+            tracemalloc.stop()
+        if with_curve:
+            traced["after_gc_collect"] = curve
         (w_cycle, w_rss, w_fds), (e_cycle, e_rss, e_fds) = samples[0], samples[-1]
         return {"cycles": cycles, "after_warmup": {"cycle": w_cycle, "rss_kib": w_rss, "fds": w_fds},
                 "end": {"cycle": e_cycle, "rss_kib": e_rss, "fds": e_fds},
-                "rss_growth_kib": e_rss - w_rss, "fd_growth": e_fds - w_fds}
+                "rss_growth_kib": e_rss - w_rss, "fd_growth": e_fds - w_fds, "rss_curve": rss_curve, **traced}
+
+
+def python_growth(first: tracemalloc.Snapshot, last: tracemalloc.Snapshot, cycles: int) -> dict[str, object]:
+    """What Python objects grew between two snapshots: in all, and the top places (by the
+    allocating line, vmctl's own frame where there is one)."""
+    noise = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
+    first, last = first.filter_traces(noise), last.filter_traces(noise)
+    total = sum(stat.size for stat in last.statistics("filename")) - sum(stat.size for stat in first.statistics("filename"))
+    top = []
+    for stat in last.compare_to(first, "traceback")[:12]:
+        frames = [f"{frame.filename.rsplit('/site-packages/', 1)[-1].rsplit('/lib/python3', 1)[-1]}:{frame.lineno}"
+                  for frame in stat.traceback]
+        top.append({"size_diff_kib": round(stat.size_diff / 1024, 1), "count_diff": stat.count_diff,
+                    "where": frames[-1], "stack": frames})
+    return {"python_heap_growth_kib": round(total / 1024, 1), "traced_cycles": cycles,
+            "python_heap_growth_per_1000_cycles_kib": round(total / 1024 / max(cycles, 1) * 1000, 1),
+            "top_growth": top}
 
 
 def rss_kib() -> int:
@@ -332,13 +383,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--in-process", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--gc-curve", action="store_true",
+                        help="in-process cycles: RSS and live allocations after gc.collect(), 8 times")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="in-process cycles: also say which Python allocations grew (slower)")
     parser.add_argument("--no-containers", action="store_true")
+    parser.add_argument("--linux", action="store_true",
+                        help="VMs boot the busybox reference Linux (a host whose KVM boots Linux: the nested host)")
+    parser.add_argument("--sandbox", action="store_true", help="VMMs run sandboxed (VMCTL_SANDBOX=1)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="vmctl-soak-"))
     started = time.monotonic()
     try:
-        soak = Soak(work, args.seed, containers_possible() and not args.no_containers)
+        if args.sandbox:
+            os.environ["VMCTL_SANDBOX"] = "1"
+            os.chmod(work, 0o755)  # the sandboxed VMM drops to nobody only when it can reach its folder
+        soak = Soak(work, args.seed, containers_possible() and not args.no_containers, args.linux)
         seen = Seen(soak.state)
         before = host_snapshot(soak.state)
         for index in range(args.cycles):
@@ -346,14 +407,15 @@ def main(argv: list[str] | None = None) -> int:
         sequential = soak.tally.cycles
         with ThreadPoolExecutor(args.parallel) as pool:
             list(pool.map(soak.cycle, range(args.cycles, 2 * args.cycles)))
-        memory = soak.in_process(args.in_process) if args.in_process else None
+        memory = soak.in_process(args.in_process, args.gc_curve or args.tracemalloc, args.tracemalloc) if args.in_process else None
         time.sleep(1)  # processes killed last are reaped by init
         seen.stop.set()
         found = leaks(before, host_snapshot(soak.state, seen))
         tally = soak.tally
         result = {
             "date": time.strftime("%Y-%m-%d"), "seed": args.seed, "seconds": round(time.monotonic() - started, 1),
-            "containers": soak.with_containers, "cycles_sequential": sequential,
+            "containers": soak.with_containers, "linux_guests": args.linux, "sandbox": args.sandbox,
+            "cycles_sequential": sequential,
             "cycles_parallel": tally.cycles - sequential, "parallel": args.parallel,
             "machines": tally.machines + (args.in_process or 0), "vmctl_commands": tally.commands,
             "faults": dict(sorted(tally.faults.items())), "faults_total": sum(tally.faults.values()),

@@ -233,10 +233,12 @@ class _Progress:
         self.message = message
         self.tty = sys.stderr.isatty()
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread: threading.Thread | None = None  # made only on a terminal: a thread
+        # whose target is our own method is a reference cycle, garbage for the cyclic GC
 
     def __enter__(self) -> "_Progress":
         if self.tty:
+            self._thread = threading.Thread(target=self._tick, daemon=True)
             self._thread.start()
         else:
             print(f"{self.message}…", file=sys.stderr)
@@ -252,8 +254,9 @@ class _Progress:
 
     def __exit__(self, *_: object) -> None:
         self._done.set()
-        if self.tty:
+        if self._thread is not None:
             self._thread.join()
+            self._thread = None
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
 
