@@ -166,3 +166,22 @@ def _wait_for(probe, seconds: float = 60):
             return value
         time.sleep(0.2)
     return None
+
+
+def test_a_snapshot_of_a_sandboxed_machine(assemble, vmctl_cli, tmp_path, sandbox_state):
+    """`vmctl snapshot create` is served by the VMM (folder, overlay hard-linked into a
+    read-only layer, memory): under the filter it died with SIGSYS at mkdir."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"machines:\n  snapbox:\n    kernel: {assemble('forever.S')}\n    memory: 32M\n"
+                    "    disks:\n      - size: 16M\n")
+    try:
+        assert vmctl_cli("up", str(spec), "--no-wait").returncode == 0
+        folder = os.path.join(sandbox_state, "machines", "snapbox")
+        assert _wait_for(lambda: json.loads(open(os.path.join(folder, "sandbox.json")).read())["seccomp"] == "filter")
+        created = vmctl_cli("snapshot", "create", "--memory", "snapbox", "s1")
+        assert created.returncode == 0, created.stderr
+        status = json.loads(vmctl_cli("status", "snapbox").stdout)
+        assert status["state"] == "running", status
+    finally:
+        vmctl_cli("rm", "snapbox")
+        vmctl_cli("snapshot", "delete", "s1")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def take(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, nam
     folder = snapshots.new_folder(name)
     try:
         if live:
+            _hand_to_vmm(store.folder(record.name), folder)
             answer = request(store.folder(record.name) / CONTROL, "snapshot", timeout=600, folder=str(folder),
                              memory=memory)
             layers = [Layer(**layer) for layer in answer["layers"]]
@@ -64,6 +66,14 @@ def take(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, nam
             raise VmctlError(f"{error}; {problem}") from None
         raise
     return meta
+
+
+def _hand_to_vmm(machine_folder: Path, folder: Path) -> None:
+    """A sandboxed VMM runs as the owner of its machine folder (nobody): it writes the
+    snapshot, so the new folder becomes its too."""
+    owner = machine_folder.stat()
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        os.chown(folder, owner.st_uid, owner.st_gid)
 
 
 def _own_disks(plan: KvmPlan) -> list[tuple[int, DiskPlan]]:

@@ -103,8 +103,12 @@ class MachineProcess:
         With a network, what still needs privileges is done before: the NAT rule goes to a
         guard process that deletes it when this process ends (net/guard.py), and
         /dev/vhost-net is opened now. What is on goes to sandbox.json (`vmctl status`)."""
+        import importlib
+
         from .sandbox import enter
 
+        for module in PRELOAD:  # `nobody` may not read the interpreter's files (/root/.pyenv)
+            importlib.import_module(module)
         notes = []
         if self.net is not None:
             guarded = self.net.network.guard_nat_rule()
@@ -114,7 +118,7 @@ class MachineProcess:
         drop, note = "nobody", None
         if not _reachable_by_others(self.folder):
             drop, note = None, f"kept root: {self.folder} is not reachable by other users"
-        writable = [str(self.folder)] + [str(p) for p in self.folder.iterdir()] if drop else []
+        writable = [str(path) for path in _tree(self.folder)] if drop else []
         state = enter(drop, writable)
         state.notes += notes + ([note] if note else [])
         write_json_atomic(self.folder / "sandbox.json", state.as_dict())
@@ -206,6 +210,21 @@ class MachineProcess:
         self.console_file.close()
         if self.plan.ephemeral:  # throwaway guest: its overlays go as soon as it stops
             shutil.rmtree(self.folder / DISKS, ignore_errors=True)
+
+
+# What the VMM imports only when a request needs it, imported before the sandbox drops to
+# `nobody`: afterwards an interpreter under /root cannot read them ("No module named
+# 'hashlib'" answered a snapshot request; tests/kvm/test_sandbox.py).
+PRELOAD = ("hashlib", "vmctl.vmm.save_restore", "vmctl.snapshot.snapshot_file", "vmctl.snapshot.disk_layers",
+           "vmctl.disk.block_backend")
+
+
+def _tree(folder: Path) -> list[Path]:
+    """`folder` and everything below it (disks/ holds the overlays a snapshot reopens)."""
+    paths = [folder]
+    for parent, names, files in os.walk(folder):
+        paths += [Path(parent, name) for name in names + files]
+    return paths
 
 
 def _reachable_by_others(folder: Path) -> bool:
