@@ -61,8 +61,8 @@ def progress(message: str) -> None:
     print(f"[snapshot-bench] {message}", file=sys.stderr, flush=True)
 
 
-def vmctl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([VMCTL, *args], capture_output=True, text=True, timeout=timeout)
+def vmctl(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([VMCTL, *args], capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"vmctl {' '.join(args)}: {result.stderr.strip()}")
     return result
@@ -73,6 +73,58 @@ def timed(*commands: tuple[str, ...]) -> float:
     for command in commands:
         vmctl(*command)
     return time.monotonic() - start
+
+
+def first_command(up: tuple[str, ...], name: str, state: Path, env: dict[str, str] | None = None) -> dict:
+    """`vmctl up ...` then `vmctl exec NAME -- true`: the total and where it went (the two
+    CLI processes' wall times, and from the VMM's log its own start-up and restore steps)."""
+    start = time.monotonic()
+    result = vmctl(*up, env=env)
+    up_s = time.monotonic() - start
+    vmctl("exec", name, "--", "true", env=env)
+    total = time.monotonic() - start
+    ready = re.search(r"ready in ([0-9.]+) s", result.stderr)
+    out = {"total_s": total, "up_cli_s": up_s, "exec_cli_s": total - up_s,
+           "up_wait_ready_s": float(ready.group(1)) if ready else None}
+    return out | vmm_steps(state, name)
+
+
+# What the VMM logs about its own start (vmctl/vmm/daemon.py, save_restore.py).
+VMM_STEPS = {"vmm_start_s": r"([0-9.]+) s from its start to main\(\)", "snapshot_read_ms": r"read and checked in ([0-9.]+) ms",
+             "vmm_restore_ms": r"restored .* in ([0-9.]+) ms", "identity_ms": r"clone identity told in ([0-9.]+) ms"}
+
+
+def vmm_steps(state: Path, name: str) -> dict:
+    log = (state / "machines" / name / "vmm.log").read_text()
+    steps = {}
+    for key, pattern in VMM_STEPS.items():
+        match = re.search(pattern, log)
+        steps[key] = float(match.group(1)) if match else None
+    return steps
+
+
+def in_process(state: Path, env: dict[str, str]) -> tuple[float, float]:
+    """The pytest pattern's path, with no CLI process: vmctl.testing.guest / clone in this
+    process (the VMM forked by the launcher in `env`), then exec `true`. (cold, restore) s."""
+    from vmctl import testing
+    from vmctl.state import StateStore
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        store = StateStore()
+        start = time.monotonic()
+        with testing.guest({"memory": MEMORY}, name="inproc-cold", store=store) as vm:
+            vm.exec("true")
+            cold = time.monotonic() - start
+        start = time.monotonic()
+        with testing.clone("ready", store=store) as vm:
+            vm.exec("true")
+            restore = time.monotonic() - start
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return cold, restore
 
 
 def smaps(pid: int) -> dict[str, int]:
@@ -88,9 +140,7 @@ def vmm_pid(name: str) -> int:
 
 
 def restore_ms(state: Path, name: str) -> float | None:
-    log = (state / "machines" / name / "vmm.log").read_text()
-    match = re.search(r"restored .* in ([0-9.]+) ms", log)
-    return float(match.group(1)) if match else None
+    return vmm_steps(state, name)["vmm_restore_ms"]
 
 
 # --- QEMU ------------------------------------------------------------------------------------
@@ -206,8 +256,11 @@ def run_here(args: argparse.Namespace) -> dict:
     os.environ["VMCTL_STATE_DIR"] = str(state)
     spec = work / "vm.yaml"
     spec.write_text(f"machines:\n  src:\n    memory: {MEMORY}\n")
-    results: dict = {"cold_s": [], "restore_s": [], "vmm_restore_ms": [], "qemu": []}
+    results: dict = {"cold_s": [], "restore_s": [], "vmm_restore_ms": [], "qemu": [], "cold_steps": [],
+                     "restore_steps": [], "launcher": {"cold_steps": [], "restore_steps": []},
+                     "in_process": {"cold_s": [], "restore_s": []}}
     names: list[str] = []
+    launcher = None
     try:
         vmctl("up", str(spec))  # the source, booted once
         names.append("src")
@@ -215,24 +268,44 @@ def run_here(args: argparse.Namespace) -> dict:
         create = timed(("snapshot", "create", "--memory", "src", "ready"))
         meta = json.loads(vmctl("snapshot", "list", "--json").stdout)[0]
         progress(f"snapshot created in {create:.2f} s, memory file {meta['memory_bytes'] >> 20} MiB")
+        if not args.no_launcher:
+            from vmctl.launcher.session import PrivateLauncher
+
+            launcher = PrivateLauncher()
         cold_spec = work / "cold.yaml"
         for run in range(args.runs):
             cold_spec.write_text(f"machines:\n  cold{run}:\n    memory: {MEMORY}\n")
-            cold = timed(("up", str(cold_spec)), ("exec", f"cold{run}", "--", "true"))
+            cold = first_command(("up", str(cold_spec)), f"cold{run}", state)
             vmctl("rm", f"cold{run}")
             name = f"clone{run}"
-            restore = timed(("up", "--from-snapshot", "ready", "--name", name), ("exec", name, "--", "true"))
+            restore = first_command(("up", "--from-snapshot", "ready", "--name", name), name, state)
             names.append(name)
-            results["cold_s"].append(cold)
-            results["restore_s"].append(restore)
-            results["vmm_restore_ms"].append(restore_ms(state, name))
+            results["cold_s"].append(cold["total_s"])
+            results["restore_s"].append(restore["total_s"])
+            results["cold_steps"].append(cold)
+            results["restore_steps"].append(restore)
+            results["vmm_restore_ms"].append(restore["vmm_restore_ms"])
+            if launcher is not None:  # the same, each VMM forked by a launcher that imported it already
+                cold_spec.write_text(f"machines:\n  lcold{run}:\n    memory: {MEMORY}\n")
+                lcold = first_command(("up", str(cold_spec)), f"lcold{run}", state, launcher.env())
+                vmctl("rm", f"lcold{run}")
+                lrestore = first_command(("up", "--from-snapshot", "ready", "--name", f"lclone{run}"), f"lclone{run}",
+                                         state, launcher.env())
+                vmctl("rm", f"lclone{run}")
+                results["launcher"]["cold_steps"].append(lcold)
+                results["launcher"]["restore_steps"].append(lrestore)
+                ip_cold, ip_restore = in_process(state, launcher.env())
+                results["in_process"]["cold_s"].append(ip_cold)
+                results["in_process"]["restore_s"].append(ip_restore)
+                progress(f"run {run + 1}: launcher: cold {lcold['total_s']:.2f} s, restore {lrestore['total_s']:.2f} s; "
+                         f"in-process: cold {ip_cold:.2f} s, restore {ip_restore:.2f} s")
             if shutil.which("qemu-system-x86_64") and not args.no_qemu:
                 try:
                     results["qemu"].append(qemu_round(images.bzimage, images.initramfs, work, args.timeout))
                 except RuntimeError as error:
                     results["qemu_error"] = str(error)
                     progress(f"QEMU: {error}")
-            progress(f"run {run + 1}/{args.runs}: cold {cold:.2f} s, restore {restore:.2f} s "
+            progress(f"run {run + 1}/{args.runs}: cold {cold['total_s']:.2f} s, restore {restore['total_s']:.2f} s "
                      f"(VMM restore {results['vmm_restore_ms'][-1]} ms)"
                      + (f", QEMU cold {results['qemu'][-1]['cold_s']:.2f} s restore {results['qemu'][-1]['restore_s']:.2f} s"
                         if results["qemu"] else ""))
@@ -256,6 +329,8 @@ def run_here(args: argparse.Namespace) -> dict:
         results["create_s"] = create
         results["memory_file_mib"] = meta["memory_bytes"] >> 20
     finally:
+        if launcher is not None:
+            launcher.close()
         for name in names:
             subprocess.run([VMCTL, "rm", name], capture_output=True)
         subprocess.run([VMCTL, "snapshot", "delete", "ready"], capture_output=True)
@@ -356,13 +431,29 @@ def table_tiny(result: dict) -> str:
         "", f"Environment: {result['environment']}."])
 
 
+def median_steps(steps: list[dict]) -> dict:
+    keys = steps[0].keys() if steps else ()
+    return {key: round(median(values), 3) for key in keys
+            if (values := [step[key] for step in steps if step.get(key) is not None])}
+
+
 def summarize(raw: dict, environment: str) -> dict:
     out = {"environment": environment, "raw": raw,
            "create_s": round(raw["create_s"], 3), "memory_file_mib": raw["memory_file_mib"],
            "cold_median_s": round(median(raw["cold_s"]), 3), "restore_median_s": round(median(raw["restore_s"]), 3),
            "vmm_restore_median_ms": round(median([v for v in raw["vmm_restore_ms"] if v is not None]), 1),
-           "memory": raw["memory"]}
+           "memory": raw["memory"],
+           "split": {"cold": median_steps(raw["cold_steps"]), "restore": median_steps(raw["restore_steps"])}}
     out["ratio_cold_over_restore"] = round(out["cold_median_s"] / out["restore_median_s"], 2)
+    if raw["launcher"]["cold_steps"]:
+        cold, restore = (median([r["total_s"] for r in raw["launcher"][k]]) for k in ("cold_steps", "restore_steps"))
+        out["launcher"] = {"cold_median_s": round(cold, 3), "restore_median_s": round(restore, 3),
+                           "ratio_cold_over_restore": round(cold / restore, 2),
+                           "split": {"cold": median_steps(raw["launcher"]["cold_steps"]),
+                                     "restore": median_steps(raw["launcher"]["restore_steps"])}}
+        cold, restore = median(raw["in_process"]["cold_s"]), median(raw["in_process"]["restore_s"])
+        out["in_process"] = {"cold_median_s": round(cold, 3), "restore_median_s": round(restore, 3),
+                             "ratio_cold_over_restore": round(cold / restore, 2)}
     memory = raw["memory"]
     out["ratio_clones_memory"] = round(memory["clones_pss_mib"] / (memory["clones"] * memory["one_guest_pss_mib"]), 3)
     if raw["qemu"]:
@@ -370,6 +461,38 @@ def summarize(raw: dict, environment: str) -> dict:
         out["qemu"]["file_mib"] = raw["qemu"][0]["file_bytes"] >> 20
         out["ratio_qemu_restore_over_ours"] = round(out["qemu"]["restore_s"] / out["restore_median_s"], 2)
     return out
+
+
+def split_rows(split: dict) -> list[str]:
+    """Where cold boot → first command and restore → first command went (medians)."""
+    cold, restore = split["cold"], split["restore"]
+
+    def cell(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f} s"
+
+    def up_own(step: dict) -> float | None:
+        return step["up_cli_s"] - step["up_wait_ready_s"] if step.get("up_wait_ready_s") is not None else None
+
+    def vmm_rest(step: dict, restored: bool) -> float | None:
+        if step.get("up_wait_ready_s") is None or step.get("vmm_start_s") is None:
+            return None
+        spent = sum(step.get(k) or 0 for k in ("snapshot_read_ms", "vmm_restore_ms", "identity_ms")) / 1000 if restored else 0
+        return step["up_wait_ready_s"] - step["vmm_start_s"] - spent
+
+    restored_parts = sum(restore.get(k) or 0 for k in ("snapshot_read_ms", "vmm_restore_ms", "identity_ms")) / 1000
+    return [
+        "| step (median) | cold boot | restore |", "|---|---|---|",
+        f"| `vmctl up` process itself (interpreter, imports, overlays, spawn) | {cell(up_own(cold))} | {cell(up_own(restore))} |",
+        f"| VMM process: start → main() (interpreter, imports) | {cell(cold.get('vmm_start_s'))} | "
+        f"{cell(restore.get('vmm_start_s'))} |",
+        f"| VMM: snapshot read + restore + clone identity (agent) | – | {restored_parts:.2f} s "
+        f"({restore.get('snapshot_read_ms', 0):.0f} + {restore.get('vmm_restore_ms', 0):.0f} + "
+        f"{restore.get('identity_ms', 0):.0f} ms) |",
+        f"| the rest of `up`'s wait (cold: VMM set-up + Linux boot to READY) | {cell(vmm_rest(cold, False))} | "
+        f"{cell(vmm_rest(restore, True))} |",
+        f"| `vmctl exec -- true` process | {cell(cold.get('exec_cli_s'))} | {cell(restore.get('exec_cli_s'))} |",
+        f"| total | {cell(cold.get('total_s'))} | {cell(restore.get('total_s'))} |",
+    ]
 
 
 def table(result: dict) -> str:
@@ -383,6 +506,16 @@ def table(result: dict) -> str:
                 f"(VMM restore itself {result['vmm_restore_median_ms']:.0f} ms) | {qemu.get('restore_s', float('nan')):.2f} s (-incoming) |")
     rows.append(f"| cold boot / restore | **{result['ratio_cold_over_restore']:.1f}x** | "
                 f"{(qemu['cold_s'] / qemu['restore_s']) if qemu else float('nan'):.1f}x |")
+    if "launcher" in result:
+        rows += ["", "| path to a first command (median) | cold boot | restore | cold / restore |", "|---|---|---|---|",
+                 f"| two `vmctl` processes, the VMM a new interpreter | {result['cold_median_s']:.2f} s | "
+                 f"{result['restore_median_s']:.2f} s | {result['ratio_cold_over_restore']:.1f}x |"]
+        for key, what in (("launcher", "two `vmctl` processes, the VMM forked by the launcher"),
+                          ("in_process", "no CLI: `vmctl.testing` in the caller, the VMM forked by the launcher")):
+            row = result[key]
+            rows.append(f"| {what} | {row['cold_median_s']:.2f} s | {row['restore_median_s']:.2f} s | "
+                        f"**{row['ratio_cold_over_restore']:.1f}x** |")
+    rows += [""] + split_rows(result["split"])
     memory = result["memory"]
     rows += ["", "| memory | value |", "|---|---|",
              f"| {memory['clones']} clones, sum of VMM Pss | {memory['clones_pss_mib']} MiB |",
@@ -399,7 +532,8 @@ def run_nested(args: argparse.Namespace) -> int:
     output = args.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     inner = [sys.executable, str(Path(__file__).resolve()), "--here", "--runs", str(args.runs), "--clones",
-             str(args.clones), "--timeout", str(args.timeout), "--output", str(output)] + (["--no-qemu"] if args.no_qemu else [])
+             str(args.clones), "--timeout", str(args.timeout), "--output", str(output)] + (["--no-qemu"] if args.no_qemu else []) \
+        + (["--no-launcher"] if args.no_launcher else [])
     host = NestedHost(memory_mib=args.memory, cpus=2, shares=[output.parent], progress=progress)
     result = host.run(inner, cwd=str(HERE.parent), timeout=args.runs * 6 * args.timeout + 1200)
     sys.stdout.write(result.stdout)
@@ -414,6 +548,7 @@ def main() -> int:
     parser.add_argument("--clones", type=int, default=8, help="clones running at once for the memory figures")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--no-qemu", action="store_true")
+    parser.add_argument("--no-launcher", action="store_true", help="leave out the launcher and in-process rows")
     parser.add_argument("--tiny", action="store_true", help="tiny guest on this host's /dev/kvm (see above)")
     parser.add_argument("--fill-mb", type=int, default=64, help="--tiny: MiB the guest fills and reads (default 64)")
     where = parser.add_mutually_exclusive_group()

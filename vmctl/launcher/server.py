@@ -36,6 +36,8 @@ PRELOAD = (
     "vmctl.cli", "vmctl.cli.boot", "vmctl.vmm.machine", "vmctl.vmm.daemon", "vmctl.virtio.slot",
     "vmctl.virtio.blk", "vmctl.virtio.net", "vmctl.virtio.rng", "vmctl.virtio.console", "vmctl.virtio.vhost",
     "vmctl.disk.raw", "vmctl.disk.qcow2.image", "vmctl.net.host",
+    # a clone's VMM: the restore path, and the virtio-fs of its transfer share
+    "vmctl.vmm.save_restore", "vmctl.virtio.fs", "vmctl.fs.server",
 )
 IDLE_SECONDS = 900.0
 
