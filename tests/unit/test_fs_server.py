@@ -238,3 +238,31 @@ def test_struct_sizes_match_linux_fuse_h(tmp_path):
     output = subprocess.run([str(tmp_path / "sizes")], check=True, capture_output=True, text=True).stdout
     sizes = {name: int(size) for name, size in (line.split() for line in output.splitlines())}
     assert sizes == p.STRUCT_SIZES
+
+
+def test_a_restored_server_never_reuses_the_saved_guests_numbers(client, share, tmp_path):
+    """A clone's new server (its own folder) behind a guest restored from a snapshot: the node
+    ids and handles that guest still caches must not name other files here."""
+    from vmctl.virtio.fs import FsDevice
+
+    saved_node, _ = client.lookup(ROOT_ID, b"hello.txt")
+    _, saved_fh = client.open(saved_node, os.O_RDONLY)
+    source = FsDevice(str(share), "t")
+    source.server.close()
+    source.server = client.server
+    state = source.save_state()
+    assert state == {"next_node": saved_node + 1, "next_handle": saved_fh + 1}
+
+    other = tmp_path / "clone-share"
+    other.mkdir()
+    (other / "other.txt").write_text("not hello\n")
+    clone = FsDevice(str(other), "t")
+    clone.restore_state(state)
+    fresh = Client(clone.server)
+    fresh.init()
+    node, _ = fresh.lookup(ROOT_ID, b"other.txt")
+    assert node > saved_node
+    assert fresh.call(p.GETATTR, saved_node, p.GETATTR_IN.pack(0, 0, 0))[0] == errno.ESTALE
+    _, fh = fresh.open(node, os.O_RDONLY)
+    assert fh > saved_fh and fresh.call(p.READ, 0, p.READ_IN.pack(saved_fh, 0, 10, 0, 0, 0, 0))[0] == errno.EBADF
+    clone.close()

@@ -111,6 +111,21 @@ class FileServer:
             p.RELEASEDIR: self._releasedir, p.FSYNCDIR: self._fsyncdir, p.STATFS: self._statfs,
         }
 
+    # ---- snapshots ---------------------------------------------------------------------
+
+    def numbering(self) -> tuple[int, int]:
+        """(next node id, next file handle): what a restored guest's driver may still hold lies below."""
+        with self._lock:
+            return self._next_node, self._next_handle
+
+    def skip_numbers(self, next_node: int, next_handle: int) -> None:
+        """Never hand out a node id or handle below these: a restored guest may still cache the
+        saved server's (its dentries, inodes and open files), and must get ESTALE / EBADF for
+        them, never another file that happens to have the same number here."""
+        with self._lock:
+            self._next_node = max(self._next_node, next_node)
+            self._next_handle = max(self._next_handle, next_handle)
+
     # ---- entry point -------------------------------------------------------------------
 
     def handle(self, data: bytes | memoryview) -> bytes | None:

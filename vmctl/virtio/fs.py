@@ -101,6 +101,18 @@ class FsDevice(VirtioDevice):
         _scatter(header_views, header)
         return protocol.OUT_HEADER.size + payload_length
 
+    def save_state(self) -> dict:
+        next_node, next_handle = self.server.numbering()
+        return {"next_node": next_node, "next_handle": next_handle}
+
+    def restore_state(self, state: dict) -> None:
+        """A clone serves its own folder with a new server: the numbers the saved guest holds
+        stay unused (vmctl.fs.server.FileServer.skip_numbers)."""
+        values = [state.get(key, 1) for key in ("next_node", "next_handle")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 1 << 63 for v in values):
+            raise DeviceError(f"virtio-fs: bad saved numbering {state!r}")
+        self.server.skip_numbers(*values)
+
     def reset(self) -> None:
         """A new driver starts with INIT again; the old one's nodes and handles are dropped."""
         root, read_only = self.server.root, self.server.read_only

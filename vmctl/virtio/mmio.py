@@ -354,7 +354,10 @@ class VirtioMmioTransport:
                 self._interrupt_status = state.interrupt_status & (INT_USED_BUFFER | INT_CONFIG_CHANGE)
             if self.active:
                 self.device.activate(self.driver_features, self.ctx)
-                self.device.restore_state(state.device)
+                try:
+                    self.device.restore_state(state.device)
+                except DeviceError as error:
+                    raise TransportStateError(f"device: {error}") from None
                 self._offload()
                 for index in range(len(self.queues)):
                     self._wake(index)
