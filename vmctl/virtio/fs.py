@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from typing import Any
 
 from ..fs import protocol
 from ..fs.server import FileServer
@@ -101,11 +102,11 @@ class FsDevice(VirtioDevice):
         _scatter(header_views, header)
         return protocol.OUT_HEADER.size + payload_length
 
-    def save_state(self) -> dict:
+    def save_state(self) -> dict[str, Any]:
         next_node, next_handle = self.server.numbering()
         return {"next_node": next_node, "next_handle": next_handle}
 
-    def restore_state(self, state: dict) -> None:
+    def restore_state(self, state: dict[str, Any]) -> None:
         """A clone serves its own folder with a new server: the numbers the saved guest holds
         stay unused (vmctl.fs.server.FileServer.skip_numbers)."""
         values = [state.get(key, 1) for key in ("next_node", "next_handle")]
