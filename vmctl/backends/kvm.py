@@ -32,7 +32,6 @@ from .base import (
     setup_failure,
     ssh_target,
 )
-from .kvm_prepare import prepare
 
 POLL = 0.05
 
@@ -49,6 +48,8 @@ class KvmBackend:
         record = MachineRecord(name=spec.name, backend=self.name, spec_file=spec_file, ephemeral=spec.ephemeral)
         folder = store.create(record)
         try:
+            from .kvm_prepare import prepare  # (qcow2 creation, keys): not for exec, ps, rm
+
             plan = prepare(spec, folder)
             record.plan = plan
             record.resources = {"disks": [disk.path for disk in plan.disks if disk.created]}

@@ -16,7 +16,6 @@ from .. import signals
 from ..backends import get_backend
 from ..errors import VmctlError
 from ..guest_contract import EXIT_PREFIX, READY_MARKER_BYTES
-from ..spec import load_spec
 from ..spec.model import BACKENDS, IMAGE_PROFILES, MachineSpec
 from ..state import CONSOLE, CONSOLE_SOCKET, StateStore
 
@@ -146,6 +145,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         from .snapshot_cmd import clone_from_snapshot
 
         return clone_from_snapshot(args.from_snapshot, args.name, args.no_wait, args.timeout)
+    from ..spec import load_spec
+
     spec_file = load_spec(args.file)
     store = _store()
     if args.owner_pid is not None:
@@ -445,7 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uuid
 
     from ..limits import MAX_CPUS, MIN_MEMORY
-    from ..spec import parse_spec
+    from ..spec import load_spec, parse_spec
     from ..units import parse_size
 
     command = args.passthrough

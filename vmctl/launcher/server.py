@@ -38,6 +38,8 @@ PRELOAD = (
     "vmctl.disk.raw", "vmctl.disk.qcow2.image", "vmctl.net.host",
     # a clone's VMM: the restore path, and the virtio-fs of its transfer share
     "vmctl.vmm.save_restore", "vmctl.virtio.fs", "vmctl.fs.server",
+    # a boot's (vmctl.vmm.machine imports them only when it boots)
+    "vmctl.boot.loader", "vmctl.arch.vcpu_setup", "vmctl.arch.mptable",
 )
 IDLE_SECONDS = 900.0
 

@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
-from ..arch import memory_map, vcpu_setup
+from ..arch import memory_map
 from ..arch.cpuid import cpuid_for_vcpu
-from ..arch.mptable import build_mptable
-from ..boot.loader import BootInfo, load_linux
 from ..devices import simple
 from ..devices.bus import Bus
 from ..devices.serial import COM1_IRQ, COM1_PORT, Serial
@@ -36,6 +34,7 @@ from .serial_console import ConsoleInput, ConsoleOutput, ConsoleSink
 from .vcpu_thread import VcpuThread, install_kick_handler
 
 if TYPE_CHECKING:  # virtio is imported only when a VM gets a virtio device
+    from ..boot.loader import BootInfo
     from ..snapshot.snapshot_file import SnapshotFile
     from ..virtio.slot import VirtioHost
 
@@ -226,6 +225,12 @@ class Machine:
 
             build_restored(self, self.restore_from)
             return
+        # The boot path's modules only for a boot: a restored VMM never loads a kernel, and
+        # each module is start-up time (seconds, in the nested host).
+        from ..arch import vcpu_setup
+        from ..arch.mptable import build_mptable
+        from ..boot.loader import load_linux
+
         config = self.config
         self.kvm = Kvm()
         self.vm = VmFd(self.kvm)
