@@ -202,7 +202,7 @@ def sweep_orphan_taps(prefix: str | None = None) -> list[str]:
 
 def sweep_orphan_cgroups(store: StateStore) -> list[str]:
     """/vmctl/<id> container cgroups with no process in them and no machine recording them."""
-    from .backends.container.runtime import CGROUP_PARENT
+    from .backends.container.runtime import CGROUP_PARENT, CGROUP_ROOT, cgroup_mode
 
     recorded = set()
     for name in store.names():
@@ -210,8 +210,12 @@ def sweep_orphan_cgroups(store: StateStore) -> list[str]:
             recorded.update(store.load(name).resources.get("cgroup", []))
         except Exception:
             pass
-    removed = []
-    for hierarchy in Path("/sys/fs/cgroup").iterdir() if Path("/sys/fs/cgroup").is_dir() else []:
+    removed: list[str] = []
+    if not CGROUP_ROOT.is_dir():
+        return removed
+    # v2 only (the nested host): one hierarchy, the root itself; else one per mounted v1 controller
+    hierarchies = [CGROUP_ROOT] if cgroup_mode() == "unified" else list(CGROUP_ROOT.iterdir())
+    for hierarchy in hierarchies:
         parent = hierarchy / CGROUP_PARENT
         if not parent.is_dir():
             continue

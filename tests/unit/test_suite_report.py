@@ -111,3 +111,36 @@ def test_memory_merge_marks_guest_ram_mergeable(tmp_path):
         assert " mg" in flags and " nh" in flags
     finally:
         memory.close()
+
+
+def test_ksm_settles_within_a_tolerance_not_on_an_exact_count():
+    from vmctl.suite.pagecache import ksm_settled
+
+    assert ksm_settled(38000, 38000)
+    assert ksm_settled(38000, 38150)  # guests keep dirtying a few pages: within 1 MiB
+    assert ksm_settled(100000, 100900)  # within 1 %
+    assert not ksm_settled(38000, 39000)  # still merging
+    assert not ksm_settled(-1, 38000) and not ksm_settled(0, 0)  # first look; nothing merged yet
+
+
+def test_a_rerun_replaces_the_results_and_notes_of_its_suites_and_columns_only():
+    base = make_run()
+    base.add("cpu_events_per_s", "vm@L1+ksm", 1.0)  # a variant of vm@L1: goes with it
+    base.add("ready_s", "vm@L1", 20.0)  # startup: not rerun, stays
+    base.notes = ["cpu,memory · vm@L1: failed: fio", "disk: native@L1: not measured: tmpfs", "cpu · native: failed: x",
+                  "nested host: density and pagecache with [1, 2] instances"]
+    base.failed = "cpu,memory · vm@L1: failed: fio"
+    rerun = SuiteRun(["cpu"], False, {"kvm_mode": "nested"})
+    rerun.columns = [Column("native", NESTED), Column("vm", NESTED, "VM"), Column("container", NESTED, "container")]
+    rerun.add("cpu_events_per_s", "native@L1", 12.0)
+    rerun.add("cpu_events_per_s", "vm@L1", 11.0)
+    rerun.add("cpu_events_per_s", "container@L1", 12.5)
+    base.replace(rerun, "cpu rerun in L1")
+    assert base.measurement("cpu_events_per_s", "vm@L1").samples == [11.0]
+    assert base.measurement("cpu_events_per_s", "vm@L1+ksm") is None
+    assert base.measurement("ready_s", "vm@L1").samples == [20.0]
+    assert base.measurement("cpu_events_per_s", "native").samples == [100.0, 110.0, 90.0]
+    assert [c.key for c in base.columns][-1] == "container@L1"
+    assert base.notes == ["disk: native@L1: not measured: tmpfs", "cpu · native: failed: x",
+                          "nested host: density and pagecache with [1, 2] instances", "cpu rerun in L1"]
+    assert base.failed == "" and base.environment["reruns"][0]["note"] == "cpu rerun in L1"

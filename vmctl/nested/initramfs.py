@@ -66,6 +66,12 @@ ln -sfn /proc/self/fd $R/dev/fd && ln -sf /proc/self/fd/0 $R/dev/stdin && \
     ln -sf /proc/self/fd/1 $R/dev/stdout && ln -sf /proc/self/fd/2 $R/dev/stderr || fail "cannot link /dev/fd"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
+# cgroup v2, every controller delegated to child groups (what systemd sets up): the container
+# backend puts each container's memory and cpu limits in /sys/fs/cgroup/vmctl/<id>.
+mount -t cgroup2 -o nsdelegate cgroup2 $R/sys/fs/cgroup || fail "cannot mount cgroup2"
+for controller in $(cat $R/sys/fs/cgroup/cgroup.controllers); do
+    echo "+$controller" >$R/sys/fs/cgroup/cgroup.subtree_control || echo "vmctl: cgroup controller $controller not enabled"
+done
 mount -t tmpfs -o mode=1777 shm $R/dev/shm
 # Hide the host's transient state: L1 gets empty /tmp, /var/tmp and /run.
 mount -t tmpfs -o mode=1777 tmp $R/tmp

@@ -32,9 +32,12 @@ META_PACKAGE = "linux-image-amd64"
 # vhost_net: /dev/vhost-net, the in-kernel virtio-net data path (vmctl/virtio/vhost.py);
 # nf_tables, nft_compat, nft_chain_nat, nft_masq, xt_MASQUERADE, xt_comment: the NAT rule of
 # `network: nat` through the host's iptables (iptables-nft on Debian; vmctl/net/host.py);
-# crc32c_generic: libcrc32c's soft dependency (without it libcrc32c, so nf_conntrack, fails).
+# crc32c_generic: libcrc32c's soft dependency (without it libcrc32c, so nf_conntrack, fails);
+# veth: the container backend's network (vmctl/backends/container/network.py); loop + ext4: an ext4
+# work dir that takes O_DIRECT on L1's tmpfs (fio in `vmctl compare --suite disk`, vmctl/suite/scratchfs.py).
 NEEDED_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun", "vhost_net",
-                  "crc32c_generic", "nf_tables", "nft_compat", "nft_chain_nat", "nft_masq", "xt_MASQUERADE", "xt_comment"]
+                  "crc32c_generic", "nf_tables", "nft_compat", "nft_chain_nat", "nft_masq", "xt_MASQUERADE", "xt_comment",
+                  "veth", "loop", "ext4"]
 DEB_ENV = "VMCTL_NESTED_KERNEL_DEB"
 
 Progress = Callable[[str], None]

@@ -105,6 +105,33 @@ class SuiteRun:
         self.failed = self.failed or other.failed
         self.environment.setdefault("nested", other.environment)
 
+    def replace(self, rerun: "SuiteRun", note: str) -> None:
+        """Take `rerun`'s results in place of this run's for the suites and columns it ran (the
+        same suites measured again after a fix); its notes replace the ones about them, and
+        `note` says which run that was."""
+        from .rows import row
+
+        suites, keys = set(rerun.suites), {c.key for c in rerun.columns}
+
+        def covered(column: str, suite: str) -> bool:  # "vm@L1+ksm after KSM" belongs to vm@L1
+            return column.split("+")[0].split(" ")[0] in keys and suite in suites
+
+        self.measurements = [m for m in self.measurements if not covered(m.column, row(m.row).suite)]
+        self.measurements += rerun.measurements
+        self.series = [s for s in self.series if not covered(s.column, s.suite)] + rerun.series
+        for column in rerun.columns:
+            mine = self.column(column.key)
+            if mine is None:
+                self.columns.append(column)
+            else:
+                mine.label, mine.status, mine.why = column.label, column.status, column.why
+        self.notes = [n for n in self.notes if not _note_covered(n, keys, suites)]
+        self.notes += [n for n in rerun.notes if n not in self.notes] + [note]
+        if self.failed not in self.notes:
+            self.failed = rerun.failed
+        self.suites = list(dict.fromkeys(self.suites + rerun.suites))
+        self.environment.setdefault("reruns", []).append({"note": note, "environment": rerun.environment})
+
     def as_dict(self) -> dict:
         return {"schema": "vmctl-compare-suite/1", "suites": self.suites, "quick": self.quick,
                 "environment": self.environment, "columns": [asdict(c) | {"key": c.key} for c in self.columns],
@@ -121,3 +148,13 @@ class SuiteRun:
         run.notes = list(data.get("notes", []))
         run.failed = data.get("failed", "")
         return run
+
+
+def _note_covered(note: str, keys: set[str], suites: set[str]) -> bool:
+    """Whether a note is about one of `keys` in one of `suites`: "cpu,disk · vm@L1: failed: …"
+    (a failed step) or "disk: native@L1: not measured: …"."""
+    if " · " in note:
+        head, rest = note.split(" · ", 1)
+        return rest.split(":", 1)[0] in keys and bool(set(head.split(",")) & suites)
+    parts = note.split(": ", 2)
+    return len(parts) == 3 and parts[0] in suites and parts[1] in keys

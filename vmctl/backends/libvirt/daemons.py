@@ -1,6 +1,7 @@
 """Starting libvirtd and virtlogd by hand where no service manager does: CI containers and the
 nested host (docs/libvirt.md#the-nested-host). The linux-tier tests and benchmarks/libvirt.py
-use it; `vmctl` itself never starts daemons.
+use it, and so does the qemu column of `vmctl compare --suite` inside the nested host only
+(vmctl/suite/columns/backend.py); `vmctl` itself never starts daemons.
 """
 
 from __future__ import annotations
@@ -75,9 +76,13 @@ def adapt_nested_host() -> None:
     # libvirt gives each QEMU a private /dev (a mount namespace); under the nested host's
     # chroot that /dev comes up without /dev/urandom and QEMU fails to start
     # ("Could not open '/dev/urandom'"). QEMU then uses L1's /dev as is.
+    # L1 mounts cgroup v2 (for the container backend); libvirt keeps its QEMUs out of cgroups
+    # there, as it did before L1 had any: an empty controller list makes it skip them (ENXIO).
     text = QEMU_CONF.read_text() if QEMU_CONF.exists() else ""
-    if "\nnamespaces = []\n" not in text:
-        QEMU_CONF.write_text(text + "\n# vmctl nested host: no private /dev for QEMU\nnamespaces = []\n")
+    for why, line in (("no private /dev for QEMU", "namespaces = []"), ("no cgroups for QEMU", "cgroup_controllers = []")):
+        if f"\n{line}\n" not in text:
+            text += f"\n# vmctl nested host: {why}\n{line}\n"
+    QEMU_CONF.write_text(text)
 
 
 def ensure_running(uri: str = "qemu:///system", timeout: float = 120) -> StartedDaemons:

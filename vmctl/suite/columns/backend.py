@@ -20,8 +20,13 @@ class BackendInstance:
         self.spec = spec
         self.record = record
         self.name = spec.name
-        network = column.store.network(spec.name)
-        self.address: str | None = network["guest_ip"] if network else None
+
+    @property
+    def address(self) -> str | None:
+        """Read when needed: a VMM writes network.json once it has set up the TAP, which may
+        be after `start` returned (under TCG in the nested host it was)."""
+        network = self.column.store.network(self.name)
+        return network["guest_ip"] if network else None
 
     def run(self, script: str, timeout: float = 600.0) -> Output:
         result = self.column.backend.exec(self.column.store, self.record, ["/bin/sh", "-c", script], timeout)
@@ -50,6 +55,7 @@ class BackendColumn:
         self.image = image
         self.backend_name = BACKEND_OF[name]
         _check(name, image)
+        self.daemons = _nested_libvirtd() if name == "qemu" else None
         self.backend = get_backend(self.backend_name)
         self.state = work / f"state-{name}"
         self.state.mkdir(parents=True, exist_ok=True)
@@ -105,6 +111,23 @@ class BackendColumn:
 
     def close(self) -> None:
         shutil.rmtree(self.state, ignore_errors=True)
+        if self.daemons is not None:
+            self.daemons.stop()
+
+
+def _nested_libvirtd():
+    """Inside the nested host (a throwaway L1 without a service manager) the qemu column starts
+    libvirtd and virtlogd itself, as the docker column starts its own dockerd, and stops them
+    on close. Elsewhere a missing libvirtd stays the backend's one-line error."""
+    if os.environ.get("VMCTL_NESTED") != "1":
+        return None
+    from ...backends.libvirt.daemons import adapt_nested_host, ensure_running, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        raise ColumnUnavailable(f"qemu: {reason}")
+    adapt_nested_host()
+    return ensure_running()
 
 
 def _wait_exec(instance: BackendInstance, attempts: int = 60) -> None:

@@ -36,7 +36,10 @@ class Output:
 
 class Instance(Protocol):
     name: str
-    address: str | None  # IPv4 address the host reaches the instance at (network=True)
+
+    @property
+    def address(self) -> str | None:
+        """IPv4 address the host reaches the instance at (network=True)."""
 
     def run(self, script: str, timeout: float = 600.0) -> Output:
         """Run a /bin/sh script in the instance."""
