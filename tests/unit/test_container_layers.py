@@ -151,3 +151,13 @@ def test_an_interrupted_create_is_undone(store, snapshots, written_since):
     else:
         assert said == "incomplete snapshot removed (c's upper layer put back)"
         assert (upper(store) / "file").read_text() == "one" and lower(store) == IMAGE
+
+
+def test_recover_leaves_another_backends_interrupted_snapshot_alone(store, snapshots):
+    from vmctl.plans import LibvirtRecord
+
+    store.create(MachineRecord(name="vm", backend="libvirt", plan=LibvirtRecord(
+        cpus=1, memory=64 << 20, uri="qemu:///system", domain="vmctl-vm", uuid="u")))
+    folder = snapshots.new_folder("cut")
+    (folder / "machine").write_text("vm")
+    assert recover(store, folder) is None and folder.is_dir()

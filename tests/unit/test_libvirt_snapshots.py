@@ -174,6 +174,7 @@ def test_an_interrupted_create_is_merged_back(tmp_path, backend, store, snapshot
     overlay = store.folder("s1") / "disks" / "vda.qcow2"
     write(overlay, b"abc")
     folder = snapshots.new_folder("cut")
+    (folder / "machine").write_text("s1")
     freeze_overlay(overlay, folder / "disk0.qcow2")
     assert snapshots.incomplete() == ["cut"]
     assert recover(backend, store, folder) == "incomplete snapshot removed (1 overlay(s) merged back)"
@@ -207,6 +208,7 @@ def test_after_a_live_snapshot_the_new_overlay_gets_its_usual_name_back(tmp_path
     overlay = store.folder("s1") / "disks" / "vda.qcow2"
     write(overlay, b"one")
     folder = snapshots.new_folder("live")
+    (folder / "machine").write_text("s1")
     layer = folder / "disk0.qcow2"
     os.link(overlay, layer)
     hidden = overlay.with_name(".vda.qcow2@live")

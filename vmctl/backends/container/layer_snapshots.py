@@ -172,10 +172,12 @@ def recover(store: StateStore, folder: Path) -> str | None:
         machine = (folder / SOURCE).read_text().strip()
     except FileNotFoundError:
         return None
-    if not layer.is_dir() or not store.exists(machine):
+    record = store.load(machine) if store.exists(machine) else None
+    if record is not None and not isinstance(record.plan, ContainerRecord):
+        return None  # another backend's machine (libvirt writes the same file)
+    if not layer.is_dir() or record is None:
         shutil.rmtree(folder)
         return "incomplete snapshot removed"
-    record = store.load(machine)
     _stopped(store, record, "an interrupted snapshot is undone")
     layers = record.plan_as(ContainerRecord).layers
     rootfs = paths(store.folder(machine))["rootfs"]

@@ -37,6 +37,7 @@ from .connection import libvirt_module, translated
 from .disks import local_chain
 
 DOMAIN_XML = "domain.xml"
+SOURCE = "machine"  # SNAP/machine: whose overlays are being frozen (to undo an interrupted create)
 LIVE_MARK = "@"  # `.vda.qcow2@SNAP`: the overlay a running domain went on with at snapshot SNAP
 
 
@@ -167,6 +168,7 @@ def take(backend: Any, store: StateStore, record: MachineRecord, snapshots: Snap
     folder = snapshots.new_folder(name)
     frozen: list[tuple[Path, Path]] = []
     try:
+        (folder / SOURCE).write_text(record.name)
         layers = []
         for index, overlay in overlays:
             layer = folder / f"disk{index}.qcow2"
@@ -201,6 +203,7 @@ def _take_live(domains: Domains, snapshots: SnapshotStore, name: str) -> Snapsho
     made: list[Path] = []
     switched = False
     try:
+        (folder / SOURCE).write_text(domains.record.name)
         spec = ET.Element("domainsnapshot")
         ET.SubElement(spec, "name").text = name
         disks = ET.SubElement(spec, "disks")
@@ -296,13 +299,18 @@ def delete(backend: Any, store: StateStore, snapshots: SnapshotStore, meta: Snap
 
 
 def recover(backend: Any, store: StateStore, folder: Path) -> str | None:
-    """Undo an interrupted `create` (no meta.json): the layers in `folder` that a stopped
-    libvirt machine's overlay stands on are merged back into it. None: none does."""
+    """Undo an interrupted `create` (no meta.json): the layers in `folder` that the stopped
+    libvirt machine's overlays stand on are merged back into them. None: not a libvirt
+    machine's snapshot folder."""
+    try:
+        machine = (folder / SOURCE).read_text().strip()
+    except FileNotFoundError:
+        return None
     merged = 0
-    for name in store.names():
+    for name in [machine] if store.exists(machine) else []:
         record = store.load(name)
         if not isinstance(record.plan, LibvirtRecord) or record.plan.remote:
-            continue
+            return None
         domains = Domains(backend, store, record)
         used = [path for _, path in domains.overlays() if (backing_of(path) or "").startswith(f"{folder}/")]
         if not used:
@@ -314,9 +322,7 @@ def recover(backend: Any, store: StateStore, folder: Path) -> str | None:
             merge_layer_into(overlay, Path(backing_of(overlay) or ""))
         domains.sync_chains()
         merged += len(used)
-    if not merged:
-        return None
     import shutil
 
     shutil.rmtree(folder)
-    return f"incomplete snapshot removed ({merged} overlay(s) merged back)"
+    return "incomplete snapshot removed" + (f" ({merged} overlay(s) merged back)" if merged else "")

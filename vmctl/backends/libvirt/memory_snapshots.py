@@ -28,7 +28,7 @@ from ...snapshot.disk_layers import freeze_overlay, merge_layer_into, overlay_on
 from ...snapshot.snapshot_store import Layer, SnapshotMeta, SnapshotStore
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
 from .connection import translated
-from .disk_snapshots import Domains, own_overlays, with_chains
+from .disk_snapshots import SOURCE, Domains, own_overlays, with_chains
 
 SAVE_IMAGE = "domain.save"
 
@@ -72,6 +72,7 @@ def take(backend: Any, store: StateStore, record: MachineRecord, snapshots: Snap
     image = folder / SAVE_IMAGE
     domain = domains.domain()
     try:
+        (folder / SOURCE).write_text(record.name)
         with translated(record.name, f"saving domain {domains.rec.domain} to {image}"):
             domain.saveFlags(str(image), None, 0)
     except BaseException:
