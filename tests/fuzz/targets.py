@@ -5,7 +5,8 @@ Run one for a while: `scripts/fuzz TARGET SECONDS` (tests/fuzz/run.py drives hyp
 fuzz_one_input with random and corpus buffers). tests/unit/test_fuzz_targets.py runs every
 target briefly in CI. Targets: qcow2, virtqueue, blk, rng, net (TX over a real TAP),
 net_rx (frames into the TAP, then into guest buffers), console, spec, fuse (the FUSE file
-server), fs (virtio-fs rings), pmem, oci_layer (layer tars), oci_image (whole image archives).
+server), fs (virtio-fs rings), pmem, oci_layer (layer tars), oci_image (whole image archives), oci_layout (edited and
+re-digested layout documents).
 """
 
 from __future__ import annotations
@@ -687,6 +688,82 @@ def oci_image(which, mutations, edits, cut):
             assert left in ([], [".lock"]), left
 
 
+LAYOUT_KEYS = ["schemaVersion", "mediaType", "manifests", "config", "layers", "digest", "size",
+               "platform", "os", "architecture", "annotations", "rootfs", "diff_ids", "type",
+               "Env", "Cmd", "Entrypoint", "WorkingDir", "User", "org.opencontainers.image.ref.name"]
+LAYOUT_VALUES = JSON_VALUES + ["application/vnd.oci.image.index.v1+json",
+                               "application/vnd.oci.image.manifest.v1+json",
+                               "application/vnd.oci.image.layer.v1.tar+zstd", "layers",
+                               {"os": "linux", "architecture": "arm64"}, ["A=1", 2], "sha256:xyz"]
+layout_edit = st.tuples(st.sampled_from(["index", "manifest", "config", "descriptor", "layer"]),
+                        st.sampled_from(LAYOUT_KEYS), st.sampled_from(LAYOUT_VALUES),
+                        st.booleans())  # delete the key instead
+
+
+@SETTINGS
+@given(edits=st.lists(layout_edit, min_size=1, max_size=4), nest=st.sampled_from([0, 0, 0, 1, 2, 3, 5]),
+       stale=st.sampled_from([None, "config", "manifest", "layer"]))
+def oci_layout(edits, nest, stale):
+    """`vmctl image import` of an OCI layout directory whose index, manifest, config and
+    descriptors were edited and then *re-digested* (so the import gets past the digest
+    checks into the documents' own), nested in up to 5 indexes, sometimes with one stale
+    digest: a one-line `VmctlError` or a clean import, nothing left in the store on failure."""
+    import hashlib
+    import json as _json
+
+    from vmctl.oci.store import ImageStore
+    from vmctl.oci.write import Layer
+    layer = Layer().dir("etc").file("etc/a", "a\n").tar()
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    docs = {"config": {"architecture": "amd64", "os": "linux", "config": {"Env": ["A=1"], "Cmd": ["/a"]},
+                       "rootfs": {"type": "layers", "diff_ids": [diff_id]}},
+            "manifest": {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"},
+            "index": {"schemaVersion": 2, "manifests": []},
+            "descriptor": {"mediaType": "application/vnd.oci.image.manifest.v1+json"},
+            "layer": {"mediaType": "application/vnd.oci.image.layer.v1.tar"}}
+    for where, key, value, delete in edits:
+        if delete:
+            docs[where].pop(key, None)
+        else:
+            docs[where][key] = value
+    with tempfile.TemporaryDirectory(prefix="vmctl-fuzz-layout-") as work:
+        root = Path(work, "layout")
+        (root / "blobs" / "sha256").mkdir(parents=True)
+        (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+        def put(data: bytes, kind: str) -> dict:
+            digest = hashlib.sha256(data).hexdigest()
+            (root / "blobs" / "sha256" / digest).write_bytes(data)
+            if stale == kind:
+                digest = hashlib.sha256(data + b" ").hexdigest()
+            return {"digest": f"sha256:{digest}", "size": len(data)}
+
+        def dumps(document) -> bytes:
+            return _json.dumps(document).encode("utf-8", "surrogatepass")
+
+        manifest = {**docs["manifest"]}
+        manifest.setdefault("config", {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                       **put(dumps(docs["config"]), "config")})
+        manifest.setdefault("layers", [{**put(layer, "layer"), **docs["layer"]}])
+        descriptor = {**put(dumps(manifest), "manifest"), **docs["descriptor"]}
+        for _ in range(nest):
+            nested = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                      "manifests": [descriptor]}
+            descriptor = {"mediaType": "application/vnd.oci.image.index.v1+json", **put(dumps(nested), "index")}
+        index = {**docs["index"]}
+        if index.get("manifests") == []:
+            index["manifests"] = [descriptor]
+        (root / "index.json").write_bytes(dumps(index))
+        store = ImageStore(Path(work, "store"))
+        try:
+            store.import_image(root, "fuzz")
+        except VmctlError as error:
+            assert "\n" not in str(error), str(error)
+            left = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")
+                          if not p.is_dir())
+            assert left in ([], [".lock"]), left
+
+
 def cleanup() -> None:
     """Close the devices the targets opened and remove their folders."""
     import shutil
@@ -712,4 +789,4 @@ def cleanup() -> None:
 
 TARGETS = {"qcow2": qcow2, "virtqueue": virtqueue, "blk": blk, "rng": rng, "net": net, "net_rx": net_rx,
            "console": console, "pmem": pmem, "spec": spec, "fuse": fuse, "fs": fs, "oci_layer": oci_layer,
-           "oci_image": oci_image}
+           "oci_image": oci_image, "oci_layout": oci_layout}

@@ -30,7 +30,7 @@ def _devices_closed_after():
 def test_fuzz_target_briefly(name):
     if name in ("net", "net_rx") and os.geteuid() != 0:
         pytest.skip("the net targets need root for their TAP device")
-    if name in ("oci_layer", "oci_image") and os.geteuid() != 0:
+    if name in ("oci_layer", "oci_image", "oci_layout") and os.geteuid() != 0:
         pytest.skip("unpacking layers needs root")
     result = fuzz(name, 3.0, seed=1)
     assert result["execs"] > 0
@@ -173,3 +173,27 @@ def test_damaged_image_archive_is_one_line(tmp_path):
     with pytest.raises(VmctlError) as caught:
         ImageStore(tmp_path / "store").import_image(archive, "x")
     assert "\n" not in str(caught.value) and "not a readable tar archive" in str(caught.value)
+
+
+def test_layer_descriptor_media_type_that_is_not_a_string_is_one_line(tmp_path):
+    """A descriptor whose mediaType is an object made `media not in LAYER_TYPES` a
+    TypeError traceback (found by the oci_layout target)."""
+    import json
+
+    from vmctl.errors import VmctlError
+    from vmctl.oci.store import ImageStore
+    from vmctl.oci.write import Layer, write_layout
+    root = tmp_path / "layout"
+    descriptor = write_layout(root, [Layer().file("a", "a").tar()], gzip_layers=False)
+    blob = root / "blobs" / "sha256" / descriptor["digest"].split(":")[1]
+    manifest = json.loads(blob.read_text())
+    manifest["layers"][0]["mediaType"] = {"os": "linux"}
+    data = json.dumps(manifest).encode()
+    import hashlib
+    digest = hashlib.sha256(data).hexdigest()
+    (root / "blobs" / "sha256" / digest).write_bytes(data)
+    index = json.loads((root / "index.json").read_text())
+    index["manifests"][0].update(digest=f"sha256:{digest}", size=len(data))
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(VmctlError, match=r"layers\[0\]: mediaType: expected a string"):
+        ImageStore(tmp_path / "store").import_image(root, "x")

@@ -111,6 +111,8 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 def _descriptor(value: Any, where: str) -> tuple[str, str, int]:
     value = _object(value, where)
     media = value.get("mediaType", "")
+    if not isinstance(media, str):  # an object here was a TypeError (found by fuzzing)
+        raise VmctlError(f"{where}: mediaType: expected a string, got {media!r}")
     size = value.get("size")
     if not isinstance(size, int) or size < 0:
         raise VmctlError(f"{where}: size: expected a byte count, got {size!r}")
@@ -181,6 +183,8 @@ def _resolve_oci(source: Source) -> Resolved:
         data = read_blob(source, digest, size, place)
         document = _object(load_json(data, f"{place} (blob {dg.short(digest)})"), place)
         media = media or document.get("mediaType", "")
+        if not isinstance(media, str):
+            raise VmctlError(f"{place}: mediaType: expected a string, got {media!r}")
         if media in INDEXES or (not media and "manifests" in document):
             index, where = document, f"{source.label}: index {dg.short(digest)}"
             continue
