@@ -87,7 +87,16 @@ def test_init_negotiates_our_minor_and_the_common_flags(client):
     major, minor, _, flags, _, _, max_write, *_ = p.INIT_OUT.unpack(client.init())
     assert (major, minor) == (7, 31)
     assert flags & p.BIG_WRITES and flags & p.MAX_PAGES and max_write == 128 * 1024
-    assert not flags & ~(p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES)
+    # pages kept across opens, dropped when the client sees another mtime or size
+    assert flags & p.AUTO_INVAL_DATA
+    assert not flags & ~(p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES
+                         | p.AUTO_INVAL_DATA)
+
+
+def test_open_keeps_the_clients_page_cache(client):
+    nodeid, _ = client.lookup(ROOT_ID, b"hello.txt")
+    payload = client.ok(p.OPEN, nodeid, p.OPEN_IN.pack(os.O_RDONLY, 0))
+    assert p.OPEN_OUT.unpack_from(payload)[1] == p.FOPEN_KEEP_CACHE
 
 
 def test_lookup_getattr_read(client, share):

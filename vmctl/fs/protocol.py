@@ -28,8 +28,12 @@ NO_REPLY = frozenset({FORGET, BATCH_FORGET})
 ASYNC_READ = 1 << 0
 ATOMIC_O_TRUNC = 1 << 3
 BIG_WRITES = 1 << 5
+AUTO_INVAL_DATA = 1 << 12
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
+
+# fuse_open_out.open_flags
+FOPEN_KEEP_CACHE = 1 << 1
 
 # setattr `valid` bits.
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8

@@ -291,7 +291,10 @@ class FileServer:
             raise OSError(errno.EPROTO, f"FUSE {major}.{minor} is too old")
         if major > p.MAJOR:  # the kernel then asks again with our major
             return p.INIT_OUT.pack(p.MAJOR, p.MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        wanted = p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES
+        # AUTO_INVAL_DATA + FOPEN_KEEP_CACHE (below): a client keeps a file's pages across opens
+        # and drops them when it sees another mtime or size (attributes are refreshed after
+        # TIMEOUT), so cached reads stay in its page cache and others' writes still show.
+        wanted = p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES | p.AUTO_INVAL_DATA
         return p.INIT_OUT.pack(p.MAJOR, min(minor, p.MINOR), max_readahead, flags & wanted,
                                16, 12, self.max_write, 1, MAX_PAGES, 0, 0)
 
@@ -453,7 +456,7 @@ class FileServer:
         fd = self._reopen(node, flags)
         handle = self._new_handle()
         self._files[handle] = fd
-        return p.OPEN_OUT.pack(handle, 0, 0)
+        return p.OPEN_OUT.pack(handle, p.FOPEN_KEEP_CACHE, 0)
 
     def _create(self, request: Request) -> bytes:
         self._writable()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vmctl.guest_contract import XFER_GUEST
 from vmctl.images import locate
 from vmctl.testing import guest
 
@@ -105,6 +106,7 @@ def test_two_guests_and_the_host_share_a_folder(tmp_path):
         check(a.exec("ls /shared/../ > /dev/null"))
         assert not (tmp_path / "escaped").exists()
         # vmctl cp both ways (no network: the tar stream goes through the transfer share)
+        assert f" {XFER_GUEST} virtiofs rw" in check(a.exec("cat /proc/mounts"))
         source = Path(__file__).resolve().parents[3] / "vmctl" / "fs"
         a.put(source, "/root/")
         listing = check(a.exec("cd /root/fs && md5sum *.py | sort -k2"))
