@@ -133,3 +133,26 @@ def test_snapshot_with_other_device_list_is_refused(counting_snapshot, tmp_path)
     config.devices = [rng()]
     with pytest.raises(SnapshotError, match=r"saved with 0 virtio device\(s\) \(none\), this machine has 1"):
         Machine(config, restore_from=read_snapshot(summary["path"])).run()
+
+
+def test_a_machine_with_pmem_restores_with_its_region_at_the_same_address(assemble, tmp_path):
+    from vmctl.virtio.factories import pmem
+
+    install_kick_handler()
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"base" * 1024)
+    kernel = assemble("counter.S", LIMIT=30)
+    console = Console()
+    config = _config(kernel, console)
+    config.devices = [pmem(base)]
+    machine = Machine(config)
+    thread, _ = _start(machine)
+    _wait_for_lines(console, 5)
+    start = machine.mmio_devices[0].device.start
+    summary = machine.snapshot(tmp_path / "snap", then="stop")
+    thread.join(30)
+    clone_config = _config(kernel, Console())
+    clone_config.devices = [pmem(base)]
+    clone = Machine(clone_config, restore_from=read_snapshot(summary["path"]))
+    assert clone.run().exit_code == 30
+    assert clone_config.devices[0].attached.device.start == start == 1 << 32
