@@ -24,7 +24,7 @@ def seeded_redis(vmctl_snapshot, tmp_path_factory):
         pytest.skip("the bench image is not built: vmctl image build --profile bench")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VMCTL_STATE_DIR", str(tmp_path_factory.getbasetemp() / "fixture-state"))
-        return vmctl_snapshot({"image": "bench", "memory": "512M",
+        return vmctl_snapshot({"image": "bench", "memory": "256M",
                                "command": ["redis-server", "--save", "", "--appendonly", "no"]}, ready=SEED)
 
 
