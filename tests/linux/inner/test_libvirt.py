@@ -151,9 +151,41 @@ def test_debian_guest_on_vmctls_network_answers_exec_over_ssh(state_dir, tmp_pat
         if shutil.which("ssh"):  # `vmctl ssh` execs the OpenSSH client with the machine's key
             ssh = vmctl("ssh", "lvl-ssh", "--", "hostname")
             assert (ssh.returncode, ssh.stdout.strip()) == (0, "lvl-ssh"), ssh.stderr
+        _stop_start_and_a_live_snapshot(state_dir)
     finally:
         assert vmctl("rm", "lvl-ssh").returncode == 0
+        vmctl("snapshot", "delete", "lvl-kept")
     assert not Path(f"/sys/class/net/{network['tap']}").exists()  # the TAP went with the machine
+
+
+def _stop_start_and_a_live_snapshot(state_dir: Path) -> None:
+    """A file written before `vmctl stop` is there after `vmctl start`; a live disk snapshot
+    (libvirt's external disk-only snapshot) of the running Linux guest, then `restore` after
+    a later write, gives the file as it was at the snapshot."""
+
+    def guest(script: str) -> str:
+        run = vmctl("exec", "lvl-ssh", "--", "sh", "-c", script)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    def cycle() -> None:
+        stopped = vmctl("stop", "lvl-ssh", "--timeout", "20")
+        assert stopped.returncode == 0, stopped.stderr
+        assert json.loads(vmctl("ps", "--json").stdout)[0]["state"] == "stopped"
+        started = vmctl("start", "lvl-ssh")  # waits until the guest is ready again
+        assert started.returncode == 0, started.stderr
+
+    guest("echo kept > /root/kept; sync")
+    made = vmctl("snapshot", "create", "lvl-ssh", "lvl-kept")
+    assert made.returncode == 0, made.stderr
+    guest("echo changed > /root/kept; sync")
+    cycle()
+    assert guest("cat /root/kept") == "changed\n"  # stop/start keeps what the guest wrote
+    assert vmctl("stop", "lvl-ssh", "--timeout", "20").returncode == 0
+    restored = vmctl("snapshot", "restore", "lvl-ssh", "lvl-kept")
+    assert restored.returncode == 0, restored.stderr
+    assert vmctl("start", "lvl-ssh").returncode == 0
+    assert guest("cat /root/kept") == "kept\n"
 
 
 def test_oci_image_through_libvirt(state_dir, tmp_path):
