@@ -239,9 +239,10 @@ buffer checks -> extent lookup -> one os.preadv, and on a miss the same again in
 backing image. Since 2026-12-07 the extent lookup of a cluster read before is one dict
 lookup (`Qcow2Image._data_map`: guest cluster -> checked host offset, or unallocated; at most
 16 Ki entries; an allocating write, discard, write-zeroes or repair drops the entries it
-changes) instead of L1 -> cached L2 table -> entry checks: 5-15% of a 4 KiB read's CPU time
-on a loaded host (CPU time per read, min of 9: allocated image 6.4-6.9 -> 5.6-6.3 us,
-overlay 10.6-11.3 -> 9.9-10.9 us), the rest being the layers above. qemu-img's C path is a few hundred nanoseconds; a Python
+changes) instead of L1 -> cached L2 table -> entry checks: about 10% of a 4 KiB read's CPU
+time, at the edge of what a loaded host resolves (CPU time per read, min of 7-9, four
+alternating runs per tree: allocated image 6.4-6.9 -> 5.6-6.3 us with one run at 7.5,
+overlay 10.6-11.3 -> 9.9-10.9 us); the rest is the layers above. qemu-img's C path is a few hundred nanoseconds; a Python
 request is a few microseconds, which dominates small I/O. Large sequential I/O is bounded by
 memory copies and system calls, where the two are close.
 """
