@@ -4,6 +4,7 @@ reach the host over their own TAP; stop/start keeps what was written to disk."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -67,6 +68,31 @@ def test_two_clones_answer_exec_keep_the_disk_write_their_own_and_reach_the_host
     assert host_ip("c1") != host_ip("c2") != host_ip(source)
     # The source went on over its own new overlay: the clones' writes are not there.
     assert sh(source, "dd if=/dev/vda bs=512 skip=1 count=1 2>/dev/null | tr -d '\\0'") == ""
+
+
+def test_clones_copy_files_through_their_own_transfer_share(source, tmp_path):
+    """vmctl cp goes through the virtio-fs transfer share: the source used it before the
+    snapshot (its guest caches the source server's node ids), each clone serves a new folder
+    with a new server; copies in and out of every clone must be exact."""
+    sent = tmp_path / "before.txt"
+    sent.write_text("copied into the source\n")
+    assert vmctl("cp", str(sent), f"{source}:/tmp/").returncode == 0
+    assert sh(source, "cat /tmp/before.txt") == "copied into the source\n"
+    assert vmctl("snapshot", "create", "--memory", source, "ready").returncode == 0
+    for clone in ("c1", "c2"):
+        up = vmctl("up", "--from-snapshot", "ready", "--name", clone)
+        assert up.returncode == 0, up.stderr
+        assert sh(clone, "cat /tmp/before.txt") == "copied into the source\n"  # in the saved guest
+        for round in range(3):
+            payload = tmp_path / f"{clone}-{round}.txt"
+            payload.write_text(f"{clone} round {round}\n" * 1000)
+            copied = vmctl("cp", str(payload), f"{clone}:/tmp/")
+            assert copied.returncode == 0, copied.stderr
+            assert sh(clone, f"md5sum < /tmp/{payload.name}").split()[0] == \
+                hashlib.md5(payload.read_bytes()).hexdigest()
+            back = tmp_path / f"back-{clone}-{round}.txt"
+            assert vmctl("cp", f"{clone}:/tmp/{payload.name}", str(back)).returncode == 0
+            assert back.read_bytes() == payload.read_bytes()
 
 
 def test_stop_start_keeps_what_was_written_to_disk(source):
