@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import VmctlError
 from ..guest_contract import XFER_DIR, XFER_TAG
 from ..plans import DiskPlan, KvmPlan, MountPlan, RestorePlan
-from ..proc import pid_alive
+from ..proc import pid_alive, wait_gone
 from ..snapshot.disk_layers import backing_of, freeze_overlay, merge_layer_into, overlay_on
 from ..snapshot.snapshot_file import SnapshotError, discard, read_snapshot
 from ..snapshot.snapshot_store import Layer, SnapshotMeta, SnapshotStore
@@ -29,6 +29,7 @@ from ..vmm.control import request
 from .kvm import spawn
 
 STOPPED = "stopped"  # marker file: stopped by `vmctl stop`, to be started again
+VMM_EXIT_GRACE = 5.0  # seconds a failed save waits for a dying VMM (a healthy one costs this once)
 
 
 def running(store: StateStore, record: MachineRecord) -> bool:
@@ -60,6 +61,8 @@ def take(store: StateStore, record: MachineRecord, snapshots: SnapshotStore, nam
                             memory_bytes=memory_bytes)
         snapshots.save(meta)
     except BaseException as error:
+        if live:  # a VMM killed mid-save drops its socket before it has exited: let it finish dying
+            wait_gone(record.pid, VMM_EXIT_GRACE)
         try:
             _remove_incomplete(store, folder)  # never a layer a machine's overlay still reads
         except VmctlError as problem:
