@@ -244,7 +244,7 @@ def cp_throughput(work: Path) -> dict:
             "exec_true_seconds": round(exec_seconds, 2)}
 
 
-def measure(kernel: Path, copies: int, logs: Path | None, skip_cp: bool) -> dict:
+def measure(kernel: Path, copies: int, logs: Path | None, skip_cp: bool, partial: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="vmctl-mounts-bench-") as temp:
         work = Path(temp)
         logs = logs or work
@@ -257,16 +257,20 @@ def measure(kernel: Path, copies: int, logs: Path | None, skip_cp: bool) -> dict
                                    "nested": os.environ.get("VMCTL_NESTED") == "1", "date": time.strftime("%Y-%m-%d"),
                                    "note": "shared, noisy machine: compare ratios from one run, not absolute times"}}
         progress(f"tree: {files} files, {size >> 20} MiB")
-        progress("vmctl virtio-fs")
-        result["vmctl_virtiofs"] = run_guest(vmctl_command(kernel, initrd, share), 1500, logs / "vmctl.log")
-        for cache in ("none", "loose"):
-            progress(f"qemu 9p cache={cache}")
-            result[f"qemu_9p_{cache}"] = run_guest(qemu_command(kernel, initrd, share, cache), 1500, logs / f"qemu-9p-{cache}.log")
-        progress("host")
-        result["host"] = host_run(share)
+
+        def step(name: str, run) -> None:  # each column is written as soon as it is measured
+            progress(name)
+            result[name] = run()
+            if partial is not None:
+                partial.write_text(json.dumps(result, indent=2) + "\n")
+
+        step("vmctl_virtiofs", lambda: run_guest(vmctl_command(kernel, initrd, share), 1500, logs / "vmctl.log"))
+        step("host", lambda: host_run(share))
         if not skip_cp:
-            progress("vmctl cp")
-            result["cp"] = cp_throughput(work)
+            step("cp", lambda: cp_throughput(work))
+        for cache in ("none", "loose"):
+            step(f"qemu_9p_{cache}",
+                 lambda c=cache: run_guest(qemu_command(kernel, initrd, share, c), 1500, logs / f"qemu-9p-{c}.log"))
         return result
 
 
@@ -331,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                                *shares, "--", *inner], cwd=REPO).returncode
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
-    result = measure(kernel, args.copies, args.logs, args.skip_cp)
+    result = measure(kernel, args.copies, args.logs, args.skip_cp, output.with_suffix(".partial.json"))
+    output.with_suffix(".partial.json").unlink(missing_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))
     progress(f"wrote {output}")
