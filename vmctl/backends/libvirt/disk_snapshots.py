@@ -169,12 +169,7 @@ def take(backend: Any, store: StateStore, record: MachineRecord, snapshots: Snap
     frozen: list[tuple[Path, Path]] = []
     try:
         (folder / SOURCE).write_text(record.name)
-        layers = []
-        for index, overlay in overlays:
-            layer = folder / f"disk{index}.qcow2"
-            freeze_overlay(overlay, layer)
-            frozen.append((overlay, layer))
-            layers.append(Layer.of(index, layer))
+        layers = freeze_into(folder, overlays, frozen)
         domains.sync_chains()
         meta = SnapshotMeta(name, record.name, "libvirt", "disk", layers, domains.rec.to_json())
         snapshots.save(meta)
@@ -188,6 +183,18 @@ def take(backend: Any, store: StateStore, record: MachineRecord, snapshots: Snap
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return meta
+
+
+def freeze_into(folder: Path, overlays: list[tuple[int, Path]], frozen: list[tuple[Path, Path]]) -> list[Layer]:
+    """Each overlay's content becomes the read-only layer folder/diskN.qcow2 under it; `frozen`
+    collects (overlay, layer) as it goes, so that a failure can merge them back."""
+    layers = []
+    for index, overlay in overlays:
+        layer = folder / f"disk{index}.qcow2"
+        freeze_overlay(overlay, layer)
+        frozen.append((overlay, layer))
+        layers.append(Layer.of(index, layer))
+    return layers
 
 
 def _take_live(domains: Domains, snapshots: SnapshotStore, name: str) -> SnapshotMeta:

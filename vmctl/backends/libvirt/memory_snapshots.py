@@ -24,11 +24,11 @@ from typing import Any
 
 from ...errors import VmctlError
 from ...plans import LibvirtRecord
-from ...snapshot.disk_layers import freeze_overlay, merge_layer_into, overlay_on
-from ...snapshot.snapshot_store import Layer, SnapshotMeta, SnapshotStore
+from ...snapshot.disk_layers import merge_layer_into, overlay_on
+from ...snapshot.snapshot_store import SnapshotMeta, SnapshotStore
 from ...state import CONSOLE, OUTCOME, MachineRecord, StateStore
 from .connection import translated
-from .disk_snapshots import SOURCE, Domains, own_overlays, with_chains
+from .disk_snapshots import SOURCE, Domains, freeze_into, own_overlays, with_chains
 
 SAVE_IMAGE = "domain.save"
 
@@ -80,12 +80,7 @@ def take(backend: Any, store: StateStore, record: MachineRecord, snapshots: Snap
         raise
     frozen: list[tuple[Path, Path]] = []
     try:  # the domain is shut off now: freeze the disks as the saved guest left them
-        layers = []
-        for index, overlay in overlays:
-            layer = folder / f"disk{index}.qcow2"
-            freeze_overlay(overlay, layer)
-            frozen.append((overlay, layer))
-            layers.append(Layer.of(index, layer))
+        layers = freeze_into(folder, overlays, frozen)
         domains.sync_chains()
         image.chmod(0o444)
         meta = SnapshotMeta(name, record.name, "libvirt", "memory", layers, domains.rec.to_json(),
