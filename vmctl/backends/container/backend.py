@@ -137,7 +137,7 @@ class ContainerBackend:
             _learn_monitor_pid(store, record)
             if _monitor_alive(record):
                 _wait_monitor(record, 10.0)
-            _wait_outcome(store, record, 2.0)
+            _wait_outcome(store, record, OUTCOME_GRACE)
         return process_status(self.name, store, record, link="veth", running=_rec(record).runtime,
                               gone="the container's init is gone without an outcome (its monitor was killed?)")
 
@@ -339,6 +339,12 @@ def _learn_monitor_pid(store: StateStore, record: MachineRecord) -> None:
     except (OSError, ValueError):
         return
     record.plan = dataclasses.replace(record.plan, monitor_pid=pid)
+
+
+# How long an outcome may take to appear after the init ended (the monitor must be scheduled,
+# reap it and write the file): 2 s was too short on a loaded CI host, where a quick `vmctl run`
+# was reported dead without an outcome. Only a monitor that really died costs the whole wait.
+OUTCOME_GRACE = 10.0
 
 
 def _wait_outcome(store: StateStore, record: MachineRecord, timeout: float) -> None:
