@@ -141,11 +141,12 @@ class ContainerBackend:
         return process_status(self.name, store, record, link="veth", running=_rec(record).runtime,
                               gone="the container's init is gone without an outcome (its monitor was killed?)")
 
-    def stop(self, store: StateStore, record: MachineRecord, timeout: float) -> None:
-        """SIGTERM to the container's init, SIGKILL after `timeout` s."""
+    def stop(self, store: StateStore, record: MachineRecord, timeout: float, plan: Plan | None = None) -> None:
+        """SIGTERM to the container's init, SIGKILL after `timeout` s (`plan`: container.json,
+        when the caller has read it already)."""
         folder = store.folder(record.name)
         _adopt(store, record)
-        plan = _plan(folder, record)
+        plan = plan or _plan(folder, record)
         runtime = Runtime(plan.runtime, plan.binary)
         oci = paths(folder)["oci"]
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
@@ -201,18 +202,16 @@ class ContainerBackend:
         folder = store.folder(record.name)
         _adopt(store, record)
         if (folder / PLAN).exists():
-            self.stop(store, record, timeout=5)
+            plan = _plan(folder, record)  # read once: a corrupt one is rebuilt (and warned about) once
+            self.stop(store, record, timeout=5, plan=plan)
             send_signal(_monitor_pid(record), signal.SIGKILL)
-            problems = release(folder, _plan(folder, record))
+            problems = release(folder, plan)
             if problems:  # never delete the folder through a mount that is still there
                 raise VmctlError(f"{record.name}: not removed: {'; '.join(problems)}")
         from ...net.host import sweep_stale_rules
 
         sweep_stale_rules()  # the NAT rule of a container whose monitor was killed
         store.delete(record.name)
-
-
-_WARNED_UNREADABLE: set[Path] = set()
 
 
 def _plan(folder: Path, record: MachineRecord) -> Plan:
@@ -229,9 +228,7 @@ def _plan(folder: Path, record: MachineRecord) -> Plan:
             lower = stacked(rec.layers, str(base_tree(rec.image)))
         except VmctlError:
             lower = ""  # only the mount point matters to unmount it
-        if folder not in _WARNED_UNREADABLE:  # stop and rm both read it: one warning is enough
-            _WARNED_UNREADABLE.add(folder)
-            print(f"vmctl: warning: {folder / PLAN}: unreadable ({error}); using machine.json", file=sys.stderr)
+        print(f"vmctl: warning: {folder / PLAN}: unreadable ({error}); using machine.json", file=sys.stderr)
         return Plan(record.name, rec.container_id, rec.runtime, binary, lower, rec.network_mode)
 
 
