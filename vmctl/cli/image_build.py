@@ -71,6 +71,21 @@ def register(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, help=_CACHE_HELP)
     p.set_defaults(func=_paths)
 
+    p = actions.add_parser(
+        "prune", help="remove built images that today's inputs no longer use",
+        formatter_class=_RAW,
+        description="Remove the kernel and rootfs folders of the cache that the current "
+        "inputs (kernel fragment, /init, host packages) no longer build into. A folder "
+        "that a machine or snapshot overlay has as its backing file, that a record in the "
+        "state folder names, or that a running process has open, mapped or mounted is kept "
+        "and the reason printed. The kernel source and build folders are never removed.",
+        epilog="examples:\n  vmctl image prune --dry-run\n  vmctl image prune",
+    )
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="list what would be removed, remove nothing")
+    p.add_argument("--cache-dir", type=Path, help=_CACHE_HELP)
+    p.set_defaults(func=_prune)
+
 
 def _profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="busybox",
@@ -117,6 +132,30 @@ def _paths(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
     else:
         _print_paths(where)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .. import paths
+    from ..images import prune
+    from ..units import human_size
+
+    cache = args.cache_dir or paths.cache_dir()
+    entries = prune.scan(cache, paths.state_dir())
+    freed = 0
+    for entry in entries:
+        size = human_size(entry.size)
+        if entry.kept_because:
+            print(f"kept     {entry.path}  ({size}): {entry.kept_because}")
+            continue
+        if not args.dry_run:
+            prune.remove(entry)
+        freed += entry.size
+        print(f"{'stale' if args.dry_run else 'removed':8} {entry.path}  ({size})")
+    if not entries:
+        print(f"nothing to prune in {cache}")
+    else:
+        print(f"{'would free' if args.dry_run else 'freed'} {human_size(freed)}")
     return 0
 
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..units import human_size
+
 _RAW = argparse.RawDescriptionHelpFormatter
 
 
@@ -62,14 +64,6 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if size < 1024 or unit == "G":
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1024  # type: ignore[assignment]  # bytes, then K/M/G as a float
-    return str(size)
-
-
 def _ls(args: argparse.Namespace) -> int:
     store = _store()
     rows = store.usage()
@@ -78,14 +72,14 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'NAME':28} {'LAYERS':>6} {'BLOBS':>8} {'UNPACKED':>9} {'SHARED':>8}  MANIFEST")
     for row in rows:
-        print(f"{row['name']:28} {row['layers']:>6} {_human(row['blob_bytes']):>8} {_human(row['unpacked_bytes']):>9} "
-              f"{_human(row['shared_bytes']):>8}  {row['manifest'][:19]}")
+        print(f"{row['name']:28} {row['layers']:>6} {human_size(row['blob_bytes']):>8} {human_size(row['unpacked_bytes']):>9} "
+              f"{human_size(row['shared_bytes']):>8}  {row['manifest'][:19]}")
         if args.layers:
             for layer in row["layer_list"]:
-                print(f"  {layer['diff_id'][:19]}  {_human(layer['unpacked_bytes']):>8}  used by {layer['images']} image(s)")
+                print(f"  {layer['diff_id'][:19]}  {human_size(layer['unpacked_bytes']):>8}  used by {layer['images']} image(s)")
     unshared = sum(row["unpacked_bytes"] for row in rows)
-    print(f"store: {_human(store.store_bytes())} on disk (blobs + layers); without sharing the layers "
-          f"would take {_human(unshared)}")
+    print(f"store: {human_size(store.store_bytes())} on disk (blobs + layers); without sharing the layers "
+          f"would take {human_size(unshared)}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,17 @@ class Header:
             raise DiskFormatError(path, "header", 0, f"header needs {len(out)} bytes, more "
                                   f"than one {self.cluster_size}-byte cluster")
         return bytes(out)
+
+
+def read(fd: int, path: str, file_size: int) -> Header:
+    """Read cluster 0 of an open image (its size is in the header) and parse it."""
+    first = os.pread(fd, 4096, 0)
+    cluster_bits = int.from_bytes(first[20:24], "big") if len(first) >= 24 else 0
+    if first[:4] == C.MAGIC and C.MIN_CLUSTER_BITS <= cluster_bits <= C.MAX_CLUSTER_BITS:
+        if (1 << cluster_bits) > len(first) and file_size > len(first):
+            first = os.pread(fd, 1 << cluster_bits, 0)
+        first = first[: 1 << cluster_bits]
+    return parse(first, path, file_size)
 
 
 def parse(data: bytes, path: str, file_size: int) -> Header:

@@ -94,13 +94,7 @@ class Qcow2Image(BlockBackend):
     # Opening
 
     def _read_header(self) -> header_mod.Header:
-        first = os.pread(self.fd, 4096, 0)
-        cluster_bits = int.from_bytes(first[20:24], "big") if len(first) >= 24 else 0
-        if first[:4] == C.MAGIC and C.MIN_CLUSTER_BITS <= cluster_bits <= C.MAX_CLUSTER_BITS:
-            if (1 << cluster_bits) > len(first) and self.file_size > len(first):
-                first = os.pread(self.fd, 1 << cluster_bits, 0)
-            first = first[: 1 << cluster_bits]
-        return header_mod.parse(first, self.path, self.file_size)
+        return header_mod.read(self.fd, self.path, self.file_size)
 
     def _setup(self) -> None:
         h = self.header
