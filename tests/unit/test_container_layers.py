@@ -15,21 +15,10 @@ from vmctl.backends.container import layer_snapshots
 from vmctl.backends.container.layer_snapshots import delete, image_lower, recover, restore, stacked, take
 from vmctl.errors import VmctlError
 from vmctl.plans import ContainerRecord
-from vmctl.snapshot.snapshot_store import SnapshotStore
 from vmctl.state import MachineRecord, StateStore
 
 pytestmark = pytest.mark.unit
 IMAGE = "/cache/oci/l2:/cache/oci/l1"  # an OCI image's lowerdir value: colons inside
-
-
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
-
-
-@pytest.fixture
-def snapshots(tmp_path):
-    return SnapshotStore(tmp_path / "state")
 
 
 def stopped_container(store: StateStore, name: str = "c") -> MachineRecord:

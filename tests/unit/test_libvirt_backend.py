@@ -5,41 +5,19 @@ from __future__ import annotations
 
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
 from vmctl.backends import get_backend
 from vmctl.backends.libvirt.backend import LibvirtBackend
 from vmctl.backends.libvirt.connection import libvirt_module
-from vmctl.disk.qcow2.create import create
 from vmctl.errors import VmctlError
 from vmctl.guest_contract import exit_code_in
-from vmctl.spec import parse_spec
 from vmctl.state import StateStore
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (scripts/libvirt-setup)")
-TEST_URI = "test:///default"
 
-
-@pytest.fixture
-def backend():
-    backend = LibvirtBackend()
-    yield backend
-    backend.close()
-
-
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
-
-
-def machine(tmp_path: Path, name: str = "t1", **extra):
-    (tmp_path / "bzImage").write_bytes(b"kernel")
-    create(str(tmp_path / "base.qcow2"), 4 << 20)
-    document = {"name": name, "backend": "libvirt", "kernel": "bzImage", "disks": ["base.qcow2"],
-                "memory": "64M", "libvirt": {"uri": TEST_URI}, **extra}
-    return parse_spec(document, source=str(tmp_path / "vm.yaml"), base_dir=tmp_path).machines[0]
+TEST_URI = "test:///default"  # the driver the libvirt_machine fixture uses
 
 
 def domains(backend: LibvirtBackend) -> dict[str, object]:
@@ -50,8 +28,8 @@ def test_backend_is_registered():
     assert isinstance(get_backend("libvirt"), LibvirtBackend)
 
 
-def test_define_start_list_stop_undefine(tmp_path, backend, store):
-    spec = machine(tmp_path)
+def test_define_start_list_stop_undefine(tmp_path, backend, store, libvirt_machine):
+    spec = libvirt_machine("t1")
     record = backend.start(store, spec, None)
     folder = store.folder("t1")
     overlay = folder / "disks" / "vda.qcow2"
@@ -76,8 +54,8 @@ def test_define_start_list_stop_undefine(tmp_path, backend, store):
     assert (tmp_path / "base.qcow2").exists()  # the base is never touched
 
 
-def test_ephemeral_machine_is_a_transient_domain(tmp_path, backend, store):
-    record = backend.start(store, machine(tmp_path, "eph", ephemeral=True), None)
+def test_ephemeral_machine_is_a_transient_domain(tmp_path, backend, store, libvirt_machine):
+    record = backend.start(store, libvirt_machine("eph", ephemeral=True), None)
     domain = domains(backend)["vmctl-eph"]
     assert domain.isActive() and not domain.isPersistent()
     assert backend.status(store, record).state == "running"
@@ -88,15 +66,15 @@ def test_ephemeral_machine_is_a_transient_domain(tmp_path, backend, store):
     assert not store.folder("eph").exists()
 
 
-def test_a_failed_start_leaves_nothing(tmp_path, backend, store):
-    spec = machine(tmp_path, "bad", network="nat", libvirt={"uri": TEST_URI, "network": "no-such-net"})
+def test_a_failed_start_leaves_nothing(tmp_path, backend, store, libvirt_machine):
+    spec = libvirt_machine("bad", network="nat", libvirt={"uri": TEST_URI, "network": "no-such-net"})
     with pytest.raises(VmctlError, match=r"^bad: no libvirt network named 'no-such-net' on test:///default"):
         backend.start(store, spec, None)
     assert "vmctl-bad" not in domains(backend) and not store.folder("bad").exists()
 
 
-def test_a_domain_undefined_behind_our_back_is_dead(tmp_path, backend, store):
-    record = backend.start(store, machine(tmp_path, "gone"), None)
+def test_a_domain_undefined_behind_our_back_is_dead(tmp_path, backend, store, libvirt_machine):
+    record = backend.start(store, libvirt_machine("gone"), None)
     domain = domains(backend)["vmctl-gone"]
     domain.destroy()
     domain.undefine()
@@ -106,8 +84,8 @@ def test_a_domain_undefined_behind_our_back_is_dead(tmp_path, backend, store):
     assert not store.folder("gone").exists()
 
 
-def test_unreachable_uri_is_one_line_naming_the_machine(tmp_path, backend, store):
-    spec = machine(tmp_path, "far", libvirt={"uri": "qemu+tcp://127.0.0.1:1/system"})
+def test_unreachable_uri_is_one_line_naming_the_libvirt_machine(backend, store, libvirt_machine):
+    spec = libvirt_machine("far", libvirt={"uri": "qemu+tcp://127.0.0.1:1/system"})
     with pytest.raises(VmctlError) as caught:
         backend.start(store, spec, None)
     text = str(caught.value)
@@ -115,8 +93,8 @@ def test_unreachable_uri_is_one_line_naming_the_machine(tmp_path, backend, store
     assert not store.folder("far").exists()
 
 
-def test_a_missing_libvirtd_says_how_to_start_it(tmp_path, backend, store):
-    spec = machine(tmp_path, "nod", libvirt={"uri": f"qemu:///system?socket={tmp_path}/no-libvirt-sock"})
+def test_a_missing_libvirtd_says_how_to_start_it(tmp_path, backend, store, libvirt_machine):
+    spec = libvirt_machine("nod", libvirt={"uri": f"qemu:///system?socket={tmp_path}/no-libvirt-sock"})
     with pytest.raises(VmctlError, match=r"^nod: libvirtd is (not running|not installed)"):
         backend.start(store, spec, None)
 

@@ -10,45 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.backends.libvirt.backend import LibvirtBackend
 from vmctl.backends.libvirt.disk_snapshots import Domains, delete, recover, restore, take, with_chains
 from vmctl.disk import open_disk
 from vmctl.disk.qcow2.create import create
 from vmctl.errors import VmctlError
 from vmctl.snapshot.disk_layers import backing_of, freeze_overlay
-from vmctl.snapshot.snapshot_store import SnapshotStore
-from vmctl.spec import parse_spec
-from vmctl.state import StateStore
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (scripts/libvirt-setup)")
 pytestmark = pytest.mark.unit
-TEST_URI = "test:///default"
 
 
-@pytest.fixture
-def backend():
-    backend = LibvirtBackend()
-    yield backend
-    backend.close()
-
-
-@pytest.fixture
-def store(tmp_path):
-    return StateStore(tmp_path / "state")
-
-
-@pytest.fixture
-def snapshots(tmp_path):
-    return SnapshotStore(tmp_path / "state")
-
-
-def started(tmp_path: Path, backend, store, name: str = "s1"):
-    (tmp_path / "bzImage").write_bytes(b"kernel")
-    create(str(tmp_path / "base.qcow2"), 4 << 20)
-    document = {"name": name, "backend": "libvirt", "kernel": "bzImage", "disks": ["base.qcow2", {"size": "1M"}],
-                "memory": "64M", "libvirt": {"uri": TEST_URI}}
-    spec = parse_spec(document, source=str(tmp_path / "vm.yaml"), base_dir=tmp_path).machines[0]
-    return backend.start(store, spec, None)
+def started(libvirt_machine, backend, store, name: str = "s1"):
+    return backend.start(store, libvirt_machine(name, ["base.qcow2", {"size": "1M"}]), None)
 
 
 def write(path: Path, data: bytes) -> None:
@@ -79,8 +52,8 @@ def stop(backend, store, record) -> None:
     (store.folder(record.name) / "stopped").touch()  # what `vmctl stop` adds
 
 
-def test_stop_shows_stopped_and_start_runs_the_same_domain_again(tmp_path, backend, store):
-    record = started(tmp_path, backend, store)
+def test_stop_shows_stopped_and_start_runs_the_same_domain_again(tmp_path, backend, store, libvirt_machine):
+    record = started(libvirt_machine, backend, store)
     uuid = backend._domain(record).UUIDString()
     stop(backend, store, record)
     assert backend.status(store, record).state == "stopped"
@@ -92,8 +65,8 @@ def test_stop_shows_stopped_and_start_runs_the_same_domain_again(tmp_path, backe
     backend.remove(store, record)
 
 
-def test_start_defines_a_domain_undefined_outside_vmctl_again(tmp_path, backend, store):
-    record = started(tmp_path, backend, store)
+def test_start_defines_a_domain_undefined_outside_vmctl_again(tmp_path, backend, store, libvirt_machine):
+    record = started(libvirt_machine, backend, store)
     stop(backend, store, record)
     backend._domain(record).undefine()
     backend.restart(store, record)
@@ -102,8 +75,8 @@ def test_start_defines_a_domain_undefined_outside_vmctl_again(tmp_path, backend,
     backend.remove(store, record)
 
 
-def test_snapshot_restore_delete_round_trip_on_a_stopped_domain(tmp_path, backend, store, snapshots):
-    record = started(tmp_path, backend, store)
+def test_snapshot_restore_delete_round_trip_on_a_stopped_domain(tmp_path, backend, store, snapshots, libvirt_machine):
+    record = started(libvirt_machine, backend, store)
     overlay = store.folder("s1") / "disks" / "vda.qcow2"
     # A running domain is snapshotted by libvirt (external, disk-only), which this driver
     # refuses: the failed attempt leaves nothing (no snapshot folder, no new overlay).
@@ -134,8 +107,8 @@ def test_snapshot_restore_delete_round_trip_on_a_stopped_domain(tmp_path, backen
     backend.remove(store, record)
 
 
-def test_a_later_snapshot_blocks_deleting_an_earlier_one(tmp_path, backend, store, snapshots):
-    record = started(tmp_path, backend, store)
+def test_a_later_snapshot_blocks_deleting_an_earlier_one(tmp_path, backend, store, snapshots, libvirt_machine):
+    record = started(libvirt_machine, backend, store)
     stop(backend, store, record)
     first = take(backend, store, record, snapshots, "first")
     take(backend, store, record, snapshots, "second")
@@ -148,8 +121,8 @@ def test_a_later_snapshot_blocks_deleting_an_earlier_one(tmp_path, backend, stor
     backend.remove(store, record)
 
 
-def test_a_failed_create_leaves_the_disks_and_the_domain_as_they_were(tmp_path, backend, store, snapshots, monkeypatch):
-    record = started(tmp_path, backend, store)
+def test_a_failed_create_leaves_the_disks_and_the_domain_as_they_were(tmp_path, backend, store, snapshots, monkeypatch, libvirt_machine):
+    record = started(libvirt_machine, backend, store)
     stop(backend, store, record)
     overlay = store.folder("s1") / "disks" / "vda.qcow2"
     write(overlay, b"abc")
@@ -167,9 +140,9 @@ def test_a_failed_create_leaves_the_disks_and_the_domain_as_they_were(tmp_path, 
     backend.remove(store, record)
 
 
-def test_an_interrupted_create_is_merged_back(tmp_path, backend, store, snapshots):
+def test_an_interrupted_create_is_merged_back(tmp_path, backend, store, snapshots, libvirt_machine):
     """A create killed after the overlay was frozen (no meta.json, domain not redefined)."""
-    record = started(tmp_path, backend, store)
+    record = started(libvirt_machine, backend, store)
     stop(backend, store, record)
     overlay = store.folder("s1") / "disks" / "vda.qcow2"
     write(overlay, b"abc")
@@ -200,11 +173,11 @@ def test_with_chains_rewrites_only_the_named_overlays(tmp_path):
     assert disks[1].find("backingStore") is None
 
 
-def test_after_a_live_snapshot_the_new_overlay_gets_its_usual_name_back(tmp_path, backend, store, snapshots):
+def test_after_a_live_snapshot_the_new_overlay_gets_its_usual_name_back(tmp_path, backend, store, snapshots, libvirt_machine):
     """What libvirt leaves after the live path (the test driver cannot do it): QEMU on
     `.vda.qcow2@live` over the layer, the old overlay's other name in the snapshot; the next
     start of the shut-off domain renames the overlay back and redefines the domain."""
-    record = started(tmp_path, backend, store)
+    record = started(libvirt_machine, backend, store)
     overlay = store.folder("s1") / "disks" / "vda.qcow2"
     write(overlay, b"one")
     folder = snapshots.new_folder("live")
@@ -249,10 +222,10 @@ def test_a_save_images_xml_is_retargeted_to_the_disks_as_they_are_now(tmp_path):
     assert disk.find("alias").get("name") == "virtio-disk0"  # the rest is the saved machine's
 
 
-def test_a_memory_snapshot_needs_a_running_domain(tmp_path, backend, store, snapshots):
+def test_a_memory_snapshot_needs_a_running_domain(tmp_path, backend, store, snapshots, libvirt_machine):
     from vmctl.backends.libvirt.memory_snapshots import take as save
 
-    record = started(tmp_path, backend, store)
+    record = started(libvirt_machine, backend, store)
     stop(backend, store, record)
     with pytest.raises(VmctlError, match="^s1: not running: a memory snapshot saves a running guest"):
         save(backend, store, record, snapshots, "m")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..procmem import parse_smaps
+
 
 def meminfo() -> dict[str, int]:
     """/proc/meminfo in bytes."""
@@ -33,21 +35,14 @@ def pss(pids: list[int]) -> int:
 def mapped_pss(pids: list[int], files: list[Path]) -> int:
     """Sum of the PSS of the processes' mappings of these files, bytes (/proc/PID/smaps)."""
     names = {str(f) for f in files}
-    total = 0
+    total_kib = 0
     for pid in pids:
         try:
             text = Path(f"/proc/{pid}/smaps").read_text()
         except OSError:
             continue
-        inside = False
-        for line in text.splitlines():
-            first = line.split(maxsplit=1)[0] if line else ""
-            if "-" in first and not first.endswith(":"):  # a mapping's header line
-                parts = line.split(maxsplit=5)
-                inside = len(parts) == 6 and parts[5] in names
-            elif inside and first == "Pss:":
-                total += int(line.split()[1]) * 1024
-    return total
+        total_kib += sum(m.pss_kib for m in parse_smaps(text) if m.name in names)
+    return total_kib * 1024
 
 
 def drop_caches() -> None:
