@@ -5,7 +5,7 @@
 
 One folder holds a source tree (a copy of vmctl's own `vmctl/`, `docs/` and `tests/`, copied
 N times). The same guest (reference kernel, an initramfs with static busybox, 1 vCPU,
-256 MiB) mounts it through vmctl's virtio-fs (`vmctl boot --fs`) and, in QEMU microvm,
+256 MiB) mounts it through vmctl's virtio-fs (`vmctl boot --fs`, `cache=auto` and `always`) and, in QEMU microvm,
 through virtio-9p (`-fsdev local`, `trans=virtio,version=9p2000.L,msize=512K`, cache=none and
 cache=loose); the host runs the same busybox commands on the folder directly. Workloads:
 - `walk_read_sum`: `find | xargs md5sum` over the tree, first time (cold in the guest) and
@@ -44,6 +44,7 @@ SMALL_FILES = 500
 CP_MIB = 32
 BENCH_LINE = re.compile(r"^BENCH (\S+)")
 WORKLOADS = ["walk_read_sum", "walk_read_sum_cached", "small_files"]
+CACHE_MODES = ("auto", "always", "never")  # the share's `cache:` (docs/sharing.md)
 
 # the guest's workloads; MOUNT is filled in per transport
 SCRIPT = """
@@ -131,9 +132,9 @@ def run_guest(command: list[str], timeout: float, log: Path) -> dict[str, float]
     return values
 
 
-def vmctl_command(kernel: Path, initrd: Path, share: Path) -> list[str]:
+def vmctl_command(kernel: Path, initrd: Path, share: Path, cache: str = "auto") -> list[str]:
     return [sys.executable, "-m", "vmctl", "boot", "--kernel", str(kernel), "--initrd", str(initrd),
-            "--fs", f"{share},tag=share", "--cpus", "1", "--memory", "256M", "--no-input", "--timeout", "1200",
+            "--fs", f"{share},tag=share,cache={cache}", "--cpus", "1", "--memory", "256M", "--no-input", "--timeout", "1200",
             "--cmdline", "console=ttyS0 reboot=k panic=1 rdinit=/init share=virtiofs"]
 
 
@@ -165,14 +166,15 @@ def host_run(share: Path) -> dict[str, float]:
     return values
 
 
-def host_fuse_run(share: Path, work: Path) -> dict[str, float]:
+def host_fuse_run(share: Path, work: Path, cache: str) -> dict[str, float]:
     """The same busybox commands on the host, through vmctl's file server mounted with the host
-    kernel's FUSE client (`vmctl share mount`): the server's own cost, with no VM and no
-    virtio in the way."""
+    kernel's FUSE client (`vmctl share mount --cache MODE`): the server's own cost, with no VM
+    and no virtio in the way."""
     mountpoint = work / "fuse"
     mountpoint.mkdir()
     vmctl = [sys.executable, "-m", "vmctl"]
-    subprocess.run([*vmctl, "share", "mount", "--detach", str(share), str(mountpoint)], check=True, capture_output=True)
+    subprocess.run([*vmctl, "share", "mount", "--detach", "--cache", cache, str(share), str(mountpoint)],
+                   check=True, capture_output=True)
     try:
         return host_run(mountpoint)
     finally:
@@ -180,7 +182,7 @@ def host_fuse_run(share: Path, work: Path) -> dict[str, float]:
 
 
 def host_only(copies: int) -> dict:
-    """host vs vmctl's server over the host's /dev/fuse, each twice in turn (no guest)."""
+    """host vs vmctl's server over the host's /dev/fuse in each cache mode, 3 times in turn (no guest)."""
     with tempfile.TemporaryDirectory(prefix="vmctl-mounts-bench-") as temp:
         work = Path(temp)
         share = work / "share"
@@ -189,13 +191,14 @@ def host_only(copies: int) -> dict:
         result: dict = {"config": {"files": files, "bytes": size, "small_files": SMALL_FILES,
                                    "host_kernel": platform.release(), "nested": os.environ.get("VMCTL_NESTED") == "1",
                                    "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-                                   "note": "no guest: the host's own FUSE client in front of vmctl's server; "
-                                           "best of 3 alternating runs each"}}
-        runs: dict[str, list[dict[str, float]]] = {"host": [], "vmctl_server_host_fuse": []}
+                                   "note": "no guest: the host's own FUSE client in front of vmctl's server "
+                                           "(host_fuse_MODE: `cache: MODE`); best of 3 alternating runs each"}}
+        runs: dict[str, list[dict[str, float]]] = {"host": [], **{f"host_fuse_{m}": [] for m in CACHE_MODES}}
         for _ in range(3):
             runs["host"].append(host_run(share))
-            runs["vmctl_server_host_fuse"].append(host_fuse_run(share, work))
-            shutil.rmtree(work / "fuse")
+            for mode in CACHE_MODES:
+                runs[f"host_fuse_{mode}"].append(host_fuse_run(share, work, mode))
+                shutil.rmtree(work / "fuse")
         for column, values in runs.items():
             result[column] = {w: min(v[w] for v in values) for w in WORKLOADS}
         return result
@@ -264,7 +267,10 @@ def measure(kernel: Path, copies: int, logs: Path | None, skip_cp: bool, partial
             if partial is not None:
                 partial.write_text(json.dumps(result, indent=2) + "\n")
 
+        # vmctl_virtiofs: the default `cache: auto`; _always: names and attributes kept for a day
         step("vmctl_virtiofs", lambda: run_guest(vmctl_command(kernel, initrd, share), 1500, logs / "vmctl.log"))
+        step("vmctl_virtiofs_always",
+             lambda: run_guest(vmctl_command(kernel, initrd, share, "always"), 1500, logs / "vmctl-always.log"))
         step("host", lambda: host_run(share))
         if not skip_cp:
             step("cp", lambda: cp_throughput(work))
@@ -275,14 +281,15 @@ def measure(kernel: Path, copies: int, logs: Path | None, skip_cp: bool, partial
 
 
 def summary(result: dict) -> str:
-    columns = ["vmctl_virtiofs", "qemu_9p_none", "qemu_9p_loose", "host"]
-    lines = ["| workload (s) | " + " | ".join(columns) + " | virtiofs / host | virtiofs / 9p (none) | virtiofs / 9p (loose) |",
-             "|---" * (len(columns) + 4) + "|"]
+    columns = ["vmctl_virtiofs", "vmctl_virtiofs_always", "qemu_9p_none", "qemu_9p_loose", "host"]
+    lines = ["| workload (s) | " + " | ".join(columns) + " | auto / host | always / host | auto / 9p (none) "
+             "| auto / 9p (loose) | always / 9p (loose) |", "|---" * (len(columns) + 6) + "|"]
     for workload in WORKLOADS:
         row = [result[c][workload] for c in columns]
-        ours, nine_none, nine_loose, host = row
+        ours, always, nine_none, nine_loose, host = row
         lines.append(f"| {workload} | " + " | ".join(f"{v:g}" for v in row)
-                     + f" | {ours / host:.1f}x | {ours / nine_none:.2f}x | {ours / nine_loose:.2f}x |")
+                     + f" | {ours / host:.1f}x | {always / host:.1f}x | {ours / nine_none:.2f}x "
+                     f"| {ours / nine_loose:.2f}x | {always / nine_loose:.2f}x |")
     if "cp" in result:
         cp = result["cp"]
         lines.append(f"\nvmctl cp {cp['mib']} MiB over {cp['way_in']}/{cp['way_out']}: into the guest "
@@ -315,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         output = (args.output if args.output != RESULTS else RESULTS.with_name("mounts_host_fuse.json")).resolve()
         result = host_only(args.copies)
         output.write_text(json.dumps(result, indent=2) + "\n")
-        print("| workload (s) | host | vmctl server over host FUSE | ratio |\n|---|---|---|---|")
+        print("| workload (s) | host | " + " | ".join(f"host FUSE cache={m} (x host)" for m in CACHE_MODES)
+              + " |\n" + "|---" * (2 + len(CACHE_MODES)) + "|")
         for workload in WORKLOADS:
-            host, fuse = result["host"][workload], result["vmctl_server_host_fuse"][workload]
-            print(f"| {workload} | {host:g} | {fuse:g} | {fuse / max(host, 1e-3):.1f}x |")
+            host = result["host"][workload]
+            cells = [f"{result[f'host_fuse_{m}'][workload]:g} ({result[f'host_fuse_{m}'][workload] / max(host, 1e-3):.1f}x)"
+                     for m in CACHE_MODES]
+            print(f"| {workload} | {host:g} | " + " | ".join(cells) + " |")
         progress(f"wrote {output}")
         return 0
     output = args.output.resolve()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import VmctlError
+from .fs.cache import MODES as CACHE_MODES
 
 SCHEMA_VERSION = 2  # 1: a free-form `spec` dict per backend (read and migrated by vmctl.state)
 
@@ -194,14 +195,19 @@ class MountPlan:
     guest: str
     tag: str
     read_only: bool = False
+    cache: str = "auto"  # vmctl.fs.cache mode
 
     def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "guest": self.guest, "tag": self.tag, "read_only": self.read_only}
+        return {"host": self.host, "guest": self.guest, "tag": self.tag, "read_only": self.read_only,
+                "cache": self.cache}
 
     @staticmethod
     def from_json(data: object, where: str) -> MountPlan:
         f = _Fields(data, where)
-        return MountPlan(f.text("host"), f.text("guest"), f.text("tag"), f.flag("read_only", False))
+        cache = f.text("cache", "auto")  # plans written before cache modes: the default
+        if cache not in CACHE_MODES:
+            raise VmctlError(f"{where}.cache: unknown cache mode {cache!r}")
+        return MountPlan(f.text("host"), f.text("guest"), f.text("tag"), f.flag("read_only", False), cache)
 
 
 @dataclass(frozen=True)

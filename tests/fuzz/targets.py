@@ -399,7 +399,7 @@ FIELDS = [0, 1, 2, 3, 4, 8, 0o777, 0o4755, 0x8000 | 0o644, 0x1000, 0x6000, 0x41,
           1 << 31, 1 << 63, (1 << 64) - 1]
 fuse_request = st.tuples(
     st.sampled_from([1, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 25, 27, 28,
-                     29, 30, 35, 45]) | st.sampled_from(FUSE_OPS),
+                     29, 30, 35, 44, 45]) | st.sampled_from(FUSE_OPS),
     st.sampled_from([1, 2, 3, 4, 5, 6, 7, 0, 1 << 63]) | U64,  # node ids
     st.lists(st.sampled_from(FIELDS) | U64, max_size=6).map(lambda f: f + [0] * (16 - len(f))),
     # argument fields, packed by the opcode's layout (few drawn: a fuzz buffer is short)
@@ -417,7 +417,8 @@ def _fuse_bytes(opcode: int, nodeid: int, fields: list[int], names: list[bytes],
                fp.READ: fp.READ_IN, fp.WRITE: fp.WRITE_IN, fp.RELEASE: fp.RELEASE_IN,
                fp.RELEASEDIR: fp.RELEASE_IN, fp.FLUSH: fp.FLUSH_IN, fp.FSYNC: fp.FSYNC_IN,
                fp.FSYNCDIR: fp.FSYNC_IN, fp.FORGET: fp.FORGET_IN, fp.INIT: fp.INIT_IN,
-               fp.OPENDIR: fp.OPEN_IN, fp.READDIR: fp.READ_IN, fp.BATCH_FORGET: fp.BATCH_FORGET_IN}
+               fp.OPENDIR: fp.OPEN_IN, fp.READDIR: fp.READ_IN, fp.READDIRPLUS: fp.READ_IN,
+               fp.BATCH_FORGET: fp.BATCH_FORGET_IN}
     layout = layouts.get(opcode)
     body = b""
     if layout is not None:
@@ -463,8 +464,9 @@ def _tree(folder: str) -> list:
 
 
 @SETTINGS
-@given(requests=st.lists(fuse_request, min_size=1, max_size=12), read_only=st.booleans())
-def fuse(requests, read_only):
+@given(requests=st.lists(fuse_request, min_size=1, max_size=12), read_only=st.booleans(),
+       cache=st.sampled_from(["auto", "always", "never"]))
+def fuse(requests, read_only, cache):
     """FUSE requests, well-formed and not, against the real file server over a temporary
     share: every request gets a well-formed reply (or none for FORGET), never an exception,
     and nothing outside the share changes."""
@@ -473,7 +475,7 @@ def fuse(requests, read_only):
     with tempfile.TemporaryDirectory(prefix="vmctl-fuzz-fuse-") as work:
         root, outside = _fuse_root(work)
         before = _tree(outside) + [(p, os.stat(p).st_mode) for p in ("/etc", "/etc/passwd")]
-        server = FileServer(root, read_only=read_only)
+        server = FileServer(root, read_only=read_only, cache=cache)
         try:
             z = [0] * 16
             prologue = [(fp.INIT, 1, [7, 31, 0, 0] + z[4:], [], 0, 0),  # so that the fuzzed

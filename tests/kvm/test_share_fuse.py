@@ -3,6 +3,7 @@ host kernel's FUSE client is the same protocol client a guest's virtiofs driver 
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from vmctl.fs import protocol as p
 from vmctl.fs.hostmount import HostMount, mounted
 from vmctl.fs.server import FileServer
 
@@ -32,12 +34,27 @@ def dirs(tmp_path):
     return source, mnt, outside
 
 
-@pytest.fixture
-def mount(dirs):
+@pytest.fixture(params=["auto", "always", "never"])
+def mount(dirs, request):
+    """The share in each cache mode (docs/sharing.md): every tool test runs against all three."""
     source, mnt, _ = dirs
-    with HostMount(FileServer(source), mnt) as host:
+    with HostMount(FileServer(source, cache=request.param), mnt) as host:
         yield host
     assert not mounted(mnt)
+
+
+class Counted:
+    """Counts the requests the kernel sends (by opcode) while it serves."""
+
+    def __init__(self, server: FileServer) -> None:
+        self.seen: collections.Counter[int] = collections.Counter()
+        handle = server.handle
+
+        def counting(data: bytes | memoryview) -> bytes | None:
+            self.seen[p.IN_HEADER.unpack_from(data)[1]] += 1
+            return handle(data)
+
+        server.handle = counting  # type: ignore[method-assign]
 
 
 def run(command: str, cwd: Path) -> str:
@@ -92,14 +109,48 @@ def test_file_operations_seen_on_the_host(mount, dirs):
 
 
 def test_changes_on_the_host_side_show_through(mount, dirs):
+    """Another writer's change (here the host's): at once with `never`, within about a second
+    with `auto`. `always` may keep what it saw for up to a day (the trade-off it is chosen
+    for), so only its own writes are checked there."""
     source, mnt, _ = dirs
+    mode = mount.server.cache.mode
     (source / "late").write_text("one")
     assert (mnt / "late").read_text() == "one"
     (source / "late").write_text("two, longer")
-    deadline = time.monotonic() + 5
-    while (mnt / "late").read_text() != "two, longer":  # attributes are cached for 1 s
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    (source / "new").write_text("new")
+    assert (mnt / "new").read_text() == "new"  # a name never seen is looked up in every mode
+    if mode == "never":
+        assert (mnt / "late").read_text() == "two, longer"
+    elif mode == "auto":
+        deadline = time.monotonic() + 5
+        while (mnt / "late").read_text() != "two, longer":  # attributes are cached for 1 s
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    # the client's own writes are seen by itself and the host in every mode
+    (mnt / "late").write_text("three")
+    assert (mnt / "late").read_text() == "three" == (source / "late").read_text()
+
+
+def test_cached_walk_sends_no_file_requests(dirs):
+    """`always`: a walk + read of an unchanged tree, once warm, is served by the kernel's caches
+    alone (names, attributes, pages; opens and closes need no message); `auto` still reads no
+    data and opens nothing, but looks names up again once their second has passed."""
+    source, mnt, _ = dirs
+    shutil.copytree(REPO / "vmctl" / "fs", source / "fs")
+    walk = "find fs -type f | xargs md5sum"
+    for mode in ("always", "auto"):
+        server = FileServer(source, cache=mode)
+        counted = Counted(server)
+        with HostMount(server, mnt):
+            first = run(walk, mnt)
+            # the first walk's reads mark atimes stale (the kernel asks for them once more)
+            assert run(walk, mnt) == first
+            counted.seen.clear()
+            assert run(walk, mnt) == first
+            seen = set(counted.seen)
+        assert not seen & {p.OPEN, p.READ, p.FLUSH, p.RELEASE}, (mode, seen)
+        if mode == "always":
+            assert not seen & {p.LOOKUP, p.GETATTR, p.READDIR, p.READDIRPLUS}, seen
 
 
 def test_concurrent_writers(mount, dirs):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmctl.fs import protocol as p
-from vmctl.fs.server import ROOT_ID, FileServer
+from vmctl.fs.server import NO_HANDLE, ROOT_ID, FileServer
 
 
 class Client:
@@ -48,19 +48,22 @@ class Client:
         return p.ENTRY_OUT.unpack_from(payload)[0], p.ATTR.unpack_from(payload, p.ENTRY_OUT.size)
 
     def open(self, nodeid: int, flags: int) -> tuple[int, int]:
+        """(errno, handle); ENOSYS is what the kernel takes as "open without a message": handle 0."""
         error, payload = self.call(p.OPEN, nodeid, p.OPEN_IN.pack(flags, 0))
+        if error == errno.ENOSYS:
+            return 0, NO_HANDLE
         return error, (p.OPEN_OUT.unpack_from(payload)[0] if not error else 0)
 
     def create(self, parent: int, name: bytes, mode: int = 0o644, flags: int = os.O_RDWR, uid: int = 0) -> tuple[int, int]:
         payload = self.ok(p.CREATE, parent, p.CREATE_IN.pack(flags, stat.S_IFREG | mode, 0o022, 0) + name + b"\0", uid=uid)
         return p.ENTRY_OUT.unpack_from(payload)[0], p.OPEN_OUT.unpack_from(payload, p.ENTRY_OUT.size + p.ATTR.size)[0]
 
-    def write(self, fh: int, data: bytes, offset: int = 0) -> int:
-        payload = self.ok(p.WRITE, 0, p.WRITE_IN.pack(fh, offset, len(data), 0, 0, 0, 0) + data)
+    def write(self, fh: int, data: bytes, offset: int = 0, nodeid: int = 0) -> int:
+        payload = self.ok(p.WRITE, nodeid, p.WRITE_IN.pack(fh, offset, len(data), 0, 0, 0, 0) + data)
         return p.WRITE_OUT.unpack(payload)[0]
 
-    def read(self, fh: int, size: int, offset: int = 0) -> bytes:
-        return self.ok(p.READ, 0, p.READ_IN.pack(fh, offset, size, 0, 0, 0, 0))
+    def read(self, fh: int, size: int, offset: int = 0, nodeid: int = 0) -> bytes:
+        return self.ok(p.READ, nodeid, p.READ_IN.pack(fh, offset, size, 0, 0, 0, 0))
 
 
 @pytest.fixture
@@ -89,14 +92,92 @@ def test_init_negotiates_our_minor_and_the_common_flags(client):
     assert flags & p.BIG_WRITES and flags & p.MAX_PAGES and max_write == 128 * 1024
     # pages kept across opens, dropped when the client sees another mtime or size
     assert flags & p.AUTO_INVAL_DATA
-    assert not flags & ~(p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES
-                         | p.AUTO_INVAL_DATA)
+    # listings carry attributes (READDIRPLUS, every time: not _AUTO)
+    assert flags & p.DO_READDIRPLUS
+    # no OPEN messages in `auto`: O_TRUNC must then come as SETATTR, so no ATOMIC_O_TRUNC
+    assert not flags & ~(p.ASYNC_READ | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES
+                         | p.AUTO_INVAL_DATA | p.DO_READDIRPLUS)
 
 
-def test_open_keeps_the_clients_page_cache(client):
+def entry_timeouts(payload: bytes) -> tuple[int, int]:
+    return p.ENTRY_OUT.unpack_from(payload)[2:4]
+
+
+@pytest.mark.parametrize("mode, timeout, no_open", [("auto", 1, True), ("always", 86400, True), ("never", 0, False)])
+def test_cache_modes_set_timeouts_opens_and_flags(share, mode, timeout, no_open):
+    client = Client(FileServer(share, cache=mode))
+    flags = p.INIT_OUT.unpack(client.init())[3]
+    assert bool(flags & p.ATOMIC_O_TRUNC) is not no_open  # O_TRUNC done by OPEN only when OPEN is sent
+    assert entry_timeouts(client.ok(p.LOOKUP, ROOT_ID, b"hello.txt\0")) == (timeout, timeout)
     nodeid, _ = client.lookup(ROOT_ID, b"hello.txt")
-    payload = client.ok(p.OPEN, nodeid, p.OPEN_IN.pack(os.O_RDONLY, 0))
-    assert p.OPEN_OUT.unpack_from(payload)[1] == p.FOPEN_KEEP_CACHE
+    assert p.ATTR_OUT.unpack_from(client.ok(p.GETATTR, nodeid, p.GETATTR_IN.pack(0, 0, 0)))[0] == timeout
+    error, payload = client.call(p.OPEN, nodeid, p.OPEN_IN.pack(os.O_RDONLY, 0))
+    if no_open:  # ENOSYS: the kernel opens files itself from now on, keeping their pages
+        assert error == errno.ENOSYS
+        assert client.read(NO_HANDLE, 100, nodeid=nodeid) == b"hello\n"
+    else:  # nothing cached: every read goes to the file
+        assert error == 0 and p.OPEN_OUT.unpack_from(payload)[1] == p.FOPEN_DIRECT_IO
+    opened = client.ok(p.OPENDIR, ROOT_ID, p.OPEN_IN.pack(os.O_RDONLY, 0))
+    dir_flags = p.OPEN_OUT.unpack_from(opened)[1]
+    assert dir_flags == (p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR if no_open else 0)
+    # closes cost nothing: FLUSH stays ENOSYS (the kernel stops sending it)
+    assert client.call(p.FLUSH, nodeid, p.FLUSH_IN.pack(0, 0, 0, 0))[0] == errno.ENOSYS
+    client.server.close()
+
+
+def test_cache_mode_is_checked(share):
+    with pytest.raises(ValueError, match="cache mode 'sometimes': expected one of auto, always, never"):
+        FileServer(share, cache="sometimes")
+
+
+def test_without_open_messages_io_goes_by_node(client, share):
+    """After ENOSYS for OPEN the kernel sends READ/WRITE/FSYNC with handle 0 and never RELEASEs
+    a created file either: CREATE keeps no handle, I/O opens the node's inode per request."""
+    nodeid, fh = client.create(ROOT_ID, b"made", 0o600, flags=os.O_WRONLY | os.O_EXCL)
+    assert fh == NO_HANDLE
+    assert client.write(NO_HANDLE, b"by node", nodeid=nodeid) == 7
+    client.ok(p.FSYNC, nodeid, p.FSYNC_IN.pack(NO_HANDLE, 0, 0))
+    assert (share / "made").read_bytes() == b"by node"
+    assert client.read(NO_HANDLE, 3, 3, nodeid=nodeid) == b"nod"
+    # O_TRUNC arrives as SETATTR(size) without FATTR_FH
+    client.ok(p.SETATTR, nodeid, p.SETATTR_IN.pack(p.FATTR_SIZE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    assert (share / "made").read_bytes() == b""
+    # a directory or an unknown node has no handle-less I/O
+    dir_id, _ = client.lookup(ROOT_ID, b"dir")
+    assert client.call(p.READ, dir_id, p.READ_IN.pack(NO_HANDLE, 0, 10, 0, 0, 0, 0))[0] == errno.EBADF
+    assert client.call(p.READ, 999, p.READ_IN.pack(NO_HANDLE, 0, 10, 0, 0, 0, 0))[0] == errno.ESTALE
+
+
+def read_plus(client: Client, nodeid: int, fh: int, size: int = 4096) -> list[tuple[bytes, int, tuple]]:
+    """(name, node id, attributes) of every READDIRPLUS entry, across buffers of `size`."""
+    found, offset = [], 0
+    while data := client.ok(p.READDIRPLUS, nodeid, p.READ_IN.pack(fh, offset, size, 0, 0, 0, 0)):
+        position = 0
+        while position < len(data):
+            node = p.ENTRY_OUT.unpack_from(data, position)[0]
+            attr = p.ATTR.unpack_from(data, position + p.ENTRY_OUT.size)
+            position += p.ENTRY_OUT.size + p.ATTR.size
+            ino, offset, namelen, kind = p.DIRENT.unpack_from(data, position)
+            found.append((data[position + p.DIRENT.size : position + p.DIRENT.size + namelen], node, attr))
+            position += (p.DIRENT.size + namelen + 7) & ~7
+    return found
+
+
+def test_readdirplus_answers_each_names_lookup(client, share):
+    for index in range(30):
+        (share / f"file-{index:02d}").write_text("x" * index)
+    fh = p.OPEN_OUT.unpack_from(client.ok(p.OPENDIR, ROOT_ID, p.OPEN_IN.pack(os.O_RDONLY, 0)))[0]
+    entries = read_plus(client, ROOT_ID, fh, size=700)  # a few entries per reply
+    names = [name for name, _, _ in entries]
+    assert sorted(names) == sorted([b".", b"..", b"hello.txt", b"dir"] + [b"file-%02d" % i for i in range(30)])
+    by_name = {name: (node, attr) for name, node, attr in entries}
+    assert by_name[b"."][0] == 0 and by_name[b".."][0] == 0  # no attributes: the kernel skips them
+    node, attr = by_name[b"file-07"]
+    assert attr[1] == 7 and attr[0] == os.stat(share / "file-07").st_ino
+    assert client.lookup(ROOT_ID, b"file-07")[0] == node  # the same node a LOOKUP gives
+    # each listed entry counted one lookup: forgetting it twice (listing + LOOKUP) drops the node
+    client.call(p.FORGET, node, p.FORGET_IN.pack(2))
+    assert client.call(p.GETATTR, node, p.GETATTR_IN.pack(0, 0, 0))[0] == errno.ESTALE
 
 
 def test_lookup_getattr_read(client, share):
@@ -104,13 +185,17 @@ def test_lookup_getattr_read(client, share):
     assert attr[1] == 6 and stat.S_ISREG(attr[9]) and attr[0] == os.stat(share / "hello.txt").st_ino
     assert client.lookup(ROOT_ID, b"hello.txt")[0] == nodeid  # one node per inode
     error, fh = client.open(nodeid, os.O_RDONLY)
-    assert error == 0 and client.read(fh, 100) == b"hello\n" and client.read(fh, 100, 3) == b"lo\n"
+    assert error == 0
+    assert client.read(fh, 100, nodeid=nodeid) == b"hello\n" and client.read(fh, 100, 3, nodeid=nodeid) == b"lo\n"
     assert client.lookup(ROOT_ID, b"missing") == (errno.ENOENT, ())
 
 
-def test_create_write_rename_unlink(client, share):
+@pytest.mark.parametrize("mode", ["never", "auto"])
+def test_create_write_rename_unlink(share, mode):
+    client = Client(FileServer(share, cache=mode))
+    client.init()
     nodeid, fh = client.create(ROOT_ID, b"new", 0o640)
-    assert client.write(fh, b"abc" * 1000) == 3000
+    assert client.write(fh, b"abc" * 1000, nodeid=nodeid) == 3000
     client.ok(p.RELEASE, nodeid, p.RELEASE_IN.pack(fh, 0, 0, 0))
     assert (share / "new").read_bytes() == b"abc" * 1000
     assert stat.S_IMODE(os.stat(share / "new").st_mode) == 0o640
@@ -163,8 +248,14 @@ def test_a_symlink_out_is_never_followed_by_the_server(client, share, tmp_path):
     assert client.lookup(out_id, b"secret")[0] == errno.ENOTDIR  # an O_PATH symlink is no directory fd
     assert client.ok(p.READLINK, out_id) == os.fsencode(tmp_path / "outside")
     link_id, _ = client.lookup(ROOT_ID, b"secret-link")
-    assert client.open(link_id, os.O_RDONLY)[0] == errno.EACCES
-    assert client.open(link_id, os.O_WRONLY | os.O_TRUNC)[0] == errno.EACCES
+    assert client.call(p.READ, link_id, p.READ_IN.pack(NO_HANDLE, 0, 10, 0, 0, 0, 0))[0] == errno.EBADF
+    assert client.call(p.WRITE, link_id, p.WRITE_IN.pack(NO_HANDLE, 0, 1, 0, 0, 0, 0) + b"x")[0] == errno.EBADF
+    opener = Client(FileServer(share, cache="never"))  # a mode with OPEN messages
+    opener.init()
+    link_id, _ = opener.lookup(ROOT_ID, b"secret-link")
+    assert opener.open(link_id, os.O_RDONLY)[0] == errno.EACCES
+    assert opener.open(link_id, os.O_WRONLY | os.O_TRUNC)[0] == errno.EACCES
+    opener.server.close()
     error, _ = client.call(p.SETATTR, link_id, p.SETATTR_IN.pack(p.FATTR_MODE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0o777, 0, 0, 0, 0))
     assert error == errno.EOPNOTSUPP
     error, _ = client.call(p.SETATTR, link_id, p.SETATTR_IN.pack(p.FATTR_SIZE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
@@ -208,13 +299,15 @@ def test_no_device_nodes_and_no_setuid(client, share):
     assert stat.S_IMODE(os.stat(share / "hello.txt").st_mode) == 0o755
 
 
-def test_read_only_refuses_every_change(share):
-    client = Client(FileServer(share, read_only=True))
+@pytest.mark.parametrize("mode", ["never", "auto"])
+def test_read_only_refuses_every_change(share, mode):
+    client = Client(FileServer(share, read_only=True, cache=mode))
     client.init()
     nodeid, _ = client.lookup(ROOT_ID, b"hello.txt")
     assert client.open(nodeid, os.O_RDONLY)[0] == 0
-    assert client.open(nodeid, os.O_WRONLY)[0] == errno.EROFS
+    assert client.open(nodeid, os.O_WRONLY)[0] == (errno.EROFS if mode == "never" else 0)
     checks = [
+        (p.WRITE, nodeid, p.WRITE_IN.pack(NO_HANDLE, 0, 1, 0, 0, 0, 0) + b"x"),
         (p.CREATE, ROOT_ID, p.CREATE_IN.pack(os.O_RDWR, 0o100644, 0, 0) + b"x\0"),
         (p.MKDIR, ROOT_ID, p.MKDIR_IN.pack(0o755, 0) + b"x\0"),
         (p.UNLINK, ROOT_ID, b"hello.txt\0"),
@@ -249,11 +342,13 @@ def test_struct_sizes_match_linux_fuse_h(tmp_path):
     assert sizes == p.STRUCT_SIZES
 
 
-def test_a_restored_server_never_reuses_the_saved_guests_numbers(client, share, tmp_path):
+def test_a_restored_server_never_reuses_the_saved_guests_numbers(share, tmp_path):
     """A clone's new server (its own folder) behind a guest restored from a snapshot: the node
     ids and handles that guest still caches must not name other files here."""
     from vmctl.virtio.fs import FsDevice
 
+    client = Client(FileServer(share, cache="never"))  # file handles from OPEN
+    client.init()
     saved_node, _ = client.lookup(ROOT_ID, b"hello.txt")
     _, saved_fh = client.open(saved_node, os.O_RDONLY)
     source = FsDevice(str(share), "t")
@@ -265,7 +360,7 @@ def test_a_restored_server_never_reuses_the_saved_guests_numbers(client, share, 
     other = tmp_path / "clone-share"
     other.mkdir()
     (other / "other.txt").write_text("not hello\n")
-    clone = FsDevice(str(other), "t")
+    clone = FsDevice(str(other), "t", cache="never")
     clone.restore_state(state)
     fresh = Client(clone.server)
     fresh.init()

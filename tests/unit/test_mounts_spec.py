@@ -39,6 +39,8 @@ def test_relative_host_paths_are_relative_to_the_spec(tmp_path):
     ("{host: DIR}", "missing"),
     ("{host: DIR, guest: /x, mode: ro}", "unknown key"),
     ("{host: STATE, guest: /x}", "overlaps vmctl's state folder"),
+    ("{host: DIR, guest: /x, cache: sometimes}", "mounts[0].cache: unknown cache mode 'sometimes' (one of auto, always, never)"),
+    ("{host: DIR, guest: /x, cache: 1}", "cache"),
 ])
 def test_bad_mounts_are_one_line_errors_with_a_position(tmp_path, monkeypatch, entry, message):
     (tmp_path / "dir").mkdir()
@@ -51,6 +53,24 @@ def test_bad_mounts_are_one_line_errors_with_a_position(tmp_path, monkeypatch, e
         parse_spec(spec_text(tmp_path, f"      - {entry}\n"), source="m.yaml", base_dir=tmp_path)
     text = str(error.value)
     assert text.startswith("m.yaml:4:") and message in text and "\n" not in text
+
+
+def test_cache_mode_reaches_the_virtio_fs_server(tmp_path):
+    """`cache:` per mount, `auto` by default; the kvm plan carries it to the VMM's server."""
+    from vmctl.plans import MountPlan
+    from vmctl.virtio.factories import fs
+
+    text = spec_text(tmp_path, f"      - {{host: {tmp_path}, guest: /a}}\n      - {{host: {tmp_path}, guest: /b, cache: always}}\n")
+    first, second = parse_spec(text, source="m.yaml", base_dir=tmp_path).machines[0].mounts
+    assert (first.cache, second.cache) == ("auto", "always")
+    plan = MountPlan(str(second.host), second.guest, second.tag, second.read_only, second.cache)
+    assert MountPlan.from_json(plan.to_json(), "plan") == plan
+    assert MountPlan.from_json({k: v for k, v in plan.to_json().items() if k != "cache"}, "plan").cache == "auto"
+    with pytest.raises(VmctlError, match=r"^plan.cache: unknown cache mode 'x'$"):
+        MountPlan.from_json({**plan.to_json(), "cache": "x"}, "plan")
+    device = fs(plan.host, plan.tag, plan.read_only, plan.cache).make()
+    assert (device.server.cache.mode, device.server.timeout) == ("always", 86400)
+    device.close()
 
 
 def test_the_same_guest_path_twice(tmp_path):

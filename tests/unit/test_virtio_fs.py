@@ -74,7 +74,9 @@ def test_init_lookup_read_write_through_the_queues(rig):
     assert error == 0 and p.INIT_OUT.unpack(payload)[:2] == (7, 31)
     error, payload = r.call(p.LOOKUP, 1, b"hello\0")
     nodeid = p.ENTRY_OUT.unpack_from(payload)[0]
-    fh = p.OPEN_OUT.unpack(r.call(p.OPEN, nodeid, p.OPEN_IN.pack(os.O_RDWR, 0))[1])[0]
+    # `cache: auto`: opens need no message, READ/WRITE come with handle 0 and the node id
+    assert r.call(p.OPEN, nodeid, p.OPEN_IN.pack(os.O_RDWR, 0))[0] == errno.ENOSYS
+    fh = 0
     assert r.call(p.READ, nodeid, p.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0))[1] == b"hello from the host"
     data = b"G" * 100_000  # spread over the readable descriptors like a large WRITE
     error, payload = r.call(p.WRITE, nodeid, p.WRITE_IN.pack(fh, 0, len(data), 0, 0, 0, 0) + data)
@@ -115,6 +117,13 @@ def test_reset_forgets_the_old_drivers_nodes(rig):
 
 def test_boot_option_parsing(tmp_path):
     assert parse_fs_option(f"{tmp_path},tag=src,ro").label == "fs:src"
+    device = parse_fs_option(f"{tmp_path},tag=src,cache=always").make()
+    assert device.server.timeout == 86400
+    device.reset()  # a new driver's server keeps the share's cache mode
+    assert device.server.cache.mode == "always"
+    device.close()
+    with pytest.raises(VmctlError, match="cache=sometimes: expected one of auto, always, never"):
+        parse_fs_option(f"{tmp_path},tag=a,cache=sometimes")
     for bad in (f"{tmp_path}", f"{tmp_path},tag=" + "x" * 37, f"{tmp_path / 'nope'},tag=a", f"{tmp_path},tag=a,bogus"):
         with pytest.raises(VmctlError):
             parse_fs_option(bad)

@@ -114,7 +114,7 @@ def prepare(spec: MachineSpec, folder: Path) -> KvmPlan:
 
     xfer = folder / XFER_DIR
     xfer.mkdir(mode=0o700, exist_ok=True)
-    mounts = tuple(MountPlan(str(m.host), m.guest, m.tag, m.read_only) for m in spec.mounts)
+    mounts = tuple(MountPlan(str(m.host), m.guest, m.tag, m.read_only, m.cache) for m in spec.mounts)
     mounts += (MountPlan(str(xfer), XFER_GUEST, XFER_TAG, False),)
     script = oci_script or boot_script(spec.command, spec.environment, spec.ssh.user)
     words = InitArgs(hostname=spec.name, sshkey="\n".join(keys) if keys else None, cmd=script,

@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-input", action="store_true", help="never forward stdin to the guest")
     parser.add_argument("--disk", action="append", default=[], metavar="PATH[,ro]",
                         help="virtio-blk disk (raw or qcow2), /dev/vda, /dev/vdb... in order; repeatable")
-    parser.add_argument("--fs", action="append", default=[], metavar="HOSTDIR,tag=TAG[,ro]",
+    parser.add_argument("--fs", action="append", default=[], metavar="HOSTDIR,tag=TAG[,ro][,cache=auto|always|never]",
                         help="virtio-fs share of a host folder; in the guest: mount -t virtiofs TAG DIR; repeatable")
     parser.add_argument("--pmem", action="append", default=[], metavar="FILE",
                         help="virtio-pmem of a file, read-only (/dev/pmemN in the guest, in order; for a raw ext4 "
@@ -89,9 +89,11 @@ def parse_disk_option(spec: str) -> VirtioMmioFactory:
 
 
 def parse_fs_option(spec: str) -> VirtioMmioFactory:
-    """`HOSTDIR,tag=TAG[,ro]` from `vmctl boot --fs`."""
+    """`HOSTDIR,tag=TAG[,ro][,cache=MODE]` from `vmctl boot --fs`."""
+    from ..fs.cache import MODES
+
     path, *options = spec.split(",")
-    tag, read_only = None, False
+    tag, read_only, cache = None, False, "auto"
     for option in options:
         if option in ("ro", "readonly"):
             read_only = True
@@ -99,13 +101,17 @@ def parse_fs_option(spec: str) -> VirtioMmioFactory:
             read_only = False
         elif option.startswith("tag="):
             tag = option[len("tag="):]
+        elif option.startswith("cache="):
+            cache = option[len("cache="):]
+            if cache not in MODES:
+                raise VmctlError(f"--fs {spec}: cache={cache}: expected one of {', '.join(MODES)}")
         else:
-            raise VmctlError(f"--fs {spec}: unknown option {option!r} (tag=TAG, ro, rw)")
+            raise VmctlError(f"--fs {spec}: unknown option {option!r} (tag=TAG, ro, rw, cache=MODE)")
     if not Path(path).is_dir():
         raise VmctlError(f"--fs {path}: not a directory")
     if not tag or len(tag.encode()) > 36:
         raise VmctlError(f"--fs {spec}: give tag=TAG (1..36 bytes), the name the guest mounts")
-    return factories.fs(path, tag, read_only)
+    return factories.fs(path, tag, read_only, cache)
 
 
 def virtio_devices(args: argparse.Namespace) -> list[VirtioMmioFactory]:

@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mount.add_argument("source", metavar="HOSTDIR")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
+    mount.add_argument("--cache", choices=("auto", "always", "never"), default="auto",
+                       help="what the kernel may cache (default auto: names/attributes 1 s, data until "
+                       "the file changes; always: a day; never: nothing), docs/sharing.md")
     mount.add_argument("--detach", "-d", action="store_true",
                        help="return once mounted; the server runs on in the background")
     mount.set_defaults(func=_mount)
@@ -41,7 +44,7 @@ def _mount(args: argparse.Namespace) -> int:
         raise VmctlError(f"{args.mountpoint}: mount point is not a directory")
     if os.path.realpath(args.mountpoint).startswith(str(source) + os.sep) or os.path.realpath(args.mountpoint) == str(source):
         raise VmctlError(f"{args.mountpoint}: mount point inside the shared folder {source}")
-    host = HostMount(FileServer(source, args.read_only), args.mountpoint)
+    host = HostMount(FileServer(source, args.read_only, args.cache), args.mountpoint)
     host.mount()  # mounted before we fork: when `--detach` returns, the mount is there
     if args.detach:
         if os.fork():

@@ -29,11 +29,15 @@ ASYNC_READ = 1 << 0
 ATOMIC_O_TRUNC = 1 << 3
 BIG_WRITES = 1 << 5
 AUTO_INVAL_DATA = 1 << 12
+DO_READDIRPLUS = 1 << 13
+NO_OPEN_SUPPORT = 1 << 17  # informational: the kernel takes ENOSYS to OPEN as "opens need no message"
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 
 # fuse_open_out.open_flags
+FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
 
 # setattr `valid` bits.
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
@@ -83,6 +87,7 @@ STRUCT_SIZES = {  # name in <linux/fuse.h> -> our size, for the layout test
     "fuse_fsync_in": FSYNC_IN.size, "fuse_forget_in": FORGET_IN.size,
     "fuse_batch_forget_in": BATCH_FORGET_IN.size, "fuse_forget_one": FORGET_ONE.size,
     "fuse_kstatfs": KSTATFS.size, "fuse_dirent": DIRENT.size,
+    "fuse_direntplus": ENTRY_OUT.size + ATTR.size + DIRENT.size,
 }
 
 
@@ -132,3 +137,8 @@ def reply(unique: int, payload: bytes = b"", error: int = 0) -> bytes:
 def dirent(ino: int, offset: int, kind: int, name: bytes) -> bytes:
     entry = DIRENT.pack(ino, offset, len(name), kind) + name
     return entry + b"\0" * (-len(entry) % 8)
+
+
+def direntplus(entry_out: bytes, ino: int, offset: int, kind: int, name: bytes) -> bytes:
+    """fuse_direntplus: a LOOKUP's answer (fuse_entry_out) followed by the fuse_dirent."""
+    return entry_out + dirent(ino, offset, kind, name)

@@ -17,12 +17,16 @@ Nothing a client sends can reach outside the shared directory:
   files, so a guest cannot plant something the host would trust.
 - `read_only=True` refuses every change with EROFS.
 
+How much the client may cache is the share's `cache` mode (vmctl.fs.cache): it sets the
+entry/attribute timeouts and whether opens need a message at all.
+
 Requests are handled one at a time per caller; a lock keeps the node and handle tables
 consistent when several threads serve one `/dev/fuse`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -31,16 +35,16 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import protocol as p
+from .cache import DEFAULT, CachePolicy, policy
 from .protocol import ProtocolError, Request
 
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1
-TIMEOUT = 1  # seconds the client may cache names and attributes: short, so several
-# clients of one folder (guests and the host) see each other's changes quickly.
+NO_HANDLE = 0  # READ/WRITE/FSYNC of a file the kernel opened without a message (no-open)
 MAX_WRITE = 128 * 1024
 MAX_PAGES = MAX_WRITE // 4096
 MODE_SAFE_MASK = ~(stat.S_ISUID | stat.S_ISGID)
@@ -84,9 +88,11 @@ class DirHandle:
 
 
 class FileServer:
-    def __init__(self, root: str | os.PathLike, read_only: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, read_only: bool = False, cache: str = DEFAULT) -> None:
         self.root = Path(root)
         self.read_only = read_only
+        self.cache: CachePolicy = policy(cache)
+        self.timeout = self.cache.timeout
         try:
             fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as error:
@@ -106,10 +112,13 @@ class FileServer:
             p.SYMLINK: self._symlink, p.MKNOD: self._mknod, p.MKDIR: self._mkdir,
             p.UNLINK: self._unlink, p.RMDIR: self._rmdir, p.RENAME: self._rename,
             p.RENAME2: self._rename2, p.LINK: self._link, p.OPEN: self._open, p.CREATE: self._create,
-            p.READ: self._read, p.WRITE: self._write, p.FLUSH: lambda r: b"", p.RELEASE: self._release,
+            p.READ: self._read, p.WRITE: self._write, p.RELEASE: self._release,
             p.FSYNC: self._fsync, p.OPENDIR: self._opendir, p.READDIR: self._readdir,
+            p.READDIRPLUS: self._readdirplus,
             p.RELEASEDIR: self._releasedir, p.FSYNCDIR: self._fsyncdir, p.STATFS: self._statfs,
         }
+        # FLUSH (on every close) has nothing to do here (no locks, writes go straight to the
+        # file): it stays ENOSYS, which the kernel remembers, so closes cost no round trip.
 
     # ---- snapshots ---------------------------------------------------------------------
 
@@ -162,14 +171,20 @@ class FileServer:
 
     # ---- zero-copy data path (virtio-fs: straight between the file and guest memory) ---
 
-    def read_into(self, fh: int, views: list[memoryview], offset: int) -> int:
+    def read_into(self, fh: int, views: list[memoryview], offset: int, nodeid: int = 0) -> int:
         """READ into `views` (the reply buffers after fuse_out_header); bytes read."""
-        return os.preadv(self._file(fh), views, offset) if views else 0
+        if not views:
+            return 0
+        with self._opened(nodeid, fh, os.O_RDONLY) as fd:
+            return os.preadv(fd, views, offset)
 
-    def write_from(self, fh: int, views: list[memoryview], offset: int) -> int:
+    def write_from(self, fh: int, views: list[memoryview], offset: int, nodeid: int = 0) -> int:
         """WRITE from `views` (the request's data after fuse_write_in); bytes written."""
         self._writable()
-        return os.pwritev(self._file(fh), views, offset) if views else 0
+        if not views:
+            return 0
+        with self._opened(nodeid, fh, os.O_WRONLY) as fd:
+            return os.pwritev(fd, views, offset)
 
     def close(self) -> None:
         with self._lock:
@@ -197,6 +212,23 @@ class FileServer:
         if fd is None:
             raise OSError(errno.EBADF, "unknown file handle")
         return fd
+
+    @contextlib.contextmanager
+    def _opened(self, nodeid: int, fh: int, flags: int) -> Iterator[int]:
+        """The fd for a READ/WRITE/FSYNC: the handle's, or, for handle 0 (a file the kernel
+        opened without a message), the node's inode opened for this one request. Opening per
+        request keeps no fd per node around and costs far less than the round trip."""
+        if fh != NO_HANDLE or not self.cache.no_open:
+            yield self._file(fh)
+            return
+        node = self._node(nodeid)
+        if not stat.S_ISREG(node.mode):
+            raise OSError(errno.EBADF, "no file handle for a non-file")
+        fd = self._reopen(node, flags)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def _remember(self, fd: int, st: os.stat_result) -> Node:
         """The node for an O_PATH fd just opened (an existing node for the same inode wins)."""
@@ -263,7 +295,7 @@ class FileServer:
             os.close(fd)
             raise
         node = self._remember(fd, st)
-        return p.ENTRY_OUT.pack(node.nodeid, 0, TIMEOUT, TIMEOUT, 0, 0) + self._attr(st)
+        return p.ENTRY_OUT.pack(node.nodeid, 0, self.timeout, self.timeout, 0, 0) + self._attr(st)
 
     def _owner(self, parent: Node, name: bytes, request: Request) -> None:
         """New files belong to the caller, as on a local filesystem (we run as root)."""
@@ -291,10 +323,16 @@ class FileServer:
             raise OSError(errno.EPROTO, f"FUSE {major}.{minor} is too old")
         if major > p.MAJOR:  # the kernel then asks again with our major
             return p.INIT_OUT.pack(p.MAJOR, p.MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        # AUTO_INVAL_DATA + FOPEN_KEEP_CACHE (below): a client keeps a file's pages across opens
-        # and drops them when it sees another mtime or size (attributes are refreshed after
-        # TIMEOUT), so cached reads stay in its page cache and others' writes still show.
-        wanted = p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES | p.AUTO_INVAL_DATA
+        # AUTO_INVAL_DATA + FOPEN_KEEP_CACHE: a client keeps a file's pages across opens and
+        # drops them when it sees another mtime or size (attributes are refreshed after the
+        # cache mode's timeout), so cached reads stay in its page cache and others' writes show.
+        # DO_READDIRPLUS (not _AUTO): every listing carries the entries' attributes, so a walk
+        # does not LOOKUP each name.
+        wanted = (p.ASYNC_READ | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES | p.AUTO_INVAL_DATA
+                  | p.DO_READDIRPLUS)
+        if not self.cache.no_open:
+            # O_TRUNC is done by our OPEN; without OPEN messages the kernel must send SETATTR
+            wanted |= p.ATOMIC_O_TRUNC
         return p.INIT_OUT.pack(p.MAJOR, min(minor, p.MINOR), max_readahead, flags & wanted,
                                16, 12, self.max_write, 1, MAX_PAGES, 0, 0)
 
@@ -304,7 +342,7 @@ class FileServer:
 
     def _getattr(self, request: Request) -> bytes:
         node = self._node(request.nodeid)
-        return p.ATTR_OUT.pack(TIMEOUT, 0, 0) + self._attr(os.fstat(node.fd))
+        return p.ATTR_OUT.pack(self.timeout, 0, 0) + self._attr(os.fstat(node.fd))
 
     def _setattr(self, request: Request) -> bytes:
         self._writable()
@@ -345,7 +383,7 @@ class FileServer:
                 _check(_libc.utimensat(-100, _proc(node.fd).encode(), times, 0))  # AT_FDCWD
         st = os.fstat(node.fd)
         node.mode = st.st_mode
-        return p.ATTR_OUT.pack(TIMEOUT, 0, 0) + self._attr(st)
+        return p.ATTR_OUT.pack(self.timeout, 0, 0) + self._attr(st)
 
     def _readlink(self, request: Request) -> bytes:
         node = self._node(request.nodeid)
@@ -447,6 +485,9 @@ class FileServer:
         return self._entry(parent, name)
 
     def _open(self, request: Request) -> bytes:
+        if self.cache.no_open:
+            # the kernel then opens files itself from now on (fc->no_open): no OPEN, no RELEASE
+            raise OSError(errno.ENOSYS, "opens need no message")
         flags, _ = request.args(p.OPEN_IN)
         node = self._node(request.nodeid)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
@@ -456,7 +497,7 @@ class FileServer:
         fd = self._reopen(node, flags)
         handle = self._new_handle()
         self._files[handle] = fd
-        return p.OPEN_OUT.pack(handle, p.FOPEN_KEEP_CACHE, 0)
+        return p.OPEN_OUT.pack(handle, self.cache.file_flags, 0)
 
     def _create(self, request: Request) -> bytes:
         self._writable()
@@ -474,13 +515,19 @@ class FileServer:
         except BaseException:
             os.close(fd)
             raise
+        if self.cache.no_open:
+            # once the kernel has seen ENOSYS for OPEN it never RELEASEs a created file either:
+            # keep no handle, later I/O comes by node
+            os.close(fd)
+            return entry + p.OPEN_OUT.pack(NO_HANDLE, self.cache.file_flags, 0)
         handle = self._new_handle()
         self._files[handle] = fd
-        return entry + p.OPEN_OUT.pack(handle, 0, 0)
+        return entry + p.OPEN_OUT.pack(handle, self.cache.file_flags, 0)
 
     def _read(self, request: Request) -> bytes:
         fh, offset, size, *_ = request.args(p.READ_IN)
-        return os.pread(self._file(fh), min(size, 1 << 20), offset)
+        with self._opened(request.nodeid, fh, os.O_RDONLY) as fd:
+            return os.pread(fd, min(size, 1 << 20), offset)
 
     def _write(self, request: Request) -> bytes:
         self._writable()
@@ -488,7 +535,8 @@ class FileServer:
         data = memoryview(request.body)[p.WRITE_IN.size : p.WRITE_IN.size + size]
         if len(data) != size:
             raise ProtocolError(f"WRITE of {size} bytes carries {len(data)}")
-        return p.WRITE_OUT.pack(os.pwrite(self._file(fh), data, offset), 0)
+        with self._opened(request.nodeid, fh, os.O_WRONLY) as fd:
+            return p.WRITE_OUT.pack(os.pwrite(fd, data, offset), 0)
 
     def _release(self, request: Request) -> bytes:
         fh, *_ = request.args(p.RELEASE_IN)
@@ -500,8 +548,8 @@ class FileServer:
 
     def _fsync(self, request: Request) -> bytes:
         fh, flags, _ = request.args(p.FSYNC_IN)
-        fd = self._file(fh)
-        (os.fdatasync if flags & p.FSYNC_FDATASYNC else os.fsync)(fd)
+        with self._opened(request.nodeid, fh, os.O_RDONLY) as fd:
+            (os.fdatasync if flags & p.FSYNC_FDATASYNC else os.fsync)(fd)
         return b""
 
     def _opendir(self, request: Request) -> bytes:
@@ -521,7 +569,7 @@ class FileServer:
             raise
         number = self._new_handle()
         self._dirs[number] = handle
-        return p.OPEN_OUT.pack(number, 0, 0)
+        return p.OPEN_OUT.pack(number, self.cache.dir_flags, 0)
 
     def _readdir(self, request: Request) -> bytes:
         fh, offset, size, *_ = request.args(p.READ_IN)
@@ -536,6 +584,44 @@ class FileServer:
                 break
             out += entry
         return bytes(out)
+
+    def _readdirplus(self, request: Request) -> bytes:
+        """READDIR with each entry's LOOKUP answer: the kernel adds one lookup per entry with
+        a node id (and forgets it again if it cannot use the entry), so a node is remembered
+        only for entries that go into the reply."""
+        fh, offset, size, *_ = request.args(p.READ_IN)
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "unknown directory handle")
+        no_entry = p.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0) + bytes(p.ATTR.size)
+        out = bytearray()
+        for index in range(offset, len(handle.entries)):
+            name, ino, kind = handle.entries[index]
+            found = None if name in (b".", b"..") else self._stat_entry(handle.fd, name)
+            entry = p.direntplus(no_entry, ino, index + 1, kind, name)  # node id 0: no attributes
+            if len(out) + len(entry) > size:
+                if found is not None:
+                    os.close(found[0])
+                break
+            if found is not None:  # gone meanwhile: listed without attributes
+                fd, st = found
+                node = self._remember(fd, st)
+                entry_out = p.ENTRY_OUT.pack(node.nodeid, 0, self.timeout, self.timeout, 0, 0) + self._attr(st)
+                entry = p.direntplus(entry_out, st.st_ino, index + 1, stat.S_IFMT(st.st_mode) >> 12, name)
+            out += entry
+        return bytes(out)
+
+    @staticmethod
+    def _stat_entry(dir_fd: int, name: bytes) -> tuple[int, os.stat_result] | None:
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            return None
+        try:
+            return fd, os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
 
     def _releasedir(self, request: Request) -> bytes:
         fh, *_ = request.args(p.RELEASE_IN)

@@ -40,6 +40,7 @@ class MountSpec:
     host: Path  # an existing directory, absolute
     guest: str  # absolute path in the guest
     read_only: bool = False
+    cache: str = "auto"  # auto | always | never: what the guest may cache (vmctl.fs.cache; virtio-fs only)
 
     @property
     def tag(self) -> str:

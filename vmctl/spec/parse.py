@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from ..errors import VmctlError
+from ..fs.cache import DEFAULT as CACHE_DEFAULT
+from ..fs.cache import MODES as CACHE_MODES
 from ..limits import MAX_CPUS, MIN_MEMORY
 from ..units import parse_size
 from .model import (
@@ -342,6 +344,7 @@ def _mounts(c: _Context, node: yaml.Node, where: str) -> tuple[MountSpec, ...]:
             "host": lambda n, w: (n, c.path(n, w, must_exist=False)),
             "guest": lambda n, w: (n, c.scalar(n, w, str)),
             "read_only": lambda n, w: c.scalar(n, w, bool),
+            "cache": lambda n, w: _cache_mode(c, n, w),
         })
         for key in ("host", "guest"):
             if key not in values:
@@ -356,8 +359,15 @@ def _mounts(c: _Context, node: yaml.Node, where: str) -> tuple[MountSpec, ...]:
         if host == state or state in host.parents or host in state.parents:
             raise c.error(host_node, f"{w}.host", f"{host} overlaps vmctl's state folder {state}")
         guest = _guest_mount_point(c, guest_node, f"{w}.guest", guest, [m.guest for m in mounts])
-        mounts.append(MountSpec(host, guest, values.get("read_only", False)))
+        mounts.append(MountSpec(host, guest, values.get("read_only", False), values.get("cache", CACHE_DEFAULT)))
     return tuple(mounts)
+
+
+def _cache_mode(c: _Context, node: yaml.Node, where: str) -> str:
+    value = c.scalar(node, where, str)
+    if value not in CACHE_MODES:
+        raise c.error(node, where, f"unknown cache mode {value!r} (one of {', '.join(CACHE_MODES)})")
+    return value
 
 
 def _guest_mount_point(c: _Context, node: yaml.Node, where: str, guest: str, taken: list[str]) -> str:

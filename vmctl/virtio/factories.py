@@ -38,11 +38,11 @@ def console(socket_path: str | Path) -> VirtioMmioFactory:
     return VirtioMmioFactory(make, f"console:{socket_path}")
 
 
-def fs(host_dir: str | Path, tag: str, read_only: bool = False) -> VirtioMmioFactory:
+def fs(host_dir: str | Path, tag: str, read_only: bool = False, cache: str = "auto") -> VirtioMmioFactory:
     """virtio-fs serving `host_dir`; the guest mounts it with `mount -t virtiofs TAG DIR`."""
     def make() -> VirtioDevice:
         from .fs import FsDevice
-        return FsDevice(str(host_dir), tag, read_only)
+        return FsDevice(str(host_dir), tag, read_only, cache)
     return VirtioMmioFactory(make, f"fs:{tag}")
 
 

@@ -34,12 +34,13 @@ class FsDevice(VirtioDevice):
     queue_sizes = (64, REQUEST_QUEUE_SIZE)
     name = "fs"
 
-    def __init__(self, root: str, tag: str, read_only: bool = False) -> None:
+    def __init__(self, root: str, tag: str, read_only: bool = False, cache: str = "auto") -> None:
         encoded = tag.encode()
         if not 0 < len(encoded) <= TAG_SIZE:
             raise ValueError(f"virtio-fs tag {tag!r}: 1..{TAG_SIZE} bytes")
         self.tag = encoded
-        self.server = FileServer(root, read_only)
+        self.cache = cache
+        self.server = FileServer(root, read_only, cache)
         self.requests = 0
 
     def config_bytes(self) -> bytes:
@@ -75,7 +76,7 @@ class FsDevice(VirtioDevice):
     def _data(self, opcode: int, head: bytes, chain: DescriptorChain, memory: GuestMemory) -> int | None:
         """READ/WRITE with the file data moved by preadv/pwritev straight between the file and
         guest memory (no copy through Python bytes); None: let the general path answer."""
-        unique = protocol.IN_HEADER.unpack_from(head)[2]
+        unique, nodeid = protocol.IN_HEADER.unpack_from(head)[2:4]
         fh, offset, size, *_ = protocol.READ_IN.unpack_from(head, protocol.IN_HEADER.size)
         out = chain.writable_views(memory)
         if sum(v.nbytes for v in out) < protocol.OUT_HEADER.size:
@@ -83,13 +84,13 @@ class FsDevice(VirtioDevice):
         header_views, data_views = split_front(out, protocol.OUT_HEADER.size)
         try:
             if opcode == protocol.READ:
-                done = self.server.read_into(fh, slice_views(data_views, 0, min(size, 1 << 20)), offset)
+                done = self.server.read_into(fh, slice_views(data_views, 0, min(size, 1 << 20)), offset, nodeid)
                 payload_length = done
             else:
                 data = slice_views(chain.readable_views(memory), FAST_HEAD, size)
                 if sum(v.nbytes for v in data) != size:
                     return None  # short WRITE: the general path reports it
-                done = self.server.write_from(fh, data, offset)
+                done = self.server.write_from(fh, data, offset, nodeid)
                 payload_length = protocol.WRITE_OUT.size
                 _scatter(data_views, protocol.WRITE_OUT.pack(done, 0))
             header = protocol.OUT_HEADER.pack(protocol.OUT_HEADER.size + payload_length, 0, unique)
@@ -118,7 +119,7 @@ class FsDevice(VirtioDevice):
         """A new driver starts with INIT again; the old one's nodes and handles are dropped."""
         root, read_only = self.server.root, self.server.read_only
         self.server.close()
-        self.server = FileServer(root, read_only)
+        self.server = FileServer(root, read_only, self.cache)
 
     def close(self) -> None:
         self.server.close()

@@ -67,7 +67,7 @@ class MachineProcess:
         plan = self.plan
         self.console_server = ConsoleServer(self.folder / CONSOLE_SOCKET, self._type)
         devices = [block(disk.path, disk.read_only) for disk in plan.disks]
-        devices += [fs(m.host, m.tag, m.read_only) for m in plan.mounts]
+        devices += [fs(m.host, m.tag, m.read_only, m.cache) for m in plan.mounts]
         devices += [pmem(p.path) for p in plan.pmem]
         cmdline = plan.cmdline
         network = plan.network
