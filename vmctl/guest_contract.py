@@ -6,7 +6,7 @@ back with these functions, so a marker or an argument is never spelled twice:
 - the kernel command line vmctl's /init reads (`vmctl.*` words, `InitArgs`; see
   images/data/init and docs/images.md) and the words every backend adds to it;
 - the console markers /init prints (`VMCTL-READY`, `VMCTL-EXIT <code>`);
-- the guest agent (a shell loop on ttyS1, the host side is `vmctl.vmm.agent`) and the
+- the guest agent (a shell loop on a virtio-console port or ttyS1, the host side is `vmctl.vmm.agent`) and the
   scripts /init and `exec` run;
 - the reference images a machine without its own kernel boots;
 - `ExecResult`, what running a command in any guest returns.
@@ -148,26 +148,30 @@ def decode(word: str) -> str:
 
 
 # --- scripts the guest runs ---------------------------------------------------------------
-# The guest agent. Runs under busybox sh or dash. The port is put in raw mode without echo so
-# a line of any length arrives whole; each script runs with stdin from /dev/null, one at a
-# time, its output kept in /tmp (a tmpfs under vmctl's /init) until it is sent back. The
-# protocol (one line per message, base64 so any bytes survive):
+# The guest agent. Runs under busybox sh or dash. Its port is the device the kernel command
+# line names with `vmctl.agent=` (the native VMM's virtio-console port, hvcN: a page per VM
+# exit) when that device node exists, else ttyS1 (COM2: a VM exit per byte; libvirt, or a
+# kernel without virtio-console). The port is put in raw mode without echo so a line of any
+# length arrives whole; each script runs with stdin from /dev/null, one at a time, its output
+# kept in /tmp (a tmpfs under vmctl's /init) and streamed back by base64 itself (no shell
+# variable holds it). The protocol (one line per message, base64 so any bytes survive):
 #     host  -> guest   X <id> <base64 shell script>
 #     guest -> host    R <id> <exit code> <base64 stdout> <base64 stderr>
 #     guest -> host    A ready                (once, when the agent starts)
-GUEST_AGENT = r"""(B=/bin/busybox
-$B stty -F /dev/ttyS1 raw -echo 2>/dev/null || exit 0
-exec </dev/ttyS1 >/dev/ttyS1 2>/dev/null
+AGENT_PORT_WORD = "vmctl.agent"
+GUEST_AGENT = r"""(B=/bin/busybox;p=/dev/ttyS1;set -f
+for w in $($B cat /proc/cmdline);do case $w in vmctl.agent=*)[ -c /dev/${w#*=} ]&&p=/dev/${w#*=};;esac;done
+$B stty -F $p raw -echo 2>/dev/null||exit 0
+exec <$p >$p 2>/dev/null
 echo 'A ready'
-while read -r k i d; do
-[ "$k" = X ] || continue
+while read -r k i d;do
+[ "$k" = X ]||continue
 t=/tmp/.vmctl-agent-$i
-echo "$d" | $B base64 -d >$t.sh
+echo "$d"|$B base64 -d >$t.sh
 /bin/sh $t.sh </dev/null >$t.o 2>$t.e
-c=$?
-echo "R $i $c $($B base64 -w0 <$t.o) $($B base64 -w0 <$t.e)"
+printf 'R %s %s ' $i $?;$B base64 -w0 <$t.o;printf ' ';$B base64 -w0 <$t.e;echo
 $B rm -f $t.sh $t.o $t.e
-done) &"""
+done)&"""
 LOGIN_SHELL = "exec /bin/busybox setsid /bin/busybox cttyhack /bin/sh -l"
 # What `vmctl down` asks the agent to run: sync, then the i8042 reset `reboot=k` gives.
 SHUTDOWN_SCRIPT = "sync; /bin/busybox reboot -f"

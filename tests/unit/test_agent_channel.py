@@ -11,7 +11,7 @@ import pytest
 
 from vmctl.devices import serial as uart
 from vmctl.errors import VmctlError
-from vmctl.vmm.agent import AgentChannel
+from vmctl.vmm.agent import UART, VIRTIO_CONSOLE, AgentChannel, AgentState
 
 
 class ShellAgentGuest(threading.Thread):
@@ -49,8 +49,8 @@ class ShellAgentGuest(threading.Thread):
 @pytest.fixture
 def channel():
     agent = AgentChannel()
-    device = uart.Serial(agent.receive, lambda: None)
-    agent.send = device.feed
+    device = uart.Serial(lambda data: None, lambda: None)
+    device.output = agent.link(UART, device.feed)
     guest = ShellAgentGuest(device)
     guest.start()
     yield agent
@@ -80,3 +80,22 @@ def test_concurrent_requests_get_their_own_replies(channel):
 def test_no_agent_is_a_clear_error():
     with pytest.raises(VmctlError, match="the guest agent did not start within 0.1 s"):
         AgentChannel().exec("true", timeout=0.1)
+
+
+def test_requests_follow_the_transport_the_agent_announced_itself_on():
+    channel = AgentChannel()
+    sent: dict[str, list[bytes]] = {UART: [], VIRTIO_CONSOLE: []}
+    receive = {name: channel.link(name, sent[name].append) for name in (UART, VIRTIO_CONSOLE)}
+    receive[VIRTIO_CONSOLE](b"A re")
+    receive[VIRTIO_CONSOLE](b"ady\r\nnoise\n")
+    assert channel.ready.is_set() and channel.transport == VIRTIO_CONSOLE
+    assert channel.post("true")
+    assert sent == {UART: [], VIRTIO_CONSOLE: [b"X 1 " + base64.b64encode(b"true") + b"\n"]}
+    assert channel.save_state() == AgentState(True, 2, VIRTIO_CONSOLE)
+
+
+def test_a_saved_transport_this_machine_lacks_is_a_clear_error():
+    channel = AgentChannel()
+    channel.link(UART, lambda data: None)
+    with pytest.raises(VmctlError, match="agent.transport: the guest agent was saved on 'virtio-console', this machine has uart"):
+        channel.restore_state(AgentState(True, 5, VIRTIO_CONSOLE))

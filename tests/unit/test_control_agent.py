@@ -3,8 +3,10 @@ host's busybox sh: the agent on a pseudo-terminal stands in for the guest's ttyS
 
 from __future__ import annotations
 
+import base64
 import os
 import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -14,7 +16,7 @@ import pytest
 
 from vmctl.guest_contract import GUEST_AGENT
 from vmctl.guest_contract import boot_script as guest_script
-from vmctl.vmm.agent import AgentChannel
+from vmctl.vmm.agent import UART, AgentChannel
 
 BUSYBOX = shutil.which("busybox")
 pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox (Debian: busybox-static) runs the guest scripts")
@@ -31,7 +33,7 @@ def agent(tmp_path):
     script = GUEST_AGENT.replace("/dev/ttyS1", os.ttyname(slave)) + "\nwait"
     process = subprocess.Popen(_guest_sh(script, tmp_path), stdin=subprocess.DEVNULL, start_new_session=True)
     channel = AgentChannel()
-    channel.send = lambda data: os.write(master, data)
+    receive = channel.link(UART, lambda data: os.write(master, data))
 
     def pump() -> None:
         while True:
@@ -39,7 +41,7 @@ def agent(tmp_path):
                 data = os.read(master, 65536)
             except OSError:
                 return
-            channel.receive(data)
+            receive(data)
 
     threading.Thread(target=pump, daemon=True).start()
     yield channel
@@ -86,3 +88,35 @@ def test_exec_with_input_gives_the_script_its_stdin_through_the_real_agent(agent
     assert (result.exit_code, result.stdout.strip()) == (3, str(len(data)).encode())
     assert exec_with_input(run, "od -An -c | head -1", b"").stdout.strip() == b""  # empty input: EOF
     assert exec_with_input(run, "cat", None).stdout == b""  # no -i: /dev/null
+
+
+@pytest.mark.parametrize("named", ["the pty", "a missing device"])
+def test_agent_runs_on_the_port_the_command_line_names_else_on_ttys1(tmp_path, named):
+    """`vmctl.agent=NAME` (the VMM's virtio-console port, hvcN) when /dev/NAME exists, else ttyS1."""
+    ports = [pty.openpty() for _ in range(2)]  # [0] stands in for hvcN, [1] for ttyS1
+    port_name = os.ttyname(ports[0][1]).removeprefix("/dev/") if named == "the pty" else "hvc9"
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"console=ttyS0 quiet vmctl.agent={port_name} vmctl.cmd=eA==\n")
+    argv = _guest_sh(GUEST_AGENT.replace("/dev/ttyS1", os.ttyname(ports[1][1])) + "\nwait", tmp_path)
+    argv[-1] = argv[-1].replace("/proc/cmdline", str(cmdline))  # after _guest_sh's /tmp/ rewrite
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        chosen, other = (ports[0], ports[1]) if named == "the pty" else (ports[1], ports[0])
+        assert _read_line(chosen[0]) == b"A ready"
+        os.write(chosen[0], b"X 1 " + base64.b64encode(b"echo on-port") + b"\n")
+        assert _read_line(chosen[0]) == b"R 1 0 " + base64.b64encode(b"on-port\n") + b" "
+        assert not select.select([other[0]], [], [], 0)[0]  # nothing on the other port
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        for master, slave in ports:
+            os.close(master)
+            os.close(slave)
+
+
+def _read_line(fd: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        assert select.select([fd], [], [], 30)[0], f"no line, got {data!r}"
+        data += os.read(fd, 4096)
+    return data.rstrip(b"\r\n")

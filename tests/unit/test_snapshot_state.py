@@ -18,7 +18,7 @@ from vmctl.virtio import mmio
 from vmctl.virtio.driver import MmioDriver, QueueDriver
 from vmctl.virtio.mmio import TransportState, TransportStateError, VirtioMmioTransport
 from vmctl.virtio.rng import RngDevice
-from vmctl.vmm.agent import AgentChannel, AgentState
+from vmctl.vmm.agent import UART, AgentChannel, AgentState
 
 
 def _patterned(kind: type, seed: int) -> ctypes.Structure:
@@ -123,10 +123,11 @@ def test_serial_state_round_trips_and_restores_registers_and_fifo():
 
 def test_agent_state_continues_request_ids():
     agent = AgentChannel()
-    agent.receive(b"A ready\n")
+    agent.link(UART, lambda data: None)(b"A ready\n")
     agent.post("true")
     saved = state_from_json(AgentState, state_to_json(agent.save_state()), "agent")
     clone = AgentChannel()
+    clone.link(UART, lambda data: None)
     clone.restore_state(saved)
     assert clone.ready.is_set() and clone.save_state().next_id == 2
 

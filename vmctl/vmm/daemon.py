@@ -36,6 +36,7 @@ from .machine import Machine, MachineConfig
 from .outcome import Outcome
 
 if TYPE_CHECKING:
+    from ..snapshot.snapshot_file import SnapshotFile
     from ..virtio.factories import NetFactory
 
 log = logging.getLogger("vmctl.vmm")
@@ -82,13 +83,6 @@ class MachineProcess:
             forwards = [[f.port, f.target[1], f.protocol] for f in self.forwarders]
             write_json_atomic(self.folder / NETWORK, host.describe() | {"forwards": forwards})
         before_start = self._enter_sandbox if os.environ.get("VMCTL_SANDBOX") == "1" else None
-        config = MachineConfig(
-            before_start=before_start,
-            kernel=Path(plan.kernel), initrd=Path(plan.initrd) if plan.initrd else None, cmdline=cmdline,
-            cpus=plan.cpus, memory=plan.memory, memory_merge=plan.memory_merge,
-            console_sinks=[self.console_file, self.console_server],
-            agent=True, devices=devices,
-        )
         restore_from = None
         if self.restore:
             from ..snapshot.snapshot_file import read_snapshot
@@ -96,6 +90,13 @@ class MachineProcess:
             began = time.monotonic()
             restore_from = read_snapshot(Path(self.restore.snapshot))
             log.info("snapshot %s read and checked in %.1f ms", self.restore.snapshot, (time.monotonic() - began) * 1000)
+        config = MachineConfig(
+            before_start=before_start,
+            kernel=Path(plan.kernel), initrd=Path(plan.initrd) if plan.initrd else None, cmdline=cmdline,
+            cpus=plan.cpus, memory=plan.memory, memory_merge=plan.memory_merge,
+            console_sinks=[self.console_file, self.console_server],
+            agent=True, agent_console=_agent_console(restore_from), devices=devices,
+        )
         self.machine = Machine(config, restore_from=restore_from)
         return self.machine
 
@@ -132,6 +133,7 @@ class MachineProcess:
         agent = machine.agent is not None and machine.agent.ready.is_set() if machine else False
         return {"state": "running", "pid": os.getpid(), "uptime": time.time() - self.started,
                 "exits": machine.exits if machine else 0, "agent": agent, "restored": bool(self.restore),
+                "agent_transport": machine.agent.transport if agent and machine and machine.agent else None,
                 "ready": self.ready.is_set()}
 
     def snapshot(self, message: dict) -> dict:
@@ -181,8 +183,9 @@ class MachineProcess:
             raise VmctlError("this machine has no guest agent channel")
         began, exits = time.monotonic(), self.machine.exits
         result = self.machine.agent.exec(str(message["script"]), float(message.get("timeout_seconds", 60)))
-        log.info("exec: exit %d in %.1f ms (%d VM exits)", result.exit_code, (time.monotonic() - began) * 1000,
-                 self.machine.exits - exits)
+        log.info("exec: exit %d in %.1f ms (%d VM exits, %d+%d bytes out, over %s)", result.exit_code,
+                 (time.monotonic() - began) * 1000, self.machine.exits - exits, len(result.stdout), len(result.stderr),
+                 self.machine.agent.transport)
         return {"exit_code": result.exit_code, "stdout": base64.b64encode(result.stdout).decode(),
                 "stderr": base64.b64encode(result.stderr).decode()}
 
@@ -226,6 +229,17 @@ class MachineProcess:
 # 'hashlib'" answered a snapshot request; tests/kvm/test_sandbox.py).
 PRELOAD = ("hashlib", "vmctl.vmm.save_restore", "vmctl.snapshot.snapshot_file", "vmctl.snapshot.disk_layers",
            "vmctl.disk.block_backend")
+
+
+AGENT_CONSOLE_ENV = "VMCTL_AGENT_CONSOLE"  # "0": the agent stays on the UART (a kernel without virtio-console)
+
+
+def _agent_console(restore_from: "SnapshotFile | None") -> bool:
+    """Whether the machine gets the agent's virtio-console port. A restore follows the
+    snapshot (one saved before the port existed restores without it, over the UART)."""
+    if restore_from is not None:
+        return restore_from.state.get("agent_console", False) is True
+    return os.environ.get(AGENT_CONSOLE_ENV, "1") != "0"
 
 
 def _tree(folder: Path) -> list[Path]:

@@ -21,14 +21,14 @@ from ..devices import simple
 from ..devices.bus import Bus
 from ..devices.serial import COM1_IRQ, COM1_PORT, Serial
 from ..errors import VmctlError
-from ..guest_contract import DEFAULT_CMDLINE, EXIT_LINE
+from ..guest_contract import AGENT_PORT_WORD, DEFAULT_CMDLINE, EXIT_LINE
 from ..kvm.system import Kvm
 from ..kvm.vcpu import VcpuFd
 from ..kvm.vm import VmFd
 from ..limits import MAX_CPUS, MIN_MEMORY
 from ..memory import GuestMemory
 from ..units import format_size
-from .agent import COM2_IRQ, COM2_PORT, AgentChannel
+from .agent import COM2_IRQ, COM2_PORT, UART, VIRTIO_CONSOLE, AgentChannel
 from .outcome import EXIT_TIMEOUT, Outcome
 from .serial_console import ConsoleInput, ConsoleOutput, ConsoleSink
 from .vcpu_thread import VcpuThread, install_kick_handler
@@ -78,6 +78,9 @@ class MachineConfig:
     timeout: float | None = None
     devices: Sequence[MmioDeviceFactory] = field(default_factory=list)  # virtio-mmio slots, in order
     agent: bool = False  # a second UART (COM2) for the guest agent's exec channel
+    # ...and a virtio-console port for it, in the slot after `devices` (the guest agent
+    # prefers it; the UART stays for kernels without virtio-console)
+    agent_console: bool = False
     # Called once every fd is open, just before the vCPUs start: where vmm/sandbox.py goes in.
     before_start: Callable[[], None] | None = None
 
@@ -88,11 +91,21 @@ class MachineConfig:
             raise VmctlError(f"memory: {format_size(self.memory)} is below the minimum of {format_size(MIN_MEMORY)}")
         if self.memory % 4096:
             raise VmctlError(f"memory: {self.memory} bytes is not a multiple of 4 KiB")
-        if len(self.devices) > MAX_MMIO_DEVICES:
-            raise VmctlError(f"devices: {len(self.devices)} virtio devices, at most {MAX_MMIO_DEVICES} fit")
+        if self.slot_count > MAX_MMIO_DEVICES:
+            raise VmctlError(f"devices: {self.slot_count} virtio devices (the agent's port included), "
+                             f"at most {MAX_MMIO_DEVICES} fit")
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not Path(path).is_file():
                 raise VmctlError(f"{what}: {path}: no such file")
+
+    @property
+    def has_agent_port(self) -> bool:
+        return self.agent and self.agent_console
+
+    @property
+    def slot_count(self) -> int:
+        """virtio-mmio slots: the configured devices, then the agent's port."""
+        return len(self.devices) + self.has_agent_port
 
 
 class Machine:
@@ -120,7 +133,7 @@ class Machine:
         self.pio = Bus("port I/O")
         self.mmio = Bus("MMIO")
         self.serial: Serial | None = None
-        self.agent: AgentChannel | None = None
+        self.agent: AgentChannel | None = AgentChannel() if config.agent else None
         self.agent_serial: Serial | None = None
         self.boot: BootInfo | None = None
         self.mmio_devices: list[MmioDevice] = []
@@ -299,22 +312,46 @@ class Machine:
         """Attach each configured device to its 4 KiB slot; returns the kernel cmdline words
         that declare them (virtio_mmio.device=<size>@<base>:<irq>)."""
         words = []
-        for index, factory in enumerate(self.config.devices):
+        factories = list(self.config.devices)
+        if self.config.has_agent_port:
+            factories.append(self._agent_port())
+        for index, factory in enumerate(factories):
             base = memory_map.VIRTIO_MMIO_BASE + index * memory_map.VIRTIO_MMIO_SLOT_SIZE
             gsi = VIRTIO_FIRST_GSI + index
             device = factory.attach(self, base, gsi)
             self.mmio_devices.append(device)
             self.mmio.register(base, memory_map.VIRTIO_MMIO_SLOT_SIZE, device)
             words.append(f"virtio_mmio.device=4K@0x{base:x}:{gsi}")
+        if self.config.has_agent_port:
+            from ..virtio.device import ID_CONSOLE
+
+            # Linux numbers virtio consoles hvc0, hvc1... in slot order: ours is the last.
+            earlier = sum(getattr(getattr(d, "device", None), "device_id", None) == ID_CONSOLE
+                          for d in self.mmio_devices[:-1])
+            words.append(f"{AGENT_PORT_WORD}=hvc{earlier}")
         return words
+
+    def _agent_port(self) -> MmioDeviceFactory:
+        """The agent's virtio-console port: guest output feeds the agent channel directly."""
+        from ..virtio.console_port import ConsolePort
+        from ..virtio.slot import VirtioMmioFactory
+
+        agent = self.agent
+        assert agent is not None, "the agent port comes with the agent"
+
+        def make() -> ConsolePort:
+            port = ConsolePort(lambda data: None, "agent-console")
+            port.on_output = agent.link(VIRTIO_CONSOLE, port.feed)
+            return port
+        return VirtioMmioFactory(make, "agent-console")
 
     def _add_legacy_devices(self) -> None:
         self.serial = Serial(self.console, self.irq_line(COM1_IRQ).trigger)
         self.pio.register(COM1_PORT, 8, self.serial)
-        if self.config.agent:
-            self.agent = AgentChannel()
-            self.agent_serial = Serial(self.agent.receive, self.irq_line(COM2_IRQ).trigger)
-            self.agent.send = self.agent_serial.feed
+        if self.agent is not None:
+            serial = Serial(lambda data: None, self.irq_line(COM2_IRQ).trigger)
+            serial.output = self.agent.link(UART, serial.feed)
+            self.agent_serial = serial
             self.pio.register(COM2_PORT, 8, self.agent_serial)
         self.pio.register(simple.I8042_DATA_PORT, 5, simple.I8042(self._on_reset))
         self.pio.register(simple.EXIT_PORT, 4, simple.ExitPort(self._on_exit_port))

@@ -32,7 +32,7 @@ from ..snapshot.snapshot_file import MEMORY_FILE, STATE_FILE, MemoryWriter, Snap
 from ..state_codec import StateFieldError, state_from_json, state_to_json
 from ..units import format_size
 from ..virtio.mmio import TransportState, TransportStateError
-from .agent import AgentState
+from .agent import TRANSPORTS, UART, AgentState
 from .outcome import Outcome
 from .vcpu_thread import VcpuThread
 
@@ -115,6 +115,7 @@ def _write(machine: "Machine", transports: list, folder: Path, extra: dict[str, 
         "serial": state_to_json(machine.serial.save_state()),
         "agent_serial": state_to_json(machine.agent_serial.save_state()) if machine.agent_serial else None,
         "agent": state_to_json(machine.agent.save_state()) if machine.agent else None,
+        "agent_console": machine.config.has_agent_port,  # the last device slot is the agent's port
         "devices": [state_to_json(transport.save_state()) for transport in transports],
         "extra": extra,
     }
@@ -175,7 +176,10 @@ def build_restored(machine: "Machine", snapshot: SnapshotFile) -> None:
     machine.serial.restore_state(serial)
     if machine.agent_serial is not None and parsed["agent_serial"] is not None:
         machine.agent_serial.restore_state(parsed["agent_serial"])
-        machine.agent.restore_state(parsed["agent"])
+        try:
+            machine.agent.restore_state(parsed["agent"])
+        except VmctlError as error:
+            raise SnapshotError(f"{state_path}: {error}") from None
     log.info("restored %s: %d vCPU(s), %s in %.1f ms", snapshot.path, len(vcpus), format_size(machine.memory.size),
              (time.monotonic() - began) * 1000)
 
@@ -211,10 +215,18 @@ def _parse(snapshot: SnapshotFile, machine: "Machine") -> dict[str, Any]:
         raw_devices = state.get("devices")
         if not isinstance(raw_devices, list):
             raise StateError("devices: expected a list")
-        if len(raw_devices) != len(config.devices):
+        # Before the agent had a virtio-console port a snapshot had no "agent_console": the
+        # VMM restores such a guest without the port (its agent runs on ttyS1).
+        saved_port = state.get("agent_console", False)
+        if not isinstance(saved_port, bool):
+            raise StateError("agent_console: expected true or false")
+        if saved_port != config.has_agent_port:
+            raise SnapshotError(f"{state_path}: agent_console: the guest was saved {'with' if saved_port else 'without'} "
+                                "the agent's virtio-console port, this machine differs")
+        if len(raw_devices) != config.slot_count:
             names = ", ".join(str(d.get("device_name")) for d in raw_devices if isinstance(d, dict))
             raise SnapshotError(f"{state_path}: the guest was saved with {len(raw_devices)} virtio device(s) "
-                                f"({names or 'none'}), this machine has {len(config.devices)}")
+                                f"({names or 'none'}), this machine has {config.slot_count}")
         raw_vcpus = state.get("vcpus")
         if not isinstance(raw_vcpus, list) or len(raw_vcpus) != saved_cpus:
             raise StateError(f"vcpus: expected {saved_cpus} saved vCPUs")
@@ -232,10 +244,19 @@ def _parse(snapshot: SnapshotFile, machine: "Machine") -> dict[str, Any]:
             "devices": [state_from_json(TransportState, data, f"devices[{i}]") for i, data in enumerate(raw_devices)],
             "serial": state_from_json(SerialState, state.get("serial"), "serial"),
             "agent_serial": state_from_json(SerialState, state["agent_serial"], "agent_serial") if saved_agent else None,
-            "agent": state_from_json(AgentState, state.get("agent"), "agent") if saved_agent else None,
+            "agent": _agent_state(state.get("agent")) if saved_agent else None,
         }
     except (StateError, StateFieldError) as error:
         raise SnapshotError(f"{state_path}: {error}") from None
+
+
+def _agent_state(data: Any) -> AgentState:
+    if isinstance(data, dict) and "transport" not in data:
+        data = {**data, "transport": UART}  # saved before the agent had a virtio port
+    state = state_from_json(AgentState, data, "agent")
+    if state.transport not in TRANSPORTS:
+        raise StateError(f"agent.transport: unknown transport {state.transport!r}")
+    return state
 
 
 def _layout(regions: Any, file_size: int) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ from ...plans import LibvirtRecord, SshAccess
 from ...proc import allocated_bytes, write_json_atomic
 from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
-from ...vmm.agent import AgentChannel
+from ...vmm.agent import UART, AgentChannel
 from ..base import (
     MachineStatus,
     SshTarget,
@@ -499,7 +499,7 @@ def agent_exec(machine: str, path: str, script: str, timeout: float) -> ExecResu
         sock.connect(path)
     except OSError as error:
         raise VmctlError(f"{machine}: cannot reach the guest agent at {path}: {error.strerror}") from None
-    channel.send = sock.sendall
+    receive = channel.link(UART, sock.sendall)
     stop = threading.Event()
 
     def pump() -> None:
@@ -510,7 +510,7 @@ def agent_exec(machine: str, path: str, script: str, timeout: float) -> ExecResu
                 return
             if not data:
                 return
-            channel.receive(data)
+            receive(data)
 
     reader = threading.Thread(target=pump, name=f"agent-{machine}", daemon=True)
     reader.start()

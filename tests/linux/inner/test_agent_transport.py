@@ -1,0 +1,48 @@
+"""The guest agent's transport in real Linux guests: exec and the clone's identity go over
+the VMM's virtio-console port (hvc0), and over the UART (ttyS1) when the VMM leaves the port
+out (VMCTL_AGENT_CONSOLE=0, as for a kernel without virtio-console)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmctl.machine_files import CONTROL, VMM_LOG
+from vmctl.testing import clone, guest, snapshot_of
+from vmctl.vmm.control import request
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "state"  # sockets: a local file system
+    monkeypatch.setenv("VMCTL_STATE_DIR", str(path))
+    return path
+
+
+def transport(vm) -> str:
+    return request(vm.store.folder(vm.name) / CONTROL, "status")["agent_transport"]
+
+
+def test_exec_goes_over_the_virtio_port_and_a_clone_keeps_it():
+    spec = {"name": "agent-virtio", "memory": "128M"}
+    with guest(spec) as vm:
+        code, cmdline, _ = vm.exec("cat /proc/cmdline")
+        assert code == 0 and "vmctl.agent=hvc0" in cmdline.split()
+        assert transport(vm) == "virtio-console"
+        assert "guest agent ready on virtio-console" in (vm.store.folder(vm.name) / VMM_LOG).read_text()
+        # a reply of many pages (Linux's hvc sends a page per buffer) arrives whole
+        code, out, _ = vm.exec("head -c 1000000 /dev/zero | base64 -w0; echo; echo done >&2")
+        assert code == 0 and out == "A" * 1333336 + "\n"
+    with snapshot_of(spec) as snapshot, clone(snapshot) as copy:
+        assert transport(copy) == "virtio-console"
+        assert copy.exec("hostname")[1].strip() == copy.name  # the identity went over the port too
+
+
+def test_exec_falls_back_to_the_uart_without_the_port(monkeypatch):
+    monkeypatch.setenv("VMCTL_AGENT_CONSOLE", "0")
+    with guest({"name": "agent-uart", "memory": "128M"}) as vm:
+        code, cmdline, _ = vm.exec("cat /proc/cmdline; ls /dev")
+        assert code == 0 and "vmctl.agent=" not in cmdline and "hvc0" not in cmdline.split()
+        assert transport(vm) == "uart"
+        assert vm.exec("echo $((6 * 7))")[1] == "42\n"
