@@ -8,7 +8,7 @@ machine offers:
   mounts at /run/vmctl/xfer: the host writes (or reads) the archive there as a stream and the
   guest's tar reads (or writes) it through virtio-fs; only the command goes over the agent;
 - **agent**: any other machine: the archive in base64 pieces through `exec` (slow: the
-  agent's line protocol over a UART; kept as the fallback that works everywhere).
+  agent's line protocol, over a UART on libvirt; kept as the fallback that works everywhere).
 
 What comes out of a guest is extracted with tarfile's `tar` filter (no absolute paths,
 nothing outside the destination, nothing written through a link) but keeping permission

@@ -293,9 +293,9 @@ def serve(folder: Path, plan: KvmPlan) -> int:
 
 def identity_script(hostname: str | None, net) -> str:
     """Shell for a restored guest: its new hostname, clock, and (with a network) the MAC and
-    address of its own TAP's /30, the host's end as gateway. Terse on purpose: it reaches
-    the guest through the agent's UART, where each byte costs the guest two port I/O exits
-    (most of a clone's identity time in the nested host). Errors land in the agent's stderr;
+    address of its own TAP's /30, the host's end as gateway. Terse on purpose: a snapshot
+    of a guest whose agent is on the UART (made before the agent's virtio port, or with
+    VMCTL_AGENT_CONSOLE=0) gets it there, two port I/O exits per byte. Errors land in the agent's stderr;
     only the last command's status counts. Unused dentries and inodes are dropped: those of the
     transfer share came from the source's file server (the clone's serves its own folder)."""
     lines = [f"B=/bin/busybox;$B date -s @{int(time.time())}>/dev/null;echo 2 >/proc/sys/vm/drop_caches"]
