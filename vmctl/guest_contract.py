@@ -161,7 +161,7 @@ def decode(word: str) -> str:
 AGENT_PORT_WORD = "vmctl.agent"
 GUEST_AGENT = r"""(B=/bin/busybox;p=/dev/ttyS1;set -f
 for w in $($B cat /proc/cmdline);do case $w in vmctl.agent=*)[ -c /dev/${w#*=} ]&&p=/dev/${w#*=};;esac;done
-$B stty -F $p raw -echo 2>/dev/null||exit 0
+$B stty -F $p raw -echo 2>/dev/null||{ p=/dev/ttyS1;$B stty -F $p raw -echo 2>/dev/null;}||exit 0
 exec <$p >$p 2>/dev/null
 echo 'A ready'
 while read -r k i d;do
