@@ -147,6 +147,13 @@ def decode(word: str) -> str:
     return base64.b64decode(word.encode("ascii"), validate=True).decode()
 
 
+def decode_script(word: str) -> str:
+    """The script `encode_script` encoded, whichever form it took."""
+    text = decode(word)
+    stub = re.fullmatch(r'eval "\$\(echo (\S+)\|/bin/busybox base64 -d\|/bin/busybox gunzip\)"', text)
+    return gzip.decompress(base64.b64decode(stub.group(1))).decode() if stub else text
+
+
 # --- scripts the guest runs ---------------------------------------------------------------
 # The guest agent. Runs under busybox sh or dash. Its port is the device the kernel command
 # line names with `vmctl.agent=` (the native VMM's virtio-console port, hvcN: a page per VM

@@ -13,7 +13,7 @@ from vmctl.backends.libvirt.domain_xml import machine_of, render
 from vmctl.backends.libvirt.plan import default_mac, domain_plan
 from vmctl.disk.qcow2.create import create, create_overlay
 from vmctl.errors import VmctlError
-from vmctl.guest_contract import GUEST_AGENT, decode
+from vmctl.guest_contract import GUEST_AGENT, decode_script
 from vmctl.spec import parse_spec
 
 GOLDEN = Path(__file__).parent / "golden" / "libvirt"
@@ -76,7 +76,7 @@ def test_direct_kernel_boot(files):
     cmdline = root.findtext("os/cmdline")
     words = cmdline.split()
     assert words[:5] == ["console=ttyS0", "quiet", "8250.nr_uarts=2", "vmctl.hostname=web", words[4]]
-    script = decode(words[4].removeprefix("vmctl.cmd="))  # the exec agent on COM2, then the command
+    script = decode_script(words[4].removeprefix("vmctl.cmd="))  # the exec agent on COM2, then the command
     assert script.startswith(GUEST_AGENT) and script.endswith("export GREETING=hello\nuname -a </dev/null")
     assert root.find("os/boot") is None
     assert [root.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
