@@ -4,6 +4,9 @@ out (VMCTL_AGENT_CONSOLE=0, as for a kernel without virtio-console)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,10 +17,12 @@ from vmctl.vmm.control import request
 
 
 @pytest.fixture(autouse=True)
-def state_dir(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "state"  # sockets: a local file system
+def state_dir(monkeypatch) -> Iterator[Path]:
+    # sockets: a local file system, and a short path (108 bytes at most for a socket)
+    path = Path(tempfile.mkdtemp(prefix="agt-", dir="/tmp"))
     monkeypatch.setenv("VMCTL_STATE_DIR", str(path))
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def transport(vm) -> str:
@@ -25,7 +30,7 @@ def transport(vm) -> str:
 
 
 def test_exec_goes_over_the_virtio_port_and_a_clone_keeps_it():
-    spec = {"name": "agent-virtio", "memory": "128M"}
+    spec = {"name": "agv", "memory": "128M"}
     with guest(spec) as vm:
         code, cmdline, _ = vm.exec("cat /proc/cmdline")
         assert code == 0 and "vmctl.agent=hvc0" in cmdline.split()
@@ -41,7 +46,7 @@ def test_exec_goes_over_the_virtio_port_and_a_clone_keeps_it():
 
 def test_exec_falls_back_to_the_uart_without_the_port(monkeypatch):
     monkeypatch.setenv("VMCTL_AGENT_CONSOLE", "0")
-    with guest({"name": "agent-uart", "memory": "128M"}) as vm:
+    with guest({"name": "agu", "memory": "128M"}) as vm:
         code, cmdline, _ = vm.exec("cat /proc/cmdline; ls /dev")
         assert code == 0 and "vmctl.agent=" not in cmdline and "hvc0" not in cmdline.split()
         assert transport(vm) == "uart"
