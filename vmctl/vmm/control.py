@@ -108,12 +108,17 @@ def request(path: Path, op: str, timeout: float = 5.0, **fields: object) -> dict
         try:
             sock.connect(str(path))
             sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(4096)
+            # Chunks joined once: an exec answer is megabytes, and `data += chunk` per 4 KiB
+            # copied it over and over (seconds for 4 MiB of output in the nested host).
+            chunks: list[bytes] = []
+            while True:
+                chunk = sock.recv(1 << 20)
                 if not chunk:
                     break
-                data += chunk
+                chunks.append(chunk)
+                if chunk.endswith(b"\n"):  # one JSON line: its only newline ends it
+                    break
+            data = b"".join(chunks)
         except OSError as error:
             raise VmctlError(f"{path}: the VMM does not answer: {error.strerror or error}") from None
     try:
