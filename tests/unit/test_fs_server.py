@@ -117,9 +117,11 @@ def test_cache_modes_set_timeouts_opens_and_flags(share, mode, timeout, no_open)
         assert client.read(NO_HANDLE, 100, nodeid=nodeid) == b"hello\n"
     else:  # nothing cached: every read goes to the file
         assert error == 0 and p.OPEN_OUT.unpack_from(payload)[1] == p.FOPEN_DIRECT_IO
-    opened = client.ok(p.OPENDIR, ROOT_ID, p.OPEN_IN.pack(os.O_RDONLY, 0))
-    dir_flags = p.OPEN_OUT.unpack_from(opened)[1]
-    assert dir_flags == (p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR if no_open else 0)
+    error, opened = client.call(p.OPENDIR, ROOT_ID, p.OPEN_IN.pack(os.O_RDONLY, 0))
+    if no_open:  # likewise for directories: the kernel then caches listings (FOPEN_CACHE_DIR)
+        assert error == errno.ENOSYS
+    else:
+        assert error == 0 and p.OPEN_OUT.unpack_from(opened)[1] == 0
     # closes cost nothing: FLUSH stays ENOSYS (the kernel stops sending it)
     assert client.call(p.FLUSH, nodeid, p.FLUSH_IN.pack(0, 0, 0, 0))[0] == errno.ENOSYS
     client.server.close()
@@ -166,7 +168,8 @@ def read_plus(client: Client, nodeid: int, fh: int, size: int = 4096) -> list[tu
 def test_readdirplus_answers_each_names_lookup(client, share):
     for index in range(30):
         (share / f"file-{index:02d}").write_text("x" * index)
-    fh = p.OPEN_OUT.unpack_from(client.ok(p.OPENDIR, ROOT_ID, p.OPEN_IN.pack(os.O_RDONLY, 0)))[0]
+    fh = opendir(client, ROOT_ID)
+    assert fh == NO_HANDLE  # `auto`: listed by node
     entries = read_plus(client, ROOT_ID, fh, size=700)  # a few entries per reply
     names = [name for name, _, _ in entries]
     assert sorted(names) == sorted([b".", b"..", b"hello.txt", b"dir"] + [b"file-%02d" % i for i in range(30)])
@@ -178,6 +181,20 @@ def test_readdirplus_answers_each_names_lookup(client, share):
     # each listed entry counted one lookup: forgetting it twice (listing + LOOKUP) drops the node
     client.call(p.FORGET, node, p.FORGET_IN.pack(2))
     assert client.call(p.GETATTR, node, p.GETATTR_IN.pack(0, 0, 0))[0] == errno.ESTALE
+
+
+def test_listing_by_node_is_read_afresh_at_offset_zero(client, share):
+    """Without OPENDIR a listing is the node's: kept across the offsets of one pass, read
+    again when a pass starts over (another writer's new file shows)."""
+    def names() -> list[bytes]:
+        return sorted(name for name, _, _ in read_plus(client, ROOT_ID, NO_HANDLE, size=300))
+
+    assert names() == [b".", b"..", b"dir", b"hello.txt"]
+    (share / "added").write_text("x")
+    assert names() == [b".", b"..", b"added", b"dir", b"hello.txt"]
+    client.ok(p.FSYNCDIR, ROOT_ID, p.FSYNC_IN.pack(NO_HANDLE, 0, 0))
+    file_id, _ = client.lookup(ROOT_ID, b"hello.txt")
+    assert client.call(p.READDIR, file_id, p.READ_IN.pack(NO_HANDLE, 0, 4096, 0, 0, 0, 0))[0] == errno.ENOTDIR
 
 
 def test_lookup_getattr_read(client, share):
@@ -213,11 +230,22 @@ def test_new_files_belong_to_the_caller(client, share):
     assert os.stat(share / "owned").st_uid == 1234
 
 
-def test_readdir_lists_every_entry_once_across_small_buffers(client, share):
+def opendir(client: Client, nodeid: int) -> int:
+    """The handle READDIR takes: OPENDIR's, or 0 when the server wants no OPENDIR (ENOSYS)."""
+    error, payload = client.call(p.OPENDIR, nodeid, p.OPEN_IN.pack(os.O_RDONLY, 0))
+    if error == errno.ENOSYS:
+        return NO_HANDLE
+    assert error == 0
+    return p.OPEN_OUT.unpack_from(payload)[0]
+
+
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_readdir_lists_every_entry_once_across_small_buffers(share, mode):
+    client = Client(FileServer(share, cache=mode))
+    client.init()
     for index in range(50):
         (share / f"file-{index:02d}").write_text("x")
-    payload = client.ok(p.OPENDIR, ROOT_ID, p.OPEN_IN.pack(os.O_RDONLY, 0))
-    fh = p.OPEN_OUT.unpack_from(payload)[0]
+    fh = opendir(client, ROOT_ID)
     names, offset = [], 0
     while True:
         data = client.ok(p.READDIR, ROOT_ID, p.READ_IN.pack(fh, offset, 200, 0, 0, 0, 0))

@@ -16,8 +16,9 @@ invisible to this client:
   invisible until the client drops its caches (or a day passes): for folders only this
   client writes, or that nobody writes.
 
-In `auto` and `always`, opens need no message (OPEN answered ENOSYS: the kernel then opens
-files by itself, FUSE_NO_OPEN_SUPPORT, and READ/WRITE come with file handle 0).
+In `auto` and `always`, opens need no message (OPEN and OPENDIR answered ENOSYS: the kernel
+then opens files and directories by itself, FUSE_NO_OPEN_SUPPORT / _NO_OPENDIR_SUPPORT, with
+FOPEN_KEEP_CACHE and, for directories, FOPEN_CACHE_DIR; READ/WRITE/READDIR come with handle 0).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ DEFAULT = "auto"
 class CachePolicy:
     mode: str
     timeout: int  # seconds the client may keep names (entry_valid) and attributes (attr_valid)
-    no_open: bool  # answer OPEN with ENOSYS so the kernel stops sending OPEN/RELEASE
-    file_flags: int  # fuse_open_out.open_flags for files (no_open: the kernel's default, KEEP_CACHE)
-    dir_flags: int  # ... and for directories
+    no_open: bool  # answer OPEN/OPENDIR with ENOSYS: the kernel stops sending OPEN(DIR)/RELEASE(DIR)
+    file_flags: int  # fuse_open_out.open_flags for files (CREATE; OPEN when answered)
+    dir_flags: int  # ... and for OPENDIR when answered
 
 
 POLICIES = {

@@ -104,6 +104,7 @@ class FileServer:
         self._next_node = ROOT_ID + 1
         self._files: dict[int, int] = {}
         self._dirs: dict[int, DirHandle] = {}
+        self._listings: dict[int, list[tuple[bytes, int, int]]] = {}  # node id -> listing (no OPENDIR)
         self._next_handle = 1
         self.max_write = MAX_WRITE
         self._ops: dict[int, Callable[[Request], bytes]] = {
@@ -196,6 +197,7 @@ class FileServer:
                 os.close(node.fd)
             self._files.clear()
             self._dirs.clear()
+            self._listings.clear()
             self._nodes.clear()
             self._by_key.clear()
 
@@ -256,6 +258,7 @@ class FileServer:
                 node.lookups -= count
                 if node.lookups <= 0:
                     del self._nodes[nodeid]
+                    self._listings.pop(nodeid, None)
                     self._by_key.pop(node.key, None)
                     os.close(node.fd)
 
@@ -553,17 +556,16 @@ class FileServer:
         return b""
 
     def _opendir(self, request: Request) -> bytes:
+        if self.cache.no_open:
+            # the kernel then opens directories itself (fc->no_opendir), caching their listings
+            # (FOPEN_CACHE_DIR is its default then); READDIR comes with handle 0 and the node id
+            raise OSError(errno.ENOSYS, "opendirs need no message")
         node = self._node(request.nodeid)
         if not stat.S_ISDIR(node.mode):
             raise OSError(errno.ENOTDIR, "not a directory")
         fd = self._reopen(node, os.O_RDONLY | os.O_DIRECTORY)
-        handle = DirHandle(fd)
         try:
-            st = os.fstat(fd)
-            handle.entries = [(b".", st.st_ino, stat.S_IFDIR >> 12), (b"..", 1, stat.S_IFDIR >> 12)]
-            with os.scandir(fd) as scan:
-                for entry in scan:
-                    handle.entries.append((os.fsencode(entry.name), entry.inode(), _dtype(entry)))
+            handle = DirHandle(fd, _scan(fd))
         except BaseException:
             os.close(fd)
             raise
@@ -571,14 +573,40 @@ class FileServer:
         self._dirs[number] = handle
         return p.OPEN_OUT.pack(number, self.cache.dir_flags, 0)
 
+    def _listing(self, nodeid: int, fh: int, offset: int) -> tuple[list[tuple[bytes, int, int]], int]:
+        """(entries, a directory fd to look them up from) for READDIR/READDIRPLUS. Handle 0
+        (no OPENDIR): the node's listing, read afresh at offset 0 and kept for the later
+        offsets until the reply past its end; names are looked up from the node's own fd,
+        so no fd of a listing can be closed under another request."""
+        if fh != NO_HANDLE or not self.cache.no_open:
+            handle = self._dirs.get(fh)
+            if handle is None:
+                raise OSError(errno.EBADF, "unknown directory handle")
+            return handle.entries, handle.fd
+        node = self._node(nodeid)
+        if not stat.S_ISDIR(node.mode):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        with self._lock:
+            entries = self._listings.get(nodeid)
+        if entries is None or offset == 0:
+            fd = self._reopen(node, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                entries = _scan(fd)
+            finally:
+                os.close(fd)
+            with self._lock:
+                self._listings[nodeid] = entries
+        elif offset >= len(entries):
+            with self._lock:
+                self._listings.pop(nodeid, None)
+        return entries, node.fd
+
     def _readdir(self, request: Request) -> bytes:
         fh, offset, size, *_ = request.args(p.READ_IN)
-        handle = self._dirs.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, "unknown directory handle")
+        entries, _ = self._listing(request.nodeid, fh, offset)
         out = bytearray()
-        for index in range(offset, len(handle.entries)):
-            name, ino, kind = handle.entries[index]
+        for index in range(offset, len(entries)):
+            name, ino, kind = entries[index]
             entry = p.dirent(ino, index + 1, kind, name)
             if len(out) + len(entry) > size:
                 break
@@ -590,14 +618,12 @@ class FileServer:
         a node id (and forgets it again if it cannot use the entry), so a node is remembered
         only for entries that go into the reply."""
         fh, offset, size, *_ = request.args(p.READ_IN)
-        handle = self._dirs.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, "unknown directory handle")
+        entries, dir_fd = self._listing(request.nodeid, fh, offset)
         no_entry = p.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0) + bytes(p.ATTR.size)
         out = bytearray()
-        for index in range(offset, len(handle.entries)):
-            name, ino, kind = handle.entries[index]
-            found = None if name in (b".", b"..") else self._stat_entry(handle.fd, name)
+        for index in range(offset, len(entries)):
+            name, ino, kind = entries[index]
+            found = None if name in (b".", b"..") else self._stat_entry(dir_fd, name)
             entry = p.direntplus(no_entry, ino, index + 1, kind, name)  # node id 0: no attributes
             if len(out) + len(entry) > size:
                 if found is not None:
@@ -633,6 +659,13 @@ class FileServer:
 
     def _fsyncdir(self, request: Request) -> bytes:
         fh, *_ = request.args(p.FSYNC_IN)
+        if fh == NO_HANDLE and self.cache.no_open:
+            fd = self._reopen(self._node(request.nodeid), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return b""
         handle = self._dirs.get(fh)
         if handle is None:
             raise OSError(errno.EBADF, "unknown directory handle")
@@ -651,6 +684,15 @@ def _readlink_fd(fd: int) -> bytes:
     length = _libc.readlinkat(fd, b"", buffer, len(buffer))
     _check(length)
     return buffer.raw[:length]
+
+
+def _scan(fd: int) -> list[tuple[bytes, int, int]]:
+    """A directory's entries (name, inode, d_type), "." and ".." first (offsets 1 and 2)."""
+    entries = [(b".", os.fstat(fd).st_ino, stat.S_IFDIR >> 12), (b"..", 1, stat.S_IFDIR >> 12)]
+    with os.scandir(fd) as scan:
+        for entry in scan:
+            entries.append((os.fsencode(entry.name), entry.inode(), _dtype(entry)))
+    return entries
 
 
 def _dtype(entry: os.DirEntry) -> int:
