@@ -2,9 +2,12 @@
 a callback, `feed()` queues bytes for the guest. The VMM puts its guest agent here (guest
 /dev/hvcN): a page per VM exit where the agent's UART costs an exit per byte.
 
-`feed()` may be called from any thread; the bytes wait in a buffer and the device's worker
-thread moves them into the guest's receive buffers (woken through an eventfd), so queue work
-stays on the worker like every other device's.
+`feed()` may be called from any thread; the bytes wait in a buffer and go into the guest's
+receive buffers at once on that thread (under the transport's lock, as the worker would), or,
+if the driver is not up or has no buffers yet, when it posts some. Output pages are served on
+the vCPU thread that kicks the transmit queue (`inline_queues`): Linux's hvc driver spins
+until each page comes back, and in the nested host a hop to the worker thread and back
+cost ~20 ms a page.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ QUEUE_SIZE = 64
 class ConsolePort(VirtioDevice):
     device_id = ID_CONSOLE
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    inline_queues = (TX,)  # Linux spins on each output page until it is used: no thread hop
 
     def __init__(self, on_output: Callable[[bytes], None], name: str = "console-port") -> None:
         self.name = name
@@ -45,7 +49,12 @@ class ConsolePort(VirtioDevice):
         """Bytes for the guest (any thread); they wait until the driver posts buffers."""
         with self._pending_lock:
             self._pending += data
-        os.eventfd_write(self._wake_fd, 1)
+        if self.run_now is not None:
+            self.run_now(self._deliver)  # now, on this thread: no hop through the worker
+        with self._pending_lock:
+            left = bool(self._pending)
+        if left:  # the driver is not up yet, or has no buffers: the worker tries again
+            os.eventfd_write(self._wake_fd, 1)
 
     def activate(self, features: int, ctx: QueueContext) -> None:
         self._ctx = ctx

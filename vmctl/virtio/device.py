@@ -59,6 +59,10 @@ class VirtioDevice(abc.ABC):
     device_id: int
     queue_sizes: tuple[int, ...]
     name: str = "virtio"
+    # Queues served on the vCPU thread whose QueueNotify write kicked them (no ioeventfd):
+    # for a driver that spins until each buffer comes back (Linux's hvc put_chars), the
+    # hop to the worker thread and back is the whole cost of a buffer.
+    inline_queues: tuple[int, ...] = ()
 
     @property
     def features(self) -> int:
@@ -105,6 +109,9 @@ class VirtioDevice(abc.ABC):
     # Set by the worker: add or remove a host fd while the device runs (a new connection).
     watch: Callable[[int, Callable[[], None]], None] | None = None
     unwatch: Callable[[int], None] | None = None
+    # Set by the transport: run a host-side event now, on the caller's thread, under the
+    # transport's rules (its lock; interrupts sent after); nothing while the driver is not up.
+    run_now: Callable[[Callable[[], None]], None] | None = None
 
     # --- snapshots ---------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:

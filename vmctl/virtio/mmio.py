@@ -101,7 +101,8 @@ class VirtioMmioTransport:
         self.queues = [Virtqueue(memory, size) for size in device.queue_sizes]
         # One eventfd per queue: the ioeventfd target, and what a trapped QueueNotify writes.
         self.notify_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
-        self.trapped_notifies = 0  # QueueNotify writes that came through an MMIO exit
+        self.trapped_notifies = 0  # QueueNotify writes that came through an MMIO exit (inline queues aside)
+        device.run_now = self.run_device_callback
         self.ctx = QueueContext(memory, self._complete, self._complete_many)
         self._interrupt_status = 0
         self._int_lock = threading.Lock()
@@ -376,8 +377,11 @@ class VirtioMmioTransport:
 
     # --- queues, called on the worker thread ----------------------------------------------
     def notify(self, index: int) -> None:
-        """A kick that reached userspace (no ioeventfd matched): wake the worker the same way."""
-        if index < len(self.notify_fds):
+        """A kick that reached userspace (no ioeventfd matched): wake the worker the same way,
+        or serve the queue right here when the device wants it inline."""
+        if index in self.device.inline_queues:
+            self.process_queue(index)
+        elif index < len(self.notify_fds):
             self.trapped_notifies += 1
             self._wake(index)
 

@@ -102,7 +102,8 @@ class VirtioMmioFactory:
         ack_fd = -1
         try:
             for index, fd in enumerate(transport.notify_fds):
-                host.register_ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index)
+                if index not in device.inline_queues:  # those exit to the vCPU thread instead
+                    host.register_ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=index)
             ack_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             host.register_ioeventfd(ack_fd, base + INTERRUPT_ACK, 4, datamatch=INT_USED_BUFFER)
             transport.used_ack_in_kernel = True
