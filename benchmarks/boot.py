@@ -45,6 +45,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from fresh_bytecode import compile_vmctl  # noqa: E402
+
 from vmctl.launcher.session import PrivateLauncher  # noqa: E402
 from vmctl.procmem import vmm_memory  # noqa: E402
 
@@ -376,6 +378,7 @@ def main() -> int:
     parser.add_argument("--no-launcher", action="store_true", help="skip the vmctl-via-launcher runs")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "boot.json", help="JSON results")
     args = parser.parse_args()
+    compile_vmctl()  # measure vmctl as installed (fresh bytecode), not a recompiling checkout
 
     from vmctl.host_probe import check_host
     from vmctl.images import locate

@@ -11,7 +11,8 @@ rootfs.qcow2 through a per-run qcow2 overlay), running `true`. Phases, each time
 
 plus `vmctl run SPEC -- true` as a whole through the CLI (process start included). Medians.
 vmctl runs twice: its VMM daemon as a new interpreter ("vmctl"), and forked by a
-pre-initialised launcher ("vmctl_launcher", vmctl.launcher, started once before its runs).
+pre-initialised launcher ("vmctl_launcher", vmctl.launcher, started once before the runs).
+The three alternate (vmctl, launcher, QEMU, vmctl, …) so a change of load hits all alike.
 Needs hardware-backed KVM: on a paravirtual-KVM host (kvm_pvm) it re-runs itself inside the
 nested host with --nested (absolute times there are ~13x slower than bare metal; the ratios
 are what to read).
@@ -24,6 +25,7 @@ Writes benchmarks/results/run.json and prints a markdown table (docs/benchmarks-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,9 +36,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from fresh_bytecode import compile_vmctl  # noqa: E402
 
 READY = b"VMCTL-READY"
 PHASES = ("spec load", "overlay", "boot", "command", "teardown")
@@ -79,13 +84,15 @@ def vmctl_phases(spec_path: Path, state: Path, timeout: float) -> dict[str, floa
         prepared_at.append(time.perf_counter())
         return result
 
-    import vmctl.backends.kvm as kvm_module
-    kvm_module.prepare = timed_prepare
+    # The backend imports `prepare` from kvm_prepare when it starts a machine: patch it there.
+    kvm_prepare.prepare = timed_prepare  # type: ignore[assignment]
     try:
         with store.locked():
             record = backend.start(store, spec, str(spec_path))
     finally:
-        kvm_module.prepare = original
+        kvm_prepare.prepare = original  # type: ignore[assignment]
+    if not prepared_at:
+        raise RuntimeError("the kvm backend did not call vmctl.backends.kvm_prepare.prepare: update run.py's phase timer")
     folder = store.folder(record.name)
     console = folder / CONSOLE
     try:
@@ -149,6 +156,18 @@ def cli_total(spec_path: Path, state: Path) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def _environment(extra: dict[str, str] | None) -> Iterator[None]:
+    """os.environ with `extra` added, restored afterwards."""
+    saved = dict(os.environ)
+    os.environ.update(extra or {})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def median_ms(samples: list[dict[str, float]]) -> dict[str, float]:
     keys = list(samples[0])
     out = {key: round(statistics.median(s[key] for s in samples) * 1000, 1) for key in keys}
@@ -182,6 +201,7 @@ def main() -> int:
     parser.add_argument("--no-launcher", action="store_true", help="skip the runs with the VMM forked by a launcher")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "run.json")
     args = parser.parse_args()
+    compile_vmctl()  # measure vmctl as installed (fresh bytecode), not a recompiling checkout
 
     if args.nested:
         from vmctl.nested import NestedHost
@@ -213,43 +233,41 @@ def main() -> int:
     spec_path.write_text(SPEC % images.rootfs_qcow2)
     environment = f"KVM {report.kvm_module}, {os.cpu_count()} CPUs" + (" (inside the nested host)" if os.environ.get("VMCTL_NESTED") == "1" else "")
     result: dict = {"environment": environment, "runs": args.runs, "guest": "busybox initramfs + 1 qcow2 overlay disk, `true`"}
-    samples = []
-    for index in range(args.runs):
-        samples.append(vmctl_phases(spec_path, work / "state", args.timeout))
-        print(f"vmctl run {index + 1}/{args.runs}: {sum(samples[-1].values()):.2f} s", file=sys.stderr)
-    result["vmctl"] = median_ms(samples)
-    result["vmctl_samples"] = samples
-    result["cli_total_ms"] = round(statistics.median(cli_total(spec_path, work / "state") for _ in range(args.runs)) * 1000, 1)
-    if not args.no_launcher:
-        from vmctl.launcher.session import PrivateLauncher
+    qemu_ok = bool(shutil.which("qemu-system-x86_64") and shutil.which("qemu-img"))
+    # The same guest words vmctl passes (minus the agent, which QEMU does not wire up).
+    # reboot=t: QEMU's microvm has no i8042 to reset through; a triple fault ends it (-no-reboot).
+    cmdline = " ".join([DEFAULT_CMDLINE.replace("reboot=k", "reboot=t"), AGENT_CMDLINE,
+                        *InitArgs(hostname="bench", cmd=["true"]).words()])
+    samples: dict[str, list[dict[str, float]]] = {"vmctl": [], "vmctl_launcher": [], "qemu": []}
+    cli: dict[str, list[float]] = {"vmctl": [], "vmctl_launcher": []}
+    with contextlib.ExitStack() as stack:
+        launcher_env: dict[str, str] | None = None
+        if not args.no_launcher:
+            from vmctl.launcher.session import PrivateLauncher
 
-        with PrivateLauncher() as launcher:
-            saved = dict(os.environ)
-            os.environ.update(launcher.env())  # KvmBackend.start forks the VMM daemon from it
-            try:
-                warm = []
-                for index in range(args.runs):
-                    warm.append(vmctl_phases(spec_path, work / "state", args.timeout))
-                    print(f"vmctl via the launcher run {index + 1}/{args.runs}: {sum(warm[-1].values()):.2f} s",
-                          file=sys.stderr)
-                result["vmctl_launcher"] = median_ms(warm)
-                result["vmctl_launcher_samples"] = warm
-                result["cli_total_launcher_ms"] = round(statistics.median(
-                    cli_total(spec_path, work / "state") for _ in range(args.runs)) * 1000, 1)
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
-    if shutil.which("qemu-system-x86_64") and shutil.which("qemu-img"):
-        # The same guest words vmctl passes (minus the agent, which QEMU does not wire up).
-        # reboot=t: QEMU's microvm has no i8042 to reset through; a triple fault ends it (-no-reboot).
-        cmdline = " ".join([DEFAULT_CMDLINE.replace("reboot=k", "reboot=t"), AGENT_CMDLINE,
-                            *InitArgs(hostname="bench", cmd=["true"]).words()])
-        peer = []
+            launcher_env = stack.enter_context(PrivateLauncher()).env()
+        # Alternating vmctl, vmctl via the launcher, QEMU, … so a change of the machine's
+        # load hits all three alike.
         for index in range(args.runs):
-            peer.append(qemu_phases(images.bzimage, images.initramfs, images.rootfs_qcow2, cmdline, args.timeout))
-            print(f"qemu run {index + 1}/{args.runs}: {sum(peer[-1].values()):.2f} s", file=sys.stderr)
-        result["qemu"] = median_ms(peer)
-        result["qemu_samples"] = peer
+            for name, env in (("vmctl", None), ("vmctl_launcher", launcher_env)):
+                if name == "vmctl_launcher" and env is None:
+                    continue
+                with _environment(env):  # KvmBackend.start forks the VMM daemon from the launcher
+                    samples[name].append(vmctl_phases(spec_path, work / "state", args.timeout))
+                    cli[name].append(cli_total(spec_path, work / "state"))
+                print(f"{name} run {index + 1}/{args.runs}: {sum(samples[name][-1].values()):.2f} s, "
+                      f"CLI {cli[name][-1]:.2f} s", file=sys.stderr)
+            if qemu_ok:
+                samples["qemu"].append(qemu_phases(images.bzimage, images.initramfs, images.rootfs_qcow2, cmdline, args.timeout))
+                print(f"qemu run {index + 1}/{args.runs}: {sum(samples['qemu'][-1].values()):.2f} s", file=sys.stderr)
+    for name, suffix in (("vmctl", ""), ("vmctl_launcher", "_launcher")):
+        if samples[name]:
+            result[name] = median_ms(samples[name])
+            result[f"{name}_samples"] = samples[name]
+            result[f"cli_total{suffix}_ms"] = round(statistics.median(cli[name]) * 1000, 1)
+    if samples["qemu"]:
+        result["qemu"] = median_ms(samples["qemu"])
+        result["qemu_samples"] = samples["qemu"]
         result["ratio_total"] = round(result["vmctl"]["total"] / result["qemu"]["total"], 2)
         if "vmctl_launcher" in result:
             result["ratio_total_launcher"] = round(result["vmctl_launcher"]["total"] / result["qemu"]["total"], 2)

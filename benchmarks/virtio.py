@@ -39,6 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from fresh_bytecode import compile_vmctl  # noqa: E402
+
 from vmctl.images import locate  # noqa: E402
 
 VBENCH = HERE / "guest" / "vbench.c"
@@ -263,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="virtio-net through vhost-net in both VMMs (vmctl's default where /dev/vhost-net "
                              "exists; QEMU vhost=on); without it both serve the queues in userspace")
     args = parser.parse_args(argv)
+    compile_vmctl()  # measure vmctl as installed (fresh bytecode), not a recompiling checkout
     kernel = (args.kernel or locate().bzimage).resolve()
     if not kernel.exists():
         raise SystemExit(f"{kernel}: no such kernel (run `vmctl image build`)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -118,6 +119,43 @@ def test_zero_page_from_bzimage_header(tmp_path, memory):
     assert memory.read(ramdisk, 10000) == b"\x07" * 10000
     assert params.read_e820(page) == info.e820
     assert memory.read(0x100000, 4096) == b"\x90" * 4096
+
+
+def test_a_loaded_machine_keeps_no_kernel_bytes(tmp_path, memory):
+    # The running VMM keeps BootInfo; the file's bytes (MiBs for a bzImage) are in guest RAM.
+    info = load_linux(memory, make_bzimage(tmp_path / "bzImage"), None, "")
+    assert [len(segment.data) for segment in info.kernel.segments] == [0]
+    assert info.kernel.end == 0x100000 + 0x200000  # sizes and addresses stay
+    assert memory.read(0x100000, 4096) == b"\x90" * 4096
+
+
+def test_initrd_is_read_straight_into_guest_ram_across_short_reads(memory):
+    # A raw stream may return fewer bytes than asked (pipes, network file systems): the
+    # loader keeps reading until the guest-RAM view is full, and reports a short file.
+    from vmctl.boot import loader
+
+    class Trickle(io.RawIOBase):
+        def __init__(self, data: bytes) -> None:
+            self.data, self.at = data, 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:  # at most 1000 bytes per call
+            count = min(1000, len(buffer), len(self.data) - self.at)
+            buffer[:count] = self.data[self.at : self.at + count]
+            self.at += count
+            return count
+
+    data = bytes(range(256)) * 40
+    assert loader._read_into(Trickle(data), memory.view(0x400000, len(data))) == len(data)
+    assert memory.read(0x400000, len(data)) == data
+    assert loader._read_into(Trickle(data[:5000]), memory.view(0x400000, len(data))) == 5000
+
+
+def test_unreadable_initrd_is_named(tmp_path, memory):
+    with pytest.raises(VmctlError, match=r"initrd: cannot read initrd"):
+        load_linux(memory, make_bzimage(tmp_path / "bzImage"), tmp_path / "initrd", "")
 
 
 def test_initrd_respects_initrd_addr_max(tmp_path):

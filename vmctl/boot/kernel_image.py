@@ -7,7 +7,7 @@ is not something vmctl can boot. Nothing is written to guest memory here.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..arch import memory_map
@@ -45,7 +45,9 @@ DEFAULT_CMDLINE_SIZE = 2048
 @dataclass(frozen=True)
 class Segment:
     guest_address: int
-    data: bytes
+    # A view of the file's bytes, not a copy: a bzImage is 2+ MiB, and a copy freed after
+    # loading stays in the VMM's malloc heap for the life of the VM.
+    data: bytes | memoryview
     memory_size: int  # >= len(data); the rest is zero-filled
 
 
@@ -60,6 +62,11 @@ class KernelImage:
     initrd_addr_max: int = DEFAULT_INITRD_ADDR_MAX
     cmdline_size: int = DEFAULT_CMDLINE_SIZE
     init_size: int = 0  # memory the kernel needs from its load address while booting
+
+    def without_data(self) -> KernelImage:
+        """The same image with its segments' bytes dropped (addresses and sizes kept): what a
+        running machine keeps once the kernel is in guest RAM, so the file's bytes are freed."""
+        return replace(self, segments=[Segment(s.guest_address, b"", s.memory_size) for s in self.segments])
 
     @property
     def end(self) -> int:
@@ -122,7 +129,7 @@ def parse_bzimage(path: Path, data: bytes) -> KernelImage:
         path=path,
         kind="bzImage",
         entry=memory_map.BZIMAGE_LOAD_ADDRESS + STARTUP_64_OFFSET,
-        segments=[Segment(memory_map.BZIMAGE_LOAD_ADDRESS, bytes(data[kernel_offset:]), len(data) - kernel_offset)],
+        segments=[Segment(memory_map.BZIMAGE_LOAD_ADDRESS, memoryview(data)[kernel_offset:], len(data) - kernel_offset)],
         setup_header=header,
         protocol=version,
         initrd_addr_max=_u32(data, INITRD_ADDR_MAX),
@@ -151,7 +158,7 @@ def parse_elf(path: Path, data: bytes) -> KernelImage:
             continue
         if offset + filesz > len(data) or filesz > memsz:
             raise VmctlError(f"{path}: PT_LOAD program header {index} at offset 0x{at:x} has a bad file range")
-        segments.append(Segment(paddr, bytes(data[offset : offset + filesz]), memsz))
+        segments.append(Segment(paddr, memoryview(data)[offset : offset + filesz], memsz))
     if not segments:
         raise VmctlError(f"{path}: ELF file has no PT_LOAD segment to load")
     return KernelImage(path=path, kind="ELF", entry=entry, segments=segments)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from io import RawIOBase
 from pathlib import Path
 
 from ..arch import memory_map
@@ -40,7 +42,8 @@ def load_linux(memory: GuestMemory, kernel_path: Path, initrd_path: Path | None,
     e820 = params.e820_map(ram)
     zero_page = params.build_zero_page(kernel.setup_header, memory_map.CMDLINE_ADDRESS, len(cmdline_bytes) - 1, initrd, e820)
     memory.write(memory_map.ZERO_PAGE_ADDRESS, zero_page)
-    return BootInfo(kernel, kernel.entry, memory_map.ZERO_PAGE_ADDRESS, cmdline, initrd, e820)
+    # The machine keeps BootInfo for its lifetime; the kernel file's bytes are in guest RAM now.
+    return BootInfo(kernel.without_data(), kernel.entry, memory_map.ZERO_PAGE_ADDRESS, cmdline, initrd, e820)
 
 
 def _load_segments(memory: GuestMemory, kernel: KernelImage) -> None:
@@ -61,17 +64,34 @@ def _load_segments(memory: GuestMemory, kernel: KernelImage) -> None:
 
 
 def _load_initrd(memory: GuestMemory, kernel: KernelImage, path: Path) -> tuple[int, int]:
+    """Read the initrd straight into guest RAM: a buffer of its size (MiBs) would stay in
+    the VMM's malloc heap after it is freed (glibc keeps a freed top chunk below its trim
+    threshold, which rises after the first large free)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            low_ram_end = memory.regions[0].end
+            highest = min(kernel.initrd_addr_max + 1, low_ram_end)
+            address = (highest - size) & ~(PAGE - 1)
+            if address < kernel.end:
+                raise VmctlError(
+                    f"guest memory of {format_size(memory.size)} is too small for the kernel "
+                    f"(up to 0x{kernel.end:x}) and the initrd {path} ({format_size(size)}): give more --memory"
+                )
+            got = _read_into(handle, memory.view(address, size))
     except OSError as error:
         raise VmctlError(f"{path}: cannot read initrd: {error.strerror}") from None
-    low_ram_end = memory.regions[0].end
-    highest = min(kernel.initrd_addr_max + 1, low_ram_end)
-    address = (highest - len(data)) & ~(PAGE - 1)
-    if address < kernel.end:
-        raise VmctlError(
-            f"guest memory of {format_size(memory.size)} is too small for the kernel "
-            f"(up to 0x{kernel.end:x}) and the initrd {path} ({format_size(len(data))}): give more --memory"
-        )
-    memory.write(address, data)
-    return address, len(data)
+    if got != size:
+        raise VmctlError(f"{path}: initrd changed while it was read ({got} of {size} bytes)")
+    return address, size
+
+
+def _read_into(handle: RawIOBase, view: memoryview) -> int:
+    """Fill `view` from `handle` (a short read is not the end of a file); bytes read."""
+    done = 0
+    while done < len(view):
+        count = handle.readinto(view[done:])
+        if not count:
+            break
+        done += count
+    return done
