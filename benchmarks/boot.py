@@ -223,9 +223,14 @@ def table(result: dict) -> str:
         for name, r in (("vmctl", ours), ("QEMU", qemu)):
             rows.append(f"| {name} | " + " | ".join(str(r["exits_to_ready_median"].get(c, "–")) for c in EXIT_COUNTERS) + " |")
     if "breakdown" in result:
-        floors = {name: entry.get("startup_floor_ms") for name, entry in result["breakdown"].items()}
+        floors = {name: entry.get("startup_floor_ms") for name, entry in result["breakdown"].items()
+                  if name != "floor_parts"}
         rows += ["", "Start-up floors (process start → failing on a missing kernel, median): "
                  + ", ".join(f"{name} {ms / 1000:.2f} s" for name, ms in floors.items() if ms is not None) + "."]
+        parts = result["breakdown"].get("floor_parts", {})
+        if parts:
+            rows += ["", "Parts of vmctl's floor (median): " + "; ".join(f"{label} {ms / 1000:.2f} s"
+                                                                     for label, ms in parts.items()) + "."]
     rows += ["", f"Environment: {result['environment']}."]
     return "\n".join(rows)
 
@@ -280,12 +285,35 @@ def startup_floor(command: list[str], runs: int, env: dict[str, str] | None = No
     return statistics.median(times)
 
 
+# What vmctl's start-up floor is made of: the same interpreter doing less and less.
+FLOOR_PARTS = (
+    ("python -S -c pass (interpreter, no site)", ["-S", "-c", "pass"]),
+    ("python -c pass (interpreter + site, .pth files)", ["-c", "pass"]),
+    ("+ import vmctl.cli (what a launcher client loads)", ["-c", "import vmctl.cli, vmctl.launcher.client"]),
+    ("+ import the boot path (CLI, VMM, devices)", ["-c", "import vmctl.cli.boot, vmctl.vmm.machine, vmctl.boot.loader"]),
+)
+
+
+def floor_parts(runs: int = 3) -> dict[str, float]:
+    """Median ms of each FLOOR_PARTS command (same interpreter as the VMM's)."""
+    parts = {}
+    for label, argv in FLOOR_PARTS:
+        times = []
+        for _ in range(runs):
+            start = time.monotonic()
+            subprocess.run([sys.executable, *argv], stdin=subprocess.DEVNULL, capture_output=True, check=True)
+            times.append(time.monotonic() - start)
+        parts[label] = round(statistics.median(times) * 1000, 1)
+    return parts
+
+
 def breakdown(args: argparse.Namespace, launcher: "Launcher | None") -> dict:
     """One more boot per VMM with exit histograms, and each VMM's start-up floor."""
     out: dict = {}
     if launcher is not None:
         command = vmctl_command(args.kernel, args.initrd, 1)
         out["vmctl_launcher"] = {"startup_floor_ms": round(startup_floor(command, 3, launcher.env()) * 1000, 1)}
+    out["floor_parts"] = floor_parts()
     for name, build in (("vmctl", vmctl_command), ("qemu", qemu_command)):
         command = build(args.kernel, args.initrd, 1)
         entry: dict = {"startup_floor_ms": round(startup_floor(command, 3) * 1000, 1)}
