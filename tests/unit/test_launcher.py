@@ -129,3 +129,28 @@ def test_on_demand_start_serves_the_next_command(tmp_path, monkeypatch):
         deadline = time.monotonic() + 30
         while Path(path).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def test_a_launched_command_finds_the_launchers_objects_frozen(tmp_path, socket_path):
+    # gc.freeze() before each fork: the child's collections skip what it inherited, so the
+    # pages of the preloaded modules stay shared instead of being copied on a full collection.
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "freeze_probe.py").write_text("import gc, sys\n\ndef main():\n"
+                                           "    print(gc.get_freeze_count(), gc.isenabled())\n    return 0\n")
+    env = {**os.environ, "PYTHONPATH": str(probe)}
+    server = subprocess.Popen([sys.executable, "-m", "vmctl.launcher", "serve", socket_path, "--idle", "60"],
+                              stdin=subprocess.DEVNULL, env=env)
+    try:
+        assert client.wait_for_server(socket_path, 60)
+        read_end, write_end = os.pipe()
+        with open(os.devnull, "rb") as null, client.connect(socket_path) as conn:
+            pid = client.submit(conn, [], module="freeze_probe", fds=(null.fileno(), write_end, write_end))
+            os.close(write_end)
+            assert pid is not None and client.wait(conn, pid) == 0
+        with os.fdopen(read_end) as output:
+            frozen, enabled = output.read().split()
+        assert int(frozen) > 10_000 and enabled == "True"  # the preloaded VMM's objects; collection still on
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
