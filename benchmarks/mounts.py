@@ -109,8 +109,10 @@ def make_tree(folder: Path, copies: int) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def run_guest(command: list[str], timeout: float, log: Path, workloads: list[str] = WORKLOADS) -> dict[str, float]:
-    values: dict[str, float] = {}
+def run_guest(command: list[str], timeout: float, log: Path, workloads: list[str] = WORKLOADS) -> dict[str, float | str]:
+    """The workloads' seconds; a guest that stops early gives what it measured and an `error`
+    (the other columns still run)."""
+    values: dict[str, float | str] = {}
     mark = time.monotonic()
     with open(log, "w") as out, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                   stdin=subprocess.DEVNULL, text=True, errors="replace") as process:
@@ -132,7 +134,8 @@ def run_guest(command: list[str], timeout: float, log: Path, workloads: list[str
         timer.cancel()
         process.wait()
     if set(values) != set(workloads):
-        raise SystemExit(f"{command[0]}: only {sorted(values)} measured (see {log})")
+        values["error"] = f"the guest stopped after {sorted(values)} (exit {process.returncode}, see {log.name})"
+        progress(f"{command[0]}: {values['error']}")
     return values
 
 
@@ -374,13 +377,15 @@ def summary(result: dict) -> str:
                "qemu_9p_loose", "host"]
     lines = ["| workload (s) | " + " | ".join(columns) + " | auto / host | always / host | always ro / host "
              "| auto / 9p (none) | auto / 9p (loose) | always / 9p (loose) |", "|---" * (len(columns) + 7) + "|"]
+    def ratio(a: float | None, b: float | None) -> str:
+        return "-" if a is None or b is None else f"{a / b:.2f}x"
+
     for workload in WORKLOADS:
         row = [result.get(c, {}).get(workload) for c in columns]
         ours, always, always_ro, nine_none, nine_loose, host = row
-        ro_ratio = f"{always_ro / host:.1f}x" if always_ro is not None else "-"
         lines.append(f"| {workload} | " + " | ".join("-" if v is None else f"{v:g}" for v in row)
-                     + f" | {ours / host:.1f}x | {always / host:.1f}x | {ro_ratio} | {ours / nine_none:.2f}x "
-                     f"| {ours / nine_loose:.2f}x | {always / nine_loose:.2f}x |")
+                     + f" | {ratio(ours, host)} | {ratio(always, host)} | {ratio(always_ro, host)} "
+                     f"| {ratio(ours, nine_none)} | {ratio(ours, nine_loose)} | {ratio(always, nine_loose)} |")
     if "cp" in result:
         cp = result["cp"]
         lines.append(f"\nvmctl cp {cp['mib']} MiB over {cp['way_in']}/{cp['way_out']}: into the guest "
