@@ -285,6 +285,15 @@ def cp_throughput(work: Path, agent_console: bool = True) -> dict:
             size = 4 * ((kib << 10) + 2) // 3
             big[f"{kib}KiB"] = {"output_bytes": size, "cli_seconds": round(seconds, 2), "agent_ms": round(sum(agent), 1),
                                 "agent_mb_s": round(size / 1e6 / max(sum(agent) / 1000, 1e-6), 2)}
+        # The guest's own share of a 1 MiB exec (no port involved): the command, then the
+        # agent's base64 of its output, each timed in the guest with busybox `time -p`.
+        guest = subprocess.run([*vmctl, "exec", "cp", "--timeout", "600", "--", "sh", "-c",
+                                "B=/bin/busybox; $B time -p sh -c '$B head -c 1048576 /dev/zero | $B base64 > /tmp/o' 2>&1;"
+                                "$B time -p sh -c '$B base64 -w0 </tmp/o >/dev/null' 2>&1"],
+                               env=env, capture_output=True, text=True)
+        reals = [float(v) for v in re.findall(r"^real (\S+)", guest.stdout, re.M)]
+        if len(reals) == 2:
+            result["guest_1MiB_command_ms"], result["guest_1MiB_encode_ms"] = (round(v * 1000) for v in reals)
     finally:
         subprocess.run([*vmctl, "rm", "cp"], env=env, capture_output=True)
     mb = CP_MIB * 1.048576
@@ -361,7 +370,9 @@ def cp_summary(result: dict) -> str:
             ("1-byte cp in / out (s)", lambda c: f"{c['tiny_into_seconds']} / {c['tiny_out_seconds']}"),
             ("... agent round trips of it (ms)", lambda c: f"{c['tiny_into_agent_ms']} / {c['tiny_out_agent_ms']}"),
             (f"cp {CP_MIB} MiB in / out (MB/s)", lambda c: f"{c['into_guest_mb_s']} / {c['out_of_guest_mb_s']}"),
-            ("... without the 1-byte cost (MB/s)", lambda c: f"{c['into_guest_data_mb_s']} / {c['out_of_guest_data_mb_s']}")]
+            ("... without the 1-byte cost (MB/s)", lambda c: f"{c['into_guest_data_mb_s']} / {c['out_of_guest_data_mb_s']}"),
+            ("guest side of a 1 MiB exec: command / agent's base64 (ms)",
+             lambda c: f"{c.get('guest_1MiB_command_ms', '-')} / {c.get('guest_1MiB_encode_ms', '-')}")]
     names = [n for n in ("virtio-console", "uart") if n in result]
     lines = ["| agent over | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(str(get(result[n])) for n in names) + " |" for label, get in rows]
