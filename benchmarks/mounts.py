@@ -284,7 +284,7 @@ def cp_throughput(work: Path, agent_console: bool = True) -> dict:
             agent, seen = _agent_ms(folder, seen)
             size = 4 * ((kib << 10) + 2) // 3
             big[f"{kib}KiB"] = {"output_bytes": size, "cli_seconds": round(seconds, 2), "agent_ms": round(sum(agent), 1),
-                                "agent_mb_s": round(size / 1e6 / max(sum(agent) / 1000, 1e-6), 2)}
+                                "agent_mb_s": round(size / 1e6 / max(sum(agent) / 1000, 1e-6), 3)}
         # The guest's own share of a 1 MiB exec (no port involved): the command, then the
         # agent's base64 of its output, each timed in the guest with busybox `time -p`.
         guest = subprocess.run([*vmctl, "exec", "cp", "--timeout", "600", "--", "sh", "-c",

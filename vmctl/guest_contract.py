@@ -161,23 +161,24 @@ def decode_script(word: str) -> str:
 # kernel without virtio-console). The port is put in raw mode without echo so a line of any
 # length arrives whole; each script runs with stdin from /dev/null, one at a time, its output
 # kept in /tmp (a tmpfs under vmctl's /init) and streamed back by base64 itself (no shell
-# variable holds it). The protocol (one line per message, base64 so any bytes survive):
+# variable holds it). Every process spawned costs the guest milliseconds under nested
+# virtualization: one set of files is reused (requests run one at a time) and emptied with
+# shell builtins, and an empty output is not piped through base64. The protocol (one line per message, base64 so any bytes survive):
 #     host  -> guest   X <id> <base64 shell script>
 #     guest -> host    R <id> <exit code> <base64 stdout> <base64 stderr>
 #     guest -> host    A ready                (once, when the agent starts)
 AGENT_PORT_WORD = "vmctl.agent"
-GUEST_AGENT = r"""(B=/bin/busybox;p=/dev/ttyS1;set -f
+GUEST_AGENT = r"""(B=/bin/busybox;p=/dev/ttyS1;t=/tmp/.vmctl-agent;set -f
 for w in $($B cat /proc/cmdline);do case $w in vmctl.agent=*)[ -c /dev/${w#*=} ]&&p=/dev/${w#*=};;esac;done
 $B stty -F $p raw -echo 2>/dev/null||{ p=/dev/ttyS1;$B stty -F $p raw -echo 2>/dev/null;}||exit 0
 exec <$p >$p 2>/dev/null
 echo 'A ready'
 while read -r k i d;do
 [ "$k" = X ]||continue
-t=/tmp/.vmctl-agent-$i
 echo "$d"|$B base64 -d >$t.sh
 /bin/sh $t.sh </dev/null >$t.o 2>$t.e
-printf 'R %s %s ' $i $?;$B base64 -w0 <$t.o;printf ' ';$B base64 -w0 <$t.e;echo
-$B rm -f $t.sh $t.o $t.e
+printf 'R %s %s ' $i $?;[ -s $t.o ]&&$B base64 -w0 <$t.o;printf ' ';[ -s $t.e ]&&$B base64 -w0 <$t.e;echo
+:>$t.sh;:>$t.o;:>$t.e
 done)&"""
 LOGIN_SHELL = "exec /bin/busybox setsid /bin/busybox cttyhack /bin/sh -l"
 # What `vmctl down` asks the agent to run: sync, then the i8042 reset `reboot=k` gives.
