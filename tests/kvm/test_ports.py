@@ -32,6 +32,7 @@ def test_port_zero_is_a_free_port_shown_everywhere(assemble, vmctl_cli, tmp_path
         assert tcp > 0 and udp > 0 and (guest_tcp, guest_udp, proto) == (80, 53, "udp")
         status = json.loads(vmctl_cli("status", "web").stdout)
         assert status["network"]["forwards"] == forwards
+        assert status["agent_transport"] is None  # asked of the running VMM: this tiny guest runs no agent
         assert f"127.0.0.1:{tcp}->80/tcp" in vmctl_cli("ps").stdout
         with socket.create_connection(("127.0.0.1", tcp), timeout=5):
             pass  # vmctl listens there

@@ -331,8 +331,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         "exit_code": status.exit_code, "detail": status.detail, "spec": record.plan.to_json() if record.plan else {}, "spec_file": record.spec_file,
         "ephemeral": record.ephemeral, "folder": str(store.folder(record.name)), "network": store.network(record.name),
         "sandbox": _sandbox_state(store.folder(record.name)),
+        "agent_transport": _agent_transport(store.folder(record.name)) if status.state == "running" else None,
     }, indent=2))
     return 0 if status.state in ("running", "exited") else 1
+
+
+def _agent_transport(folder) -> str | None:
+    """What the native VMM's exec agent runs over ("virtio-console" or "uart"; None: no
+    native VMM, or its agent has not started)."""
+    from ..machine_files import CONTROL
+    from ..vmm.control import request
+
+    if not (folder / CONTROL).exists():
+        return None
+    try:
+        return request(folder / CONTROL, "status").get("agent_transport")
+    except VmctlError:
+        return None
 
 
 def _sandbox_state(folder) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vmctl.cli.lifecycle import _agent_transport
 from vmctl.machine_files import CONTROL, VMM_LOG
 from vmctl.testing import clone, guest, snapshot_of
 from vmctl.vmm.control import request
@@ -27,7 +28,9 @@ def state_dir(monkeypatch) -> Iterator[Path]:
 
 
 def transport(vm) -> str:
-    return request(vm.store.folder(vm.name) / CONTROL, "status")["agent_transport"]
+    via_control = request(vm.store.folder(vm.name) / CONTROL, "status")["agent_transport"]
+    assert _agent_transport(vm.store.folder(vm.name)) == via_control  # what `vmctl status` shows
+    return via_control
 
 
 def test_exec_goes_over_the_virtio_port_and_a_clone_keeps_it():
