@@ -59,9 +59,12 @@ def test_two_guests_and_the_host_share_a_folder(tmp_path):
     readonly.mkdir()
     (shared / "from-host.txt").write_text("host says hi\n")
     (readonly / "keep.txt").write_text("do not touch\n")
+    # /shared and b's mount: the default `cache: auto` (others' changes within ~1 s: `eventually`);
+    # /strict, the same folder with `cache: never`: every change is seen at the next call
     spec_a = {"name": "fs-a", "memory": "128M",
               "mounts": [{"host": str(shared), "guest": "/shared"},
-                         {"host": str(readonly), "guest": "/ro", "read_only": True}]}
+                         {"host": str(readonly), "guest": "/ro", "read_only": True},
+                         {"host": str(shared), "guest": "/strict", "cache": "never"}]}
     # b also serves the shared folder over HTTP on a random host port (provisioned, then probed)
     spec_b = {"name": "fs-b", "memory": "128M", "mounts": [{"host": str(shared), "guest": "/mnt/shared"}],
               "network": {"mode": "isolated", "forwards": ["0:8080"]},
@@ -92,8 +95,10 @@ def test_two_guests_and_the_host_share_a_folder(tmp_path):
         check(b.exec("echo written by b > /mnt/shared/b.txt && rm /mnt/shared/link"))
         eventually(a, "cat /shared/b.txt", "written by b\n")
         eventually(a, "ls /shared", "a.txt\nb.txt\nd\nfrom-host.txt\n")
-        # the host changes a file both have read
+        # the host changes a file both have read; `never` sees it at once, `auto` within ~1 s
+        assert check(a.exec("cat /strict/from-host.txt")) == "host says hi\n"
         (shared / "from-host.txt").write_text("host changed it\n")
+        assert check(a.exec("cat /strict/from-host.txt; ls /strict | wc -l")) == "host changed it\n4\n"
         eventually(a, "cat /shared/from-host.txt", "host changed it\n")
         eventually(b, "cat /mnt/shared/from-host.txt", "host changed it\n")
         # read-only mount: reads work, every write fails, the host folder is untouched
