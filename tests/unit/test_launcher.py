@@ -154,3 +154,22 @@ def test_a_launched_command_finds_the_launchers_objects_frozen(tmp_path, socket_
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_sigterm_is_handled_before_the_socket_accepts_anyone(socket_path):
+    """A client may connect and send SIGTERM at once: the default action (death, status -15)
+    must not be what it meets. Checked where the socket starts listening."""
+    probe = f"""
+import signal, sys
+from vmctl.launcher.server import Launcher
+
+class Probe(Launcher):
+    def _listen(self):
+        listener = super()._listen()
+        print(signal.getsignal(signal.SIGTERM) == self._stop, flush=True)
+        sys.exit(0)
+
+Probe({socket_path!r}).serve(modules=())
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "True", result.stderr

@@ -93,16 +93,27 @@ class Launcher:
             gc.freeze()
             if thread_count() != 1:
                 raise LauncherError(f"{thread_count()} threads after the imports: refusing to fork")
-            listener = self._listen()
+            # SIGTERM is ours before the socket accepts anyone: a client that connects and
+            # at once sends SIGTERM (a test, a quick `stop`) must not hit the default action.
+            # It must also wake the poll (which CPython otherwise resumes after the handler).
+            wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            signal.signal(signal.SIGTERM, self._stop)
+            signal.set_wakeup_fd(wake_write)
             try:
-                self._loop(listener)
+                listener = self._listen()
+                try:
+                    self._loop(listener, wake_read)
+                finally:
+                    listener.close()
+                    for path in (self.path, self.path + ".pid"):
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            pass
             finally:
-                listener.close()
-                for path in (self.path, self.path + ".pid"):
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        pass
+                signal.set_wakeup_fd(-1)
+                os.close(wake_read)
+                os.close(wake_write)
         finally:
             lock.close()
         return 0
@@ -120,20 +131,11 @@ class Launcher:
             pidfile.write(f"{os.getpid()}\n")
         return listener
 
-    def _loop(self, listener: socket.socket) -> None:
+    def _loop(self, listener: socket.socket, wake_read: int) -> None:
         poller = select.poll()
         poller.register(listener, select.POLLIN)
-        # SIGTERM must wake the poll (which CPython otherwise resumes after the handler).
-        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         poller.register(wake_read, select.POLLIN)
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.set_wakeup_fd(wake_write)
-        try:
-            self._serve_events(listener, poller, wake_read)
-        finally:
-            signal.set_wakeup_fd(-1)
-            os.close(wake_read)
-            os.close(wake_write)
+        self._serve_events(listener, poller, wake_read)
 
     def _serve_events(self, listener: socket.socket, poller: select.poll, wake_read: int) -> None:
         listening = True
