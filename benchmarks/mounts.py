@@ -243,14 +243,34 @@ def _agent_ms(folder: Path, seen: int) -> tuple[list[float], int]:
     return [float(m.group(1)) for line in lines[seen:] if (m := EXEC_LINE.search(line))], len(lines)
 
 
-def cp_throughput(work: Path, agent_console: bool = True) -> dict:
+def cp_throughput(work: Path, agent_console: bool = True, launcher: bool = False) -> dict:
     """`vmctl cp` of a CP_MIB file into and out of a running busybox guest (no network), and of
     a 1-byte file (the fixed cost: the CLI's start, two agent round trips), so the data rate
     can be told from the per-command cost. Then `vmctl exec -- true` (the CLI's total vs the
     agent round trip the VMM logs) and execs with a large output. `agent_console`: False
-    leaves the agent on its UART (VMCTL_AGENT_CONSOLE=0), the way before its virtio port."""
-    state = work / "state"
-    env = dict(os.environ, VMCTL_STATE_DIR=str(state), VMCTL_AGENT_CONSOLE="1" if agent_console else "0")
+    leaves the agent on its UART (VMCTL_AGENT_CONSOLE=0), the way before its virtio port.
+    `launcher`: every command goes through a launcher started here (VMCTL_LAUNCHER), so the
+    CLI's own start is a fork of an interpreter that has imported vmctl already."""
+    env = dict(os.environ, VMCTL_STATE_DIR=str(work / "state"), VMCTL_AGENT_CONSOLE="1" if agent_console else "0")
+    transport = "virtio-console" if agent_console else "uart"
+    if not launcher:
+        return _cp_exec_runs(work, env, transport)
+    (work / "launcher").mkdir(mode=0o700)
+    env["VMCTL_LAUNCHER"] = socket_path = str(work / "launcher" / "launcher.sock")
+    server = subprocess.Popen([sys.executable, "-m", "vmctl.launcher", "serve", socket_path, "--idle", "900"],
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        from vmctl.launcher.client import wait_for_server
+
+        if not wait_for_server(socket_path, 300):
+            raise SystemExit("the launcher did not start")
+        return _cp_exec_runs(work, env, transport) | {"launcher": True}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _cp_exec_runs(work: Path, env: dict[str, str], transport: str) -> dict:
     vmctl = [sys.executable, "-m", "vmctl"]
     spec = work / "cp.yaml"
     spec.write_text("machines:\n  cp:\n    memory: 256M\n")
@@ -259,7 +279,6 @@ def cp_throughput(work: Path, agent_console: bool = True) -> dict:
     (work / "tiny").write_bytes(b"x")
     subprocess.run([*vmctl, "up", str(spec)], env=env, check=True, capture_output=True)
     folder = Path(json.loads(subprocess.run([*vmctl, "status", "cp"], env=env, capture_output=True, text=True).stdout)["folder"])
-    transport = "virtio-console" if agent_console else "uart"
     result: dict = {"mib": CP_MIB, "transport": transport}
     try:
         _, seen = _agent_ms(folder, 0)
@@ -355,11 +374,11 @@ def measure_cp() -> dict:
     its UART, in one run (ratios from one run; the machine is shared and noisy)."""
     result: dict = {"config": {"guest": "busybox image, 1 vCPU, 256 MiB, no network", "host_kernel": platform.release(),
                                "nested": os.environ.get("VMCTL_NESTED") == "1", "date": time.strftime("%Y-%m-%d")}}
-    for agent_console in (True, False):
+    for name, agent_console, launcher in (("virtio-console", True, False), ("uart", False, False),
+                                          ("virtio-console+launcher", True, True)):
         with tempfile.TemporaryDirectory(prefix="vmctl-cp-bench-") as temp:
-            name = "virtio-console" if agent_console else "uart"
             progress(f"cp + exec, agent over {name}")
-            result[name] = cp_throughput(Path(temp), agent_console)
+            result[name] = cp_throughput(Path(temp), agent_console, launcher)
     return result
 
 
@@ -373,7 +392,7 @@ def cp_summary(result: dict) -> str:
             ("... without the 1-byte cost (MB/s)", lambda c: f"{c['into_guest_data_mb_s']} / {c['out_of_guest_data_mb_s']}"),
             ("guest side of a 1 MiB exec: command / agent's base64 (ms)",
              lambda c: f"{c.get('guest_1MiB_command_ms', '-')} / {c.get('guest_1MiB_encode_ms', '-')}")]
-    names = [n for n in ("virtio-console", "uart") if n in result]
+    names = [n for n in ("virtio-console", "uart", "virtio-console+launcher") if n in result]
     lines = ["| agent over | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(str(get(result[n])) for n in names) + " |" for label, get in rows]
     for name in names:

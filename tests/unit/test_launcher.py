@@ -173,3 +173,23 @@ Probe({socket_path!r}).serve(modules=())
 """
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "True", result.stderr
+
+
+@pytest.mark.parametrize("argv, launched", [
+    (["exec", "nosuch", "--", "true"], True),
+    (["cp", "/etc/hostname", "nosuch:/tmp/"], True),
+    (["status", "nosuch"], True),
+    (["up", "nosuch.yaml"], False),  # its VMM is forked by the launcher instead
+])
+def test_short_commands_go_through_the_launcher(launcher, socket_path, tmp_path, argv, launched):
+    """exec, cp, status... cost mostly the CLI's start: a launched one answers (here: the
+    one-line error for a machine that does not exist) from a fork of the launcher."""
+    probe = f"from vmctl.cli import _through_launcher; print('status', _through_launcher({argv!r}))"
+    env = {**os.environ, "VMCTL_LAUNCHER": socket_path, "VMCTL_STATE_DIR": str(tmp_path / "state")}
+    env.pop(client.ENV, None)
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=60)
+    if launched:
+        assert "status 1" in result.stdout and "nosuch" in result.stderr, result
+    else:
+        assert "status None" in result.stdout and not result.stderr, result

@@ -19,10 +19,13 @@ from ..errors import VmctlError
 if TYPE_CHECKING:
     import argparse
 
-# Commands a pre-initialised launcher may run (VMCTL_LAUNCHER, vmctl.launcher): `boot`
-# when stdin is not a terminal (the launched process is not in the terminal's foreground
-# process group, so it could not read it).
-LAUNCHABLE = ("boot",)
+# Commands a pre-initialised launcher may run (VMCTL_LAUNCHER, vmctl.launcher) when stdin is
+# not a terminal (the launched process is not in the terminal's foreground process group, so
+# it could not read it): `boot`, and the short commands whose cost is mostly the CLI's own
+# start (exec and cp: one agent round trip is ~70 ms in the nested host, the CLI ~3 s).
+# Not `up`/`run`: their VMM is already forked by the launcher (spawn_detached), which a
+# launched process, being one itself, could not ask for.
+LAUNCHABLE = ("boot", "exec", "cp", "ps", "status", "logs")
 
 # Command modules in help order, and the module that registers each command.
 COMMAND_MODULES = ("boot", "hostcheck", "image_cmd", "lifecycle", "snapshot_cmd", "compare", "share", "cp_cmd")
@@ -78,7 +81,7 @@ def _through_launcher(argv: list[str]) -> int | None:
     if os.environ.get("VMCTL_LAUNCHER", "0") in ("", "0"):
         return None
     command = next((word for word in argv if not word.startswith("-")), None)
-    if command not in LAUNCHABLE or "--" in argv or os.isatty(0):
+    if command not in LAUNCHABLE or os.isatty(0):
         return None
     from ..launcher.client import run_command
 

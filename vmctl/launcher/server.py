@@ -34,7 +34,7 @@ from .client import ENV, MAX_MESSAGE, trusted_directory
 
 # What a launched command would otherwise import itself (the VMM and its devices, the CLI).
 PRELOAD = (
-    "vmctl.cli", "vmctl.cli.boot", "vmctl.vmm.machine", "vmctl.vmm.daemon", "vmctl.virtio.slot",
+    "vmctl.cli", "vmctl.cli.boot", "vmctl.cli.lifecycle", "vmctl.cli.cp_cmd", "vmctl.transfer", "vmctl.vmm.control", "vmctl.vmm.machine", "vmctl.vmm.daemon", "vmctl.virtio.slot",
     "vmctl.virtio.blk", "vmctl.virtio.net", "vmctl.virtio.rng", "vmctl.virtio.console", "vmctl.virtio.vhost",
     "vmctl.disk.raw", "vmctl.disk.qcow2.image", "vmctl.net.host",
     # a clone's VMM: the restore path, and the virtio-fs of its transfer share
