@@ -277,7 +277,7 @@ def _cp_exec_runs(work: Path, env: dict[str, str], transport: str) -> dict:
     payload = work / "payload.bin"
     payload.write_bytes(os.urandom(CP_MIB << 20))
     (work / "tiny").write_bytes(b"x")
-    subprocess.run([*vmctl, "up", str(spec)], env=env, check=True, capture_output=True)
+    _timed([*vmctl, "up", str(spec)], env)
     folder = Path(json.loads(subprocess.run([*vmctl, "status", "cp"], env=env, capture_output=True, text=True).stdout)["folder"])
     result: dict = {"mib": CP_MIB, "transport": transport}
     try:
