@@ -8,9 +8,15 @@ boot and reports each result here. Write them as plain tests that use /dev/kvm d
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 
+from vmctl.images import locate
 from vmctl.nested import TierPlan
+
+LIBVIRT_URI = "qemu:///system"
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +25,22 @@ def _linux_kvm_host(linux_tier: TierPlan) -> None:
     # relay that did not happen, which must not pass silently.
     if linux_tier.mode != "direct":
         pytest.skip(linux_tier.reason)
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[str]:
+    """The system libvirtd's URI for a module of libvirt guests. Inside the nested host none
+    runs: it is started (with virtlogd) after adapting L1 (vmctl/backends/libvirt/daemons.py)
+    and stopped after the module."""
+    from vmctl.backends.libvirt.daemons import adapt_nested_host, ensure_running, missing_reason
+
+    if not locate("busybox").initramfs.exists():
+        pytest.skip("the reference images are not built (vmctl image build)")
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    if os.environ.get("VMCTL_NESTED") == "1":
+        adapt_nested_host()
+    started = ensure_running(LIBVIRT_URI)
+    yield LIBVIRT_URI
+    started.stop()

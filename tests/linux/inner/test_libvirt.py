@@ -37,22 +37,6 @@ URI = "qemu:///system"
 COMMAND = 'echo libvirt-says-$((6*7)); uname -r'
 
 
-@pytest.fixture(scope="module")
-def libvirtd() -> str:
-    from vmctl.backends.libvirt.daemons import adapt_nested_host, ensure_running, missing_reason
-
-    if not locate("busybox").initramfs.exists():
-        pytest.skip("the reference images are not built (vmctl image build)")
-    reason = missing_reason()
-    if reason:
-        pytest.skip(reason)
-    if os.environ.get("VMCTL_NESTED") == "1":
-        adapt_nested_host()
-    started = ensure_running(URI)
-    yield URI
-    started.stop()
-
-
 @pytest.fixture
 def state_dir(tmp_path, monkeypatch, libvirtd) -> Path:
     # The console log and agent socket live in the state folder: a local file system, not 9p.

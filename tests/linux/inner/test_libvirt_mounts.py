@@ -10,7 +10,6 @@ Inside the nested host no libvirtd runs: the module fixture starts one, as test_
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,23 +24,11 @@ VMCTL = str(Path(sys.executable).with_name("vmctl"))
 URI = "qemu:///system"
 
 
-@pytest.fixture(scope="module")
-def libvirtd() -> str:
-    from vmctl.backends.libvirt.daemons import adapt_nested_host, ensure_running, missing_reason
-
+@pytest.fixture(scope="module", autouse=True)
+def kernel_with_9p() -> None:
     images = locate("busybox")
-    if not images.initramfs.exists():
-        pytest.skip("the reference images are not built (vmctl image build)")
-    if "CONFIG_9P_FS=y" not in images.kernel_config.read_text():
+    if images.kernel_config.exists() and "CONFIG_9P_FS=y" not in images.kernel_config.read_text():
         pytest.skip("the reference kernel has no 9p (rebuild: vmctl image build)")
-    reason = missing_reason()
-    if reason:
-        pytest.skip(reason)
-    if os.environ.get("VMCTL_NESTED") == "1":
-        adapt_nested_host()
-    started = ensure_running(URI)
-    yield URI
-    started.stop()
 
 
 @pytest.fixture
