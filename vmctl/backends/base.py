@@ -52,7 +52,9 @@ def process_status(
         where = f"{where}, {ports}" if ports else where
         detail = ", ".join(part for part in (running, where) if part)
         return MachineStatus(record.name, backend, "running", record.pid, detail)
-    return MachineStatus(record.name, backend, "dead", record.pid, gone)
+    # A VMM writes its outcome and then exits: that may have happened between the two checks
+    # above, so a process found gone is only dead if there is still no outcome.
+    return ended_status(backend, store, record) or MachineStatus(record.name, backend, "dead", record.pid, gone)
 
 
 def ready_marker(record: MachineRecord) -> bytes:

@@ -131,15 +131,18 @@ class ContainerBackend:
     def status(self, store: StateStore, record: MachineRecord) -> MachineStatus:
         _adopt(store, record)
         _reap_monitor(record)
-        if store.outcome(record.name) is None and not pid_alive(record.pid):
-            # The init just ended: its monitor is writing the outcome. A record saved before the
-            # monitor's pid was known learns it from the monitor's own pid file.
-            _learn_monitor_pid(store, record)
-            if _monitor_alive(record):
-                _wait_monitor(record, 10.0)
-            _wait_outcome(store, record, OUTCOME_GRACE)
-        return process_status(self.name, store, record, link="veth", running=_rec(record).runtime,
-                              gone="the container's init is gone without an outcome (its monitor was killed?)")
+        gone = "the container's init is gone without an outcome (its monitor was killed?)"
+        status = process_status(self.name, store, record, link="veth", running=_rec(record).runtime, gone=gone)
+        if status.state != "dead":
+            return status
+        # The init just ended (perhaps between process_status's outcome check and its pid
+        # check, which a loaded host makes likely): its monitor is writing the outcome. A record
+        # saved before the monitor's pid was known learns it from the monitor's own pid file.
+        _learn_monitor_pid(store, record)
+        if _monitor_alive(record):
+            _wait_monitor(record, 10.0)
+        _wait_outcome(store, record, OUTCOME_GRACE)
+        return process_status(self.name, store, record, link="veth", running=_rec(record).runtime, gone=gone)
 
     def stop(self, store: StateStore, record: MachineRecord, timeout: float, plan: Plan | None = None) -> None:
         """SIGTERM to the container's init, SIGKILL after `timeout` s (`plan`: container.json,
