@@ -44,13 +44,10 @@ def transport_locked(transport):
         yield
 
 
-@pytest.fixture
-def rig(tmp_path):
-    memory = GuestMemory([(0, 4 << 20)])
-    irq = Irq()
-    path = str(tmp_path / "hvc0.sock")
-    transport = mmio.VirtioMmioTransport(ConsoleDevice(path), memory, irq)
-    worker = DeviceWorker(transport, "console-test")
+def wired(device, memory: GuestMemory, irq: Irq, name: str):
+    """The device on virtio-mmio with its worker running, driven to DRIVER_OK with both queues."""
+    transport = mmio.VirtioMmioTransport(device, memory, irq)
+    worker = DeviceWorker(transport, name)
     worker.start()
     driver = MmioDriver(transport)
     assert driver.negotiate(F_VERSION_1) & mmio.FEATURES_OK
@@ -58,6 +55,15 @@ def rig(tmp_path):
     driver.setup_queue(0, rx)
     driver.setup_queue(1, tx)
     driver.driver_ok()
+    return transport, worker, driver, rx, tx
+
+
+@pytest.fixture
+def rig(tmp_path):
+    memory = GuestMemory([(0, 4 << 20)])
+    irq = Irq()
+    path = str(tmp_path / "hvc0.sock")
+    transport, worker, driver, rx, tx = wired(ConsoleDevice(path), memory, irq, "console-test")
     yield path, driver, rx, tx, irq, memory
     worker.stop()
     transport.close()
@@ -98,15 +104,7 @@ def port_rig():
     irq = Irq()
     output: list[bytes] = []
     port = ConsolePort(output.append, "agent-console")
-    transport = mmio.VirtioMmioTransport(port, memory, irq)
-    worker = DeviceWorker(transport, "port-test")
-    worker.start()
-    driver = MmioDriver(transport)
-    assert driver.negotiate(F_VERSION_1) & mmio.FEATURES_OK
-    rx, tx = QueueDriver(memory, 0x100000, 16), QueueDriver(memory, 0x200000, 16)
-    driver.setup_queue(0, rx)
-    driver.setup_queue(1, tx)
-    driver.driver_ok()
+    transport, worker, driver, rx, tx = wired(port, memory, irq, "port-test")
     yield port, transport, driver, rx, tx, irq, memory, output
     worker.stop()
     transport.close()
