@@ -26,9 +26,27 @@ QUEUE_SIZE = 64
 READ_CHUNK = 64 * 1024
 
 
-class ConsoleDevice(VirtioDevice):
+class SinglePortConsole(VirtioDevice):
+    """What every single-port virtio-console shares: its id, queues and config, and the queue
+    context and receive queue it keeps once the driver is up."""
+
     device_id = ID_CONSOLE
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    _ctx: QueueContext | None = None
+    _rx: Virtqueue | None = None
+
+    def config_bytes(self) -> bytes:
+        return struct.pack("<HHII", 80, 25, 1, 0)  # cols, rows, max_nr_ports, emerg_wr
+
+    def activate(self, features: int, ctx: QueueContext) -> None:
+        self._ctx = ctx
+
+    def reset(self) -> None:
+        self._ctx = None
+        self._rx = None
+
+
+class ConsoleDevice(SinglePortConsole):
     name = "console"
 
     def __init__(self, socket_path: str) -> None:
@@ -43,21 +61,9 @@ class ConsoleDevice(VirtioDevice):
             self.listener.close()
             raise VmctlError(f"--console-channel {socket_path}: cannot listen: {error.strerror}") from None
         self.client: socket.socket | None = None
-        self._ctx: QueueContext | None = None
-        self._rx: Virtqueue | None = None
-
-    def config_bytes(self) -> bytes:
-        return struct.pack("<HHII", 80, 25, 1, 0)  # cols, rows, max_nr_ports, emerg_wr
 
     def extra_fds(self) -> dict[int, Callable[[], None]]:
         return {self.listener.fileno(): self._accept}
-
-    def activate(self, features: int, ctx: QueueContext) -> None:
-        self._ctx = ctx
-
-    def reset(self) -> None:
-        self._ctx = None
-        self._rx = None
 
     def process(self, index: int, queue: Virtqueue, ctx: QueueContext) -> None:
         if index == TX:

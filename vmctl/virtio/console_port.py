@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import base64
 import os
-import struct
 import threading
 from typing import Any, Callable
 
-from .device import ID_CONSOLE, DeviceError, QueueContext, VirtioDevice
+from .console import TX, SinglePortConsole
+from .device import DeviceError, QueueContext
 from .queue import Virtqueue
 
-RX, TX = 0, 1  # receiveq (host → guest), transmitq (guest → host) of port 0
-QUEUE_SIZE = 64
 
-
-class ConsolePort(VirtioDevice):
-    device_id = ID_CONSOLE
-    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+class ConsolePort(SinglePortConsole):
     inline_queues = (TX,)  # Linux spins on each output page until it is used: no thread hop
 
     def __init__(self, on_output: Callable[[bytes], None], name: str = "console-port") -> None:
@@ -36,11 +31,6 @@ class ConsolePort(VirtioDevice):
         self._pending = bytearray()
         self._pending_lock = threading.Lock()
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._ctx: QueueContext | None = None
-        self._rx: Virtqueue | None = None
-
-    def config_bytes(self) -> bytes:
-        return struct.pack("<HHII", 80, 25, 1, 0)  # cols, rows, max_nr_ports, emerg_wr
 
     def extra_fds(self) -> dict[int, Callable[[], None]]:
         return {self._wake_fd: self._on_wake}
@@ -55,13 +45,6 @@ class ConsolePort(VirtioDevice):
             left = bool(self._pending)
         if left:  # the driver is not up yet, or has no buffers: the worker tries again
             os.eventfd_write(self._wake_fd, 1)
-
-    def activate(self, features: int, ctx: QueueContext) -> None:
-        self._ctx = ctx
-
-    def reset(self) -> None:
-        self._ctx = None
-        self._rx = None
 
     def process(self, index: int, queue: Virtqueue, ctx: QueueContext) -> None:
         if index == TX:
