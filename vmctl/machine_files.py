@@ -10,6 +10,7 @@
     <folder>/outcome.json   how it ended (written by the VMM or monitor on exit)
     <folder>/disks/         per-machine overlays
     <folder>/vmm.log        the VMM's own log
+    <folder>/agent-transport.json  libvirt: the port the guest agent answered on (in which QEMU process)
 """
 
 from __future__ import annotations
@@ -22,4 +23,5 @@ CONTROL = "control.sock"
 CONSOLE_SOCKET = "console.sock"
 NETWORK = "network.json"
 VMM_LOG = "vmm.log"
+AGENT_TRANSPORT = "agent-transport.json"
 DISKS = "disks"

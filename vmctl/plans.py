@@ -293,7 +293,8 @@ class LibvirtRecord:
     persistent: bool = True  # defined (survives a stop) rather than transient
     environment: dict[str, str] = field(default_factory=dict)
     console: str | None = None  # the console log (a path on the libvirt host)
-    agent_socket: str | None = None  # the guest agent's unix socket (local URIs)
+    agent_socket: str | None = None  # the guest agent's COM2 as a unix socket (local URIs; the fallback)
+    agent_console: str | None = None  # its virtio console (guest hvc0) as a unix socket (None: records from before)
     ssh: SshAccess | None = None  # on vmctl's own network: how to log in
     image: str | None = None  # the reference image profile (None: records from before it was kept)
 
@@ -301,7 +302,7 @@ class LibvirtRecord:
         return {"cpus": self.cpus, "memory": self.memory, "uri": self.uri, "domain": self.domain, "uuid": self.uuid,
                 "image": self.image,
                 "remote": self.remote, "persistent": self.persistent, "environment": dict(self.environment),
-                "console": self.console, "agent_socket": self.agent_socket,
+                "console": self.console, "agent_socket": self.agent_socket, "agent_console": self.agent_console,
                 "ssh": self.ssh.to_json() if self.ssh else None}
 
     @staticmethod
@@ -311,7 +312,7 @@ class LibvirtRecord:
         return LibvirtRecord(
             cpus=f.integer("cpus"), memory=f.integer("memory"), uri=f.text("uri"), domain=f.text("domain"), uuid=f.text("uuid"),
             remote=f.flag("remote", False), persistent=f.flag("persistent", True), environment=f.environment(),
-            console=f.opt_text("console"), agent_socket=f.opt_text("agent_socket"),
+            console=f.opt_text("console"), agent_socket=f.opt_text("agent_socket"), agent_console=f.opt_text("agent_console"),
             ssh=SshAccess.from_json(ssh, f"{where}.ssh") if ssh is not None else None, image=f.opt_text("image"),
         )
 

@@ -39,7 +39,7 @@ def plan_xml(files: Path, document: str, *, run_as=(0, 0), domain_type=None, tap
     plan = domain_plan(spec, uuid=UUID, domain_type=domain_type or spec.libvirt.domain_type,
                        disks=local_disks(spec, folder), console_log=str(folder / "console.log"),
                        agent_socket=str(folder / "agent.sock"), run_as=run_as, state_folder=str(folder),
-                       tap=tap, extra_words=extra_words)
+                       tap=tap, extra_words=extra_words, agent_console=str(folder / "agent-hvc.sock"))
     xml = render(plan)
     return xml, xml.replace(str(files), "/SPEC")  # stable paths for the golden file
 
@@ -75,14 +75,17 @@ def test_direct_kernel_boot(files):
     assert root.findtext("os/initrd") == str(files / "initrd.cpio")
     cmdline = root.findtext("os/cmdline")
     words = cmdline.split()
-    assert words[:5] == ["console=ttyS0", "quiet", "8250.nr_uarts=2", "vmctl.hostname=web", words[4]]
-    script = decode_script(words[4].removeprefix("vmctl.cmd="))  # the exec agent on COM2, then the command
+    assert words[:6] == ["console=ttyS0", "quiet", "8250.nr_uarts=2", "vmctl.agent=hvc0", "vmctl.hostname=web", words[5]]
+    script = decode_script(words[5].removeprefix("vmctl.cmd="))  # the exec agent on hvc0 or COM2, then the command
     assert script.startswith(GUEST_AGENT) and script.endswith("export GREETING=hello\nuname -a </dev/null")
     assert root.find("os/boot") is None
     assert [root.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
     consoles = root.findall("devices/serial")
     assert consoles[0].get("type") == "file" and consoles[0].find("source").get("path").endswith("state/console.log")
-    assert consoles[1].get("type") == "unix" and consoles[1].find("target").get("port") == "1"
+    assert consoles[1].get("type") == "unix" and consoles[1].find("target").get("port") == "1"  # COM2: the fallback
+    agent = root.findall("devices/console")  # the agent's port: the guest's first virtio console, hvc0
+    assert [(c.get("type"), c.find("target").get("type")) for c in agent] == [("unix", "virtio")]
+    assert agent[0].find("source").attrib == {"mode": "bind", "path": str(files / "state/agent-hvc.sock")}
     assert root.find("devices/rng").get("model") == "virtio"
     assert root.find("devices/interface") is None and root.find("devices/vsock") is None
     assert root.find("seclabel/label").text == "+0:+0"

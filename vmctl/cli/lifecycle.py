@@ -331,19 +331,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         "exit_code": status.exit_code, "detail": status.detail, "spec": record.plan.to_json() if record.plan else {}, "spec_file": record.spec_file,
         "ephemeral": record.ephemeral, "folder": str(store.folder(record.name)), "network": store.network(record.name),
         "sandbox": _sandbox_state(store.folder(record.name)),
-        "agent_transport": _agent_transport(store.folder(record.name)) if status.state == "running" else None,
+        "agent_transport": _agent_transport(store.folder(record.name), record.pid) if status.state == "running" else None,
     }, indent=2))
     return 0 if status.state in ("running", "exited") else 1
 
 
-def _agent_transport(folder) -> str | None:
-    """What the native VMM's exec agent runs over ("virtio-console" or "uart"; None: no
-    native VMM, or its agent has not started)."""
-    from ..machine_files import CONTROL
+def _agent_transport(folder, pid: int | None = None) -> str | None:
+    """What the machine's exec agent runs over ("virtio-console" or "uart"): the native VMM
+    says over its control socket; a libvirt machine's is the port its agent answered on in
+    QEMU process `pid` (known once an exec asked). None: not known, or the agent has not started."""
+    from ..machine_files import AGENT_TRANSPORT, CONTROL
     from ..vmm.control import request
 
     if not (folder / CONTROL).exists():
-        return None
+        from ..backends.libvirt.agent import known_transport
+
+        return known_transport(folder / AGENT_TRANSPORT, pid)
     try:
         return request(folder / CONTROL, "status").get("agent_transport")
     except VmctlError:

@@ -4,8 +4,9 @@
   initramfs under QEMU/KVM; the console shows VMCTL-READY, the command's output and
   `VMCTL-EXIT 0`; nothing is left in libvirt or the state folder.
 - `vmctl up` (a persistent domain): ready at VMCTL-READY, `exec` runs a command through the
-  guest agent on COM2 (a unix socket of QEMU's), `ps` shows the command's status once the
-  guest ends, `logs` its output, `rm` undefines the domain.
+  guest agent on its virtio console (hvc0, a unix socket of QEMU's; a 1.3 MB output whole),
+  `ps` shows the command's status once the guest ends, `logs` its output, `rm` undefines the
+  domain. With VMCTL_AGENT_CONSOLE=0 the domain has no virtio console: the agent on COM2.
 - `image: debian` with a network: vmctl's TAP, `exec` over SSH (last test below).
 
 Disks: the debian guest's root is vmctl's qcow2 overlay on virtio-pci (QEMU under libvirt
@@ -17,6 +18,7 @@ virtlogd) after adapting L1 (vmctl/backends/libvirt/daemons.py), and stops them 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -79,6 +81,9 @@ def test_persistent_domain_up_exec_ps_logs_rm(state_dir, tmp_path, libvirtd):
     assert up.returncode == 0, up.stderr
     assert "lvl-up: ready in" in up.stderr
     try:
+        assert agent_port("lvl-up") == ("/dev/hvc0", "virtio-console")
+        big = vmctl("exec", "lvl-up", "--", "sh", "-c", "head -c 1000000 /dev/zero | base64 -w0")
+        assert (big.returncode, big.stdout) == (0, base64.b64encode(bytes(1000000)).decode()), big.stderr
         run = vmctl("exec", "lvl-up", "--", "sh", "-c", "echo $WHO on $(hostname); echo oops >&2; touch /tmp/go; exit 5")
         assert (run.returncode, run.stdout) == (5, "agent on lvl-up\n"), run.stderr
         assert "oops" in run.stderr
@@ -97,6 +102,33 @@ def test_persistent_domain_up_exec_ps_logs_rm(state_dir, tmp_path, libvirtd):
         assert logs.index("VMCTL-READY") < logs.index("libvirt-says-42") < logs.index("VMCTL-EXIT 0"), logs[-2000:]
     finally:
         assert vmctl("rm", "lvl-up").returncode == 0
+
+
+def agent_port(machine: str) -> tuple[str, str]:
+    """(the device the guest agent holds open, `vmctl status`'s agent_transport)."""
+    run = vmctl("exec", machine, "--", "sh", "-c", "grep -o 'vmctl.agent=[^ ]*' /proc/cmdline; "
+                "for f in /proc/[0-9]*/fd/*; do readlink $f; done 2>/dev/null | grep -E '^/dev/(hvc|ttyS1)' | sort -u")
+    assert run.returncode == 0, run.stderr
+    *word, device = run.stdout.split()
+    assert word == (["vmctl.agent=hvc0"] if device == "/dev/hvc0" else []), run.stdout
+    return device, json.loads(vmctl("status", machine).stdout)["agent_transport"]
+
+
+def test_exec_over_com2_without_the_virtio_console(state_dir, tmp_path, monkeypatch):
+    """VMCTL_AGENT_CONSOLE=0: the domain has COM2 only (as before the virtio console), and exec still works."""
+    monkeypatch.setenv("VMCTL_AGENT_CONSOLE", "0")
+    spec = tmp_path / "vm.yaml"
+    spec.write_text("machines:\n  lvl-com2:\n    backend: libvirt\n    memory: 256M\n"
+                    "    command: [sh, -c, 'while [ ! -e /tmp/go ]; do sleep 0.2; done']\n")
+    up = vmctl("up", str(spec))
+    assert up.returncode == 0, up.stderr
+    try:
+        assert "<console type=\"unix\">" not in (state_dir / "machines/lvl-com2/domain.xml").read_text()
+        assert agent_port("lvl-com2") == ("/dev/ttyS1", "uart")
+        run = vmctl("exec", "lvl-com2", "--", "sh", "-c", "head -c 3000 /dev/zero | base64 -w0; touch /tmp/go")
+        assert (run.returncode, run.stdout) == (0, base64.b64encode(bytes(3000)).decode()), run.stderr
+    finally:
+        assert vmctl("rm", "lvl-com2").returncode == 0
 
 
 def test_debian_guest_on_vmctls_network_answers_exec_over_ssh(state_dir, tmp_path):

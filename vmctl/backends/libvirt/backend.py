@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import tempfile
-import threading
 import time
 import uuid as uuid_module
 from pathlib import Path
@@ -22,11 +20,12 @@ from urllib.parse import urlsplit
 
 from ...errors import VmctlError
 from ...guest_contract import ExecResult, exec_script, exit_code_in
+from ...machine_files import AGENT_TRANSPORT
 from ...plans import LibvirtRecord, SshAccess
 from ...proc import allocated_bytes, write_json_atomic
 from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
-from ...vmm.agent import UART, AgentChannel
+from ...vmm.agent import UART, VIRTIO_CONSOLE
 from ..base import (
     MachineStatus,
     SshTarget,
@@ -38,6 +37,7 @@ from ..base import (
     setup_failure,
     ssh_target,
 )
+from .agent import GuestAgent
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
@@ -55,6 +55,7 @@ DOMAIN_XML = "domain.xml"
 STOPPED = "stopped"  # marker file of `vmctl stop`: shut off on purpose, to be started again
 POLL = 0.1
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+AGENT_CONSOLE_ENV = "VMCTL_AGENT_CONSOLE"  # as vmctl.vmm.daemon's: "0" leaves the agent on COM2
 
 
 # libvirt's VIR_DOMAIN_SHUTOFF_* reasons, as `ps` shows them.
@@ -138,16 +139,19 @@ class LibvirtBackend:
                     disks = local_disks(spec, folder, root)
             console = f"{POOL_PATH}/{name}.console.log" if remote else str(folder / CONSOLE)
             agent = None if remote else self._agent_path(folder, _rec(record).uuid)
+            # VMCTL_AGENT_CONSOLE=0 (as for the native VMM): no virtio console, the agent on COM2
+            no_console = remote or os.environ.get(AGENT_CONSOLE_ENV) == "0"
+            agent_console = None if no_console else self._agent_path(folder, _rec(record).uuid, "-hvc")
             plan = domain_plan(spec, uuid=_rec(record).uuid, domain_type=domain_type_for(uri, settings.domain_type),
                                disks=disks, console_log=console, agent_socket=agent, run_as=self._run_as(uri),
-                               state_folder=str(folder), tap=tap, extra_words=extra_words)
+                               state_folder=str(folder), tap=tap, extra_words=extra_words, agent_console=agent_console)
             if remote and remote_disks is not None:
                 for path in (plan.kernel, plan.initrd):
                     if path and remote_disks.find(path) is None:
                         raise VmctlError(f"{spec.name}: {path} does not exist on {uri} (copy it there)")
             xml = render(plan)
             (folder / DOMAIN_XML).write_text(xml)
-            record.plan = dataclasses.replace(_rec(record), console=console, agent_socket=agent)
+            record.plan = dataclasses.replace(_rec(record), console=console, agent_socket=agent, agent_console=agent_console)
             record.resources = {"volumes": list(remote_disks.created) if remote_disks else []}
             store.save(record)
             if plan.nic is not None and plan.nic.kind == "network":
@@ -217,11 +221,12 @@ class LibvirtBackend:
                 net.create()
 
     @staticmethod
-    def _agent_path(folder: Path, uuid: str) -> str:
-        path = folder / "agent.sock"
+    def _agent_path(folder: Path, uuid: str, kind: str = "") -> str:
+        """`kind` "": COM2's socket, "-hvc": the virtio console's."""
+        path = folder / f"agent{kind}.sock"
         if len(str(path)) <= MAX_SOCKET_PATH:
             return str(path)
-        return os.path.join(tempfile.gettempdir(), f"vmctl-agent-{uuid}.sock")
+        return os.path.join(tempfile.gettempdir(), f"vmctl-agent-{uuid}{kind}.sock")
 
     @staticmethod
     def _run_as(uri: str) -> tuple[int, int] | None:
@@ -402,7 +407,7 @@ class LibvirtBackend:
             domains = Domains(self, store, record)
             domains.normalize()  # an overlay a live snapshot made gets its usual name back
             domains.sync_chains()
-        for leftover in (OUTCOME, STOPPED):
+        for leftover in (OUTCOME, STOPPED, AGENT_TRANSPORT):
             (folder / leftover).unlink(missing_ok=True)
         if (folder / CONSOLE).exists():  # the last run's READY must not count for this one
             (folder / CONSOLE).replace(folder / f"{CONSOLE}.1")
@@ -456,12 +461,12 @@ class LibvirtBackend:
             from ...net.host import remove_detached
 
             remove_detached(network)  # the TAP QEMU had, and its NAT rule
-        agent = _rec(record).agent_socket
-        if agent and os.path.basename(agent).startswith("vmctl-agent-"):  # outside the state folder
-            try:
-                os.unlink(agent)
-            except FileNotFoundError:
-                pass
+        for agent in (_rec(record).agent_socket, _rec(record).agent_console):
+            if agent and os.path.basename(agent).startswith("vmctl-agent-"):  # outside the state folder
+                try:
+                    os.unlink(agent)
+                except FileNotFoundError:
+                    pass
         return problems
 
     # exec -----------------------------------------------------------------------------------
@@ -469,18 +474,27 @@ class LibvirtBackend:
     def exec(self, store: StateStore, record: MachineRecord, command: list[str], timeout: float,
              stdin: bytes | None = None) -> ExecResult:
         """Through SSH (paramiko) when the guest is on vmctl's network and its sshd answers,
-        as for native guests; otherwise through the guest agent on COM2 (local URIs)."""
+        as for native guests; otherwise through the guest agent on its virtio console or COM2
+        (local URIs; `agent.GuestAgent` finds which)."""
         if self.status(store, record).state != "running":
             raise VmctlError(f"{record.name}: not running")
         script = exec_script(command, _rec(record).environment)
         over_ssh = exec_over_ssh(store, record, script, timeout, stdin)
         if over_ssh is not None:
             return over_ssh
-        path = _rec(record).agent_socket
-        if not path:
+        agent = self.agent(store, record)
+        if not agent.ports:
             raise VmctlError(f"{record.name}: exec needs the agent socket, which only a local libvirt has "
                              f"({_rec(record).uri} is remote)")
-        return exec_with_input(lambda text: agent_exec(record.name, path, text, timeout), script, stdin)
+        return exec_with_input(lambda text: agent.exec(text, timeout), script, stdin)
+
+    @staticmethod
+    def agent(store: StateStore, record: MachineRecord) -> GuestAgent:
+        """The guest agent's ports: the virtio console first (a page per VM exit), COM2."""
+        rec = _rec(record)
+        ports = tuple((transport, path) for transport, path in ((VIRTIO_CONSOLE, rec.agent_console),
+                                                                (UART, rec.agent_socket)) if path)
+        return GuestAgent(record.name, ports, store.folder(record.name) / AGENT_TRANSPORT, record.pid)
 
     def ssh_target(self, store: StateStore, record: MachineRecord, probe: bool = True) -> SshTarget | None:
         return ssh_target(store, record, probe)
@@ -488,37 +502,3 @@ class LibvirtBackend:
 
 def _rec(record: MachineRecord) -> LibvirtRecord:
     return record.plan_as(LibvirtRecord)
-
-
-def agent_exec(machine: str, path: str, script: str, timeout: float) -> ExecResult:
-    """Speak the guest agent's protocol (vmctl.vmm.agent) over the serial port's unix socket."""
-    channel = AgentChannel()
-    channel.ready.set()  # the agent announced itself long ago, to nobody: QEMU keeps no backlog
-    try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-    except OSError as error:
-        raise VmctlError(f"{machine}: cannot reach the guest agent at {path}: {error.strerror}") from None
-    receive = channel.link(UART, sock.sendall)
-    stop = threading.Event()
-
-    def pump() -> None:
-        while not stop.is_set():
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            receive(data)
-
-    reader = threading.Thread(target=pump, name=f"agent-{machine}", daemon=True)
-    reader.start()
-    try:
-        return channel.exec(script, timeout)
-    except VmctlError as error:
-        raise VmctlError(f"{machine}: {error}") from None
-    finally:
-        stop.set()
-        sock.close()
-        reader.join(1)

@@ -58,7 +58,8 @@ class DomainPlan:
     disks: tuple[DiskPlan, ...] = ()
     filesystems: tuple[FilesystemPlan, ...] = ()
     nic: NicPlan | None = None
-    agent_socket: str | None = None  # serial port 1 (ttyS1, the exec agent) as a unix socket
+    agent_socket: str | None = None  # serial port 1 (ttyS1, the exec agent's fallback) as a unix socket
+    agent_console: str | None = None  # a virtio console (guest hvc0, the exec agent) as a unix socket
     vsock_cid: int | None = None  # 0: libvirt picks the CID
     run_as: tuple[int, int] | None = None  # uid, gid QEMU runs as (no relabelling of our files)
     state_folder: str = ""
@@ -111,6 +112,13 @@ def render(plan: DomainPlan) -> str:
         agent = _sub(devices, "serial", type="unix")
         _sub(agent, "source", mode="bind", path=plan.agent_socket)
         _sub(agent, "target", port="1")
+    if plan.agent_console is not None:
+        # The agent's own port: virtio-console moves a page per VM exit where the UART takes an
+        # exit per byte. libvirt puts it on a virtio-serial controller; the first virtio
+        # console is the guest's hvc0 (the serial console stays console 0, ttyS0).
+        agent = _sub(devices, "console", type="unix")
+        _sub(agent, "source", mode="bind", path=plan.agent_console)
+        _sub(agent, "target", type="virtio")
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     if plan.vsock_cid is not None:

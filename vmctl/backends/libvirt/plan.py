@@ -5,12 +5,22 @@ from __future__ import annotations
 import hashlib
 
 from ...errors import VmctlError
-from ...guest_contract import AGENT_CMDLINE, DEFAULT_CMDLINE, ROOT_CMDLINE, InitArgs, boot_script, reference_images
+from ...guest_contract import (
+    AGENT_CMDLINE,
+    AGENT_PORT_WORD,
+    DEFAULT_CMDLINE,
+    ROOT_CMDLINE,
+    InitArgs,
+    boot_script,
+    reference_images,
+)
 from ...spec.model import MachineSpec
 from .domain_xml import DiskPlan, DomainPlan, FilesystemPlan, NicPlan
 
 DOMAIN_PREFIX = "vmctl-"
 DEFAULT_NETWORK = "default"  # libvirt's own NAT network
+# The guest device of the domain's one virtio console (domain_xml: the exec agent's port).
+AGENT_CONSOLE_DEVICE = "hvc0"
 
 
 def domain_name(machine: str) -> str:
@@ -78,12 +88,19 @@ def root_image(spec: MachineSpec) -> str | None:
     return str(root) if root else None
 
 
-def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
-             extra_words: tuple[str, ...] = ()) -> tuple[str | None, str | None, str | None]:
+def agent_words(agent_console: bool) -> tuple[str, ...]:
+    """The agent's cmdline words: COM2 always (the fallback), and the virtio console's device
+    when the domain has one (the guest agent takes it when the device node exists)."""
+    return (AGENT_CMDLINE, *([f"{AGENT_PORT_WORD}={AGENT_CONSOLE_DEVICE}"] if agent_console else []))
+
+
+def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE, extra_words: tuple[str, ...] = (),
+             agent_console: bool = False) -> tuple[str | None, str | None, str | None]:
     """(kernel, initrd, cmdline); no kernel and some disk (busybox profile): the firmware
-    boots the first disk. `extra_words`: the network's `ip=` and `vmctl.sshkey=`."""
+    boots the first disk. `extra_words`: the network's `ip=` and `vmctl.sshkey=`;
+    `agent_console`: the domain has the agent's virtio console."""
     if is_oci_boot(spec):
-        return _oci_boot(spec, default_cmdline, extra_words)
+        return _oci_boot(spec, default_cmdline, extra_words, agent_console)
     kernel, initrd = spec.kernel, spec.initrd
     if kernel is None and spec.disks and spec.image == "busybox":
         if initrd is not None or spec.cmdline is not None:
@@ -101,17 +118,18 @@ def boot_for(spec: MachineSpec, default_cmdline: str = DEFAULT_CMDLINE,
             raise VmctlError(f"{spec.name}: {error}") from None
         kernel, root = images.kernel, images.root_disk
         initrd = initrd or images.initrd
-    # The native backend's contract with vmctl's /init: the exec agent on COM2 (a unix socket
-    # in the domain XML), then the command with its environment, or a login shell.
+    # The native backend's contract with vmctl's /init: the exec agent on hvc0 or COM2 (unix
+    # sockets in the domain XML), then the command with its environment, or a login shell.
     script = boot_script(spec.command, spec.environment, spec.ssh.user)
     words = InitArgs(hostname=spec.name, cmd=script,
                      mounts=[("9p", m.tag, m.guest, m.read_only) for m in spec.mounts]).words()
-    cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *([ROOT_CMDLINE] if root else []),
+    cmdline = " ".join([spec.cmdline or default_cmdline, *agent_words(agent_console), *([ROOT_CMDLINE] if root else []),
                         *extra_words, *words])
     return str(kernel), str(initrd) if initrd else None, cmdline
 
 
-def _oci_boot(spec: MachineSpec, default_cmdline: str, extra_words: tuple[str, ...]) -> tuple[str, str, str]:
+def _oci_boot(spec: MachineSpec, default_cmdline: str, extra_words: tuple[str, ...],
+              agent_console: bool) -> tuple[str, str, str]:
     """An OCI image: vmctl's kernel, the first-stage initramfs, `vmctl.layers=N` (docs/images.md)."""
     from ..kvm_prepare import oci_parts
 
@@ -120,22 +138,24 @@ def _oci_boot(spec: MachineSpec, default_cmdline: str, extra_words: tuple[str, .
     except VmctlError as error:
         raise VmctlError(f"{spec.name}: {error}") from None
     _, _, initrd, words, script = oci_parts(spec, None)
-    cmdline = " ".join([spec.cmdline or default_cmdline, AGENT_CMDLINE, *words, *extra_words,
+    cmdline = " ".join([spec.cmdline or default_cmdline, *agent_words(agent_console), *words, *extra_words,
                         *InitArgs(hostname=spec.name, cmd=script).words()])
     return str(kernel), str(initrd), cmdline
 
 
 def domain_plan(spec: MachineSpec, *, uuid: str, domain_type: str, disks: tuple[DiskPlan, ...],
                 console_log: str, agent_socket: str | None, run_as: tuple[int, int] | None,
-                state_folder: str, tap: str | None = None, extra_words: tuple[str, ...] = ()) -> DomainPlan:
-    """Everything the domain XML says, decided; only the disks, TAP and paths come from outside."""
+                state_folder: str, tap: str | None = None, extra_words: tuple[str, ...] = (),
+                agent_console: str | None = None) -> DomainPlan:
+    """Everything the domain XML says, decided; only the disks, TAP and paths come from outside.
+    `agent_socket`/`agent_console`: the unix sockets of the agent's COM2 and virtio console."""
     if spec.pmem:
         raise VmctlError(f"{spec.source or spec.name}: pmem: not supported with backend: libvirt yet (kvm only)")
-    kernel, initrd, cmdline = boot_for(spec, DEFAULT_CMDLINE, extra_words)
+    kernel, initrd, cmdline = boot_for(spec, DEFAULT_CMDLINE, extra_words, agent_console is not None)
     return DomainPlan(
         machine=spec.name, name=domain_name(spec.name), uuid=uuid, domain_type=domain_type,
         cpus=spec.cpus, memory=spec.memory, console_log=console_log, kernel=kernel, initrd=initrd,
-        cmdline=cmdline, disks=disks, nic=nic_for(spec, tap), agent_socket=agent_socket,
+        cmdline=cmdline, disks=disks, nic=nic_for(spec, tap), agent_socket=agent_socket, agent_console=agent_console,
         filesystems=tuple(FilesystemPlan(str(m.host), m.tag, m.read_only) for m in spec.mounts),
         vsock_cid=spec.libvirt.vsock, run_as=run_as, state_folder=state_folder,
     )
