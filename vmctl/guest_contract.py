@@ -156,9 +156,9 @@ def decode_script(word: str) -> str:
 
 # --- scripts the guest runs ---------------------------------------------------------------
 # The guest agent. Runs under busybox sh or dash. Its port is the device the kernel command
-# line names with `vmctl.agent=` (the native VMM's virtio-console port, hvcN: a page per VM
-# exit) when that device node exists, else ttyS1 (COM2: a VM exit per byte; libvirt, or a
-# kernel without virtio-console). The port is put in raw mode without echo so a line of any
+# line names with `vmctl.agent=` (the virtio-console port of the native VMM or of a libvirt
+# domain, hvcN: a page per VM exit) when that device node exists, else ttyS1 (COM2: a VM exit
+# per byte; a kernel without virtio-console, or VMCTL_AGENT_CONSOLE=0). The port is put in raw mode without echo so a line of any
 # length arrives whole; each script runs with stdin from /dev/null, one at a time, its output
 # kept in /tmp (a tmpfs under vmctl's /init) and streamed back by base64 itself (no shell
 # variable holds it). Every process spawned costs the guest milliseconds under nested
