@@ -1,4 +1,4 @@
-"""The libvirt guest agent's port choice (vmctl.backends.libvirt.agent): the port that answers
+"""The libvirt guest agent's port choice (vmctl.backends.libvirt.agent_ports): the port that answers
 is used and remembered per QEMU process. The guest side is a peer on QEMU's place: a unix
 socket server speaking the agent's protocol on one port, silent on the other (as a port
 no one reads in the guest is). The real guests are in tests/linux/inner/test_libvirt.py."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vmctl.backends.libvirt.agent import PROBE, GuestAgent, known_transport
+from vmctl.backends.libvirt.agent_ports import PROBE, GuestAgent, known_transport
 from vmctl.errors import VmctlError
 from vmctl.vmm.agent import UART, VIRTIO_CONSOLE
 
@@ -88,7 +88,7 @@ def test_a_new_qemu_process_is_asked_again(ports):
 
 
 def test_no_answer_is_one_line_naming_both_ports(ports, monkeypatch):
-    monkeypatch.setattr("vmctl.backends.libvirt.agent.PROBE_EVERY", 0.1)
+    monkeypatch.setattr("vmctl.backends.libvirt.agent_ports.PROBE_EVERY", 0.1)
     agent, served = ports("none")
     with pytest.raises(VmctlError, match=r"^m: the guest agent did not answer within 0.5 s on virtio-console or uart$"):
         agent.exec("true", 0.5)

@@ -344,7 +344,7 @@ def _agent_transport(folder, pid: int | None = None) -> str | None:
     from ..vmm.control import request
 
     if not (folder / CONTROL).exists():
-        from ..backends.libvirt.agent import known_transport
+        from ..backends.libvirt.agent_ports import known_transport
 
         return known_transport(folder / AGENT_TRANSPORT, pid)
     try:

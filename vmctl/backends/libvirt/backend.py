@@ -37,7 +37,7 @@ from ..base import (
     setup_failure,
     ssh_target,
 )
-from .agent import GuestAgent
+from .agent_ports import GuestAgent
 from .connection import connect, is_remote, libvirt_module, message, not_found, translated
 from .disks import POOL_PATH, RemoteDisks, local_disks
 from .domain_xml import render
