@@ -28,7 +28,7 @@ from ..kvm.vm import VmFd
 from ..limits import MAX_CPUS, MIN_MEMORY
 from ..memory import GuestMemory
 from ..units import format_size
-from .agent_ports import COM2_IRQ, COM2_PORT, UART, VIRTIO_CONSOLE, AgentChannel
+from .agent import COM2_IRQ, COM2_PORT, UART, VIRTIO_CONSOLE, AgentChannel
 from .outcome import EXIT_TIMEOUT, Outcome
 from .serial_console import ConsoleInput, ConsoleOutput, ConsoleSink
 from .vcpu_thread import VcpuThread, install_kick_handler

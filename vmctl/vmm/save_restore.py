@@ -32,7 +32,7 @@ from ..snapshot.snapshot_file import MEMORY_FILE, STATE_FILE, MemoryWriter, Snap
 from ..state_codec import StateFieldError, state_from_json, state_to_json
 from ..units import format_size
 from ..virtio.mmio import TransportState, TransportStateError
-from .agent_ports import TRANSPORTS, UART, AgentState
+from .agent import TRANSPORTS, UART, AgentState
 from .outcome import Outcome
 from .vcpu_thread import VcpuThread
 
