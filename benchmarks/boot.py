@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import platform
 import shutil
@@ -46,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from fresh_bytecode import compile_vmctl  # noqa: E402
+from publish import publish  # noqa: E402
 
 from vmctl.launcher.session import PrivateLauncher  # noqa: E402
 from vmctl.procmem import vmm_memory  # noqa: E402
@@ -440,10 +440,7 @@ def main() -> int:
     finally:
         if launcher is not None:
             launcher.close()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    progress(f"wrote {args.output}")
+    publish(result, args.output, table(result))
     return 0
 
 

@@ -17,13 +17,14 @@ Writes benchmarks/results/compare.json and prints the markdown table (docs/bench
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from publish import publish  # noqa: E402
 
 SPEC = """machines:
   work:
@@ -50,9 +51,7 @@ def main() -> int:
         spec = load_spec(spec_path).machines[0]
         result = compare(spec, spec_path, args.runs, list(KINDS), args.timeout)
     result["workload"] = "write 8 MiB to /root/blob, sync, md5sum (debian base, 256 MiB, 1 CPU, no network)"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(table(result))
+    publish(result, args.output, table(result))
     return 0
 
 

@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from publish import publish  # noqa: E402
+
 from vmctl.images import locate  # noqa: E402
 
 RESULTS = HERE / "results" / "mounts.json"
@@ -475,17 +477,13 @@ def main(argv: list[str] | None = None) -> int:
                                *shares, "--", *inner], cwd=REPO).returncode
     if args.cp_only:
         result = measure_cp()
-        output.write_text(json.dumps(result, indent=2) + "\n")
-        print(cp_summary(result))
-        progress(f"wrote {output}")
+        publish(result, output, cp_summary(result))
         return 0
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
     result = measure(kernel, args.copies, args.logs, args.skip_cp, output.with_suffix(".partial.json"))
     output.with_suffix(".partial.json").unlink(missing_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    print(summary(result))
-    progress(f"wrote {output}")
+    publish(result, output, summary(result))
     return 0
 
 

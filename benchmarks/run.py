@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
@@ -42,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from fresh_bytecode import compile_vmctl  # noqa: E402
+from publish import publish  # noqa: E402
 
 READY = b"VMCTL-READY"
 PHASES = ("spec load", "overlay", "boot", "command", "teardown")
@@ -272,9 +272,7 @@ def main() -> int:
         if "vmctl_launcher" in result:
             result["ratio_total_launcher"] = round(result["vmctl_launcher"]["total"] / result["qemu"]["total"], 2)
     shutil.rmtree(work, ignore_errors=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print(table(result))
+    publish(result, args.output, table(result))
     return 0
 
 

@@ -53,6 +53,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from publish import publish  # noqa: E402
+
 VMCTL = str(Path(sys.executable).with_name("vmctl"))
 MEMORY = "256M"
 
@@ -566,10 +568,7 @@ def main() -> int:
                        f"tiny guest (counter.S, FILL_MB={args.fill_mb}), {MEMORY}, shared machine, {time.strftime('%Y-%m-%d')}")
         result = summarize_tiny(run_tiny(args), environment, args.fill_mb)
         output = args.output if args.output != HERE / "results" / "snapshot.json" else HERE / "results" / "snapshot-tiny.json"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2) + "\n")
-        print(table_tiny(result))
-        progress(f"wrote {output}")
+        publish(result, output, table_tiny(result))
         return 0
     if args.nested or (not args.here and not report.boots_linux):
         progress(f"/dev/kvm here is {report.kvm_module}: running inside one nested host")
@@ -579,10 +578,7 @@ def main() -> int:
                    f"{os.cpu_count()} CPUs, kernel {platform.release()}, guest: reference bzImage + busybox "
                    f"initramfs, 1 vCPU, {MEMORY}, shared machine, {time.strftime('%Y-%m-%d')}")
     result = summarize(run_here(args), environment)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    progress(f"wrote {args.output}")
+    publish(result, args.output, table(result))
     return 0
 
 

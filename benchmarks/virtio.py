@@ -22,7 +22,6 @@ Needs root (TAP devices), gcc, cpio, static busybox and qemu-system-x86_64.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -40,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from fresh_bytecode import compile_vmctl  # noqa: E402
+from publish import publish  # noqa: E402
 
 from vmctl.images import locate  # noqa: E402
 
@@ -289,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--vhost: /dev/vhost-net is missing (load the vhost_net module)")
     os.environ["VMCTL_VHOST"] = "1" if args.vhost else "0"  # the vmctl guests inherit it
     result = measure(kernel, args.runs, args.logs, args.vhost)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    print(summary(result))
-    progress(f"wrote {output}")
+    publish(result, output, summary(result))
     return 0
 
 

@@ -28,7 +28,6 @@ The same split inside the nested host, with the guest at userspace: benchmarks/b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -45,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from fresh_bytecode import compile_vmctl  # noqa: E402
+from publish import publish  # noqa: E402
 
 from vmctl.launcher.session import PrivateLauncher  # noqa: E402
 from vmctl.procmem import guest_region_sizes, is_guest_ram, parse_smaps, split_use  # noqa: E402
@@ -205,10 +205,7 @@ def main() -> int:
                 ours = result["medians"][name]
                 result[f"ratio_overhead_rss_{name}"] = round(ours["overhead_rss"] / qemu["overhead_rss"], 2)
                 result[f"ratio_overhead_pss_{name}"] = round(ours["overhead_pss"] / qemu["overhead_pss"], 2)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    progress(f"wrote {args.output}")
+    publish(result, args.output, table(result))
     return 0
 
 
