@@ -12,12 +12,16 @@ the VM process even on SIGKILL. Modes:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
 import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import VmctlError
@@ -66,8 +70,23 @@ def free_link_name(prefix: str) -> str:
     raise VmctlError(f"no free interface name {prefix}0..{prefix}999")
 
 
+@contextlib.contextmanager
+def allocation_lock() -> Iterator[None]:
+    """Hold this (host-wide: interfaces and addresses are) from choosing a free link name
+    and /30 until the address is on the link. Two machines started at once otherwise both
+    see the same /30 free and the host routes one guest's address to the other's TAP."""
+    folder = "/run/lock" if os.access("/run/lock", os.W_OK) else tempfile.gettempdir()
+    with open(os.path.join(folder, "vmctl-net.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def free_subnet() -> ipaddress.IPv4Network:
-    """A /30 of the pool that overlaps no address on this host (VMs and containers alike)."""
+    """A /30 of the pool that overlaps no address on this host (VMs and containers alike);
+    call under allocation_lock() and put the address on a link before releasing it."""
     used = _used_networks()
     for candidate in SUBNET_POOL.subnets(new_prefix=30):
         if not any(candidate.overlaps(net) for net in used):
@@ -127,11 +146,12 @@ class HostNetwork(PointToPoint):
         if self.mode not in ("isolated", "nat"):
             raise VmctlError(f"network mode {self.mode!r}: use isolated or nat")
         sweep_stale_rules()
-        self.tap = Tap(free_link_name(TAP_PREFIX))
         try:
-            self.subnet = free_subnet()
-            _quiet_ipv6(self.tap.name)
-            _ip("addr", "add", f"{self.host_ip}/30", "dev", self.tap.name)
+            with allocation_lock():
+                self.tap = Tap(free_link_name(TAP_PREFIX))
+                self.subnet = free_subnet()
+                _quiet_ipv6(self.tap.name)
+                _ip("addr", "add", f"{self.host_ip}/30", "dev", self.tap.name)
             _ip("link", "set", "dev", self.tap.name, "up")
             if self.mode == "nat":
                 self._nat_rule = enable_nat(self.subnet, self.tap.name)

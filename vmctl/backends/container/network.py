@@ -25,7 +25,17 @@ from dataclasses import dataclass
 from ...errors import VmctlError
 
 # The VM network's helpers: one address pool, one rule format, one sweeper for both.
-from ...net.host import PointToPoint, _ip, _quiet_ipv6, disable_nat, enable_nat, free_link_name, free_subnet, sweep_stale_rules
+from ...net.host import (
+    PointToPoint,
+    _ip,
+    _quiet_ipv6,
+    allocation_lock,
+    disable_nat,
+    enable_nat,
+    free_link_name,
+    free_subnet,
+    sweep_stale_rules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +65,13 @@ class ContainerNetwork(PointToPoint):
             raise VmctlError(f"network mode {self.mode!r}: use isolated or nat")
         sweep_stale_rules()
         try:
-            self.subnet = free_subnet()
-            name = free_link_name(VETH_PREFIX)
-            _ip("link", "add", name, "type", "veth", "peer", "name", GUEST_IFNAME, "netns", str(pid))
-            self.host_ifname = name
-            _quiet_ipv6(name)
-            _ip("addr", "add", f"{self.host_ip}/30", "dev", name)
+            with allocation_lock():
+                self.subnet = free_subnet()
+                name = free_link_name(VETH_PREFIX)
+                _ip("link", "add", name, "type", "veth", "peer", "name", GUEST_IFNAME, "netns", str(pid))
+                self.host_ifname = name
+                _quiet_ipv6(name)
+                _ip("addr", "add", f"{self.host_ip}/30", "dev", name)
             _ip("link", "set", "dev", name, "up")
             _in_netns(pid, "addr", "add", f"{self.guest_ip}/30", "dev", GUEST_IFNAME)
             _in_netns(pid, "link", "set", "dev", GUEST_IFNAME, "up")
