@@ -44,8 +44,17 @@ def run_documented(path: Path, state_dir: Path, timeout: float = 900) -> list[tu
         done.append((command, result))
         assert result.returncode == 0, (
             f"{path.name}: `{command}` exited {result.returncode}\nstdout: {result.stdout.decode(errors='replace')}"
-            f"\nstderr: {result.stderr.decode(errors='replace')}")
+            f"\nstderr: {result.stderr.decode(errors='replace')}{_console_tails(state_dir)}")
     return done
+
+
+def _console_tails(state_dir: Path, lines: int = 40) -> str:
+    """The end of every machine's console and VMM log: what a failed `up` saw."""
+    tails = []
+    for log in sorted((state_dir / "machines").glob("*/*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        tails.append(f"\n--- {log.parent.name}/{log.name} (last {len(text)} lines) ---\n" + "\n".join(text))
+    return "".join(tails)
 
 
 def leftovers(state_dir: Path) -> list[str]:
