@@ -20,10 +20,11 @@ from vmctl.vmm.agent import UART, VIRTIO_CONSOLE
 
 
 class Port:
-    """A QEMU-side socket of one port; `agent`: a guest agent reads this port."""
+    """A QEMU-side socket of one port; `agent`: a guest agent reads this port; `hang_up`: it
+    closes the connection at the first script after the probe (the guest powered off)."""
 
-    def __init__(self, path: Path, agent: bool) -> None:
-        self.path, self.agent = path, agent
+    def __init__(self, path: Path, agent: bool, hang_up: bool = False) -> None:
+        self.path, self.agent, self.hang_up = path, agent, hang_up
         self.connections = 0
         self.requests: list[bytes] = []
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -47,6 +48,8 @@ class Port:
                 if not self.agent:
                     continue  # bytes on a port no one reads: no answer
                 _, request_id, script = line.split()
+                if self.hang_up and request_id != b"0":
+                    return
                 out = base64.b64encode(b"ran " + base64.b64decode(script)).decode()
                 connection.sendall(f"R {request_id.decode()} 0 {out} \n".encode())
 
@@ -114,3 +117,10 @@ def test_known_transport_reads_only_what_it_wrote(tmp_path):
         assert known_transport(path, 1) is None
     path.write_text('{"transport": "uart", "qemu_pid": null}')
     assert known_transport(path, None) == "uart"
+
+
+def test_a_guest_that_ends_before_it_answers_fails_at_once(ports):
+    agent, served = ports(UART)
+    served[UART].hang_up = True
+    with pytest.raises(VmctlError, match=r"^m: the guest agent did not answer: its uart socket closed \(has the guest ended\?\)$"):
+        agent.exec("touch /tmp/go", 60)  # the close, not the 60 s: "did not answer within" otherwise

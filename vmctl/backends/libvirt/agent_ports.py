@@ -56,8 +56,10 @@ class _Port:
             try:
                 data = self.sock.recv(1 << 20)
             except OSError:
-                return
+                data = b""
             if not data:
+                # QEMU closed the socket (the guest ended), or close() below: no reply can come
+                self.channel.close(f"its {self.transport} socket closed (has the guest ended?)")
                 return
             if not self.answered.is_set():
                 seen = self._tail + data
