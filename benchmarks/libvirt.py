@@ -141,7 +141,7 @@ def main() -> int:
     if args.nested:
         return nested(args)
 
-    from vmctl.backends.libvirt.daemons import adapt_nested_host, ensure_running, missing_reason
+    from vmctl.backends.libvirt.daemons import start_here
     from vmctl.errors import VmctlError
     from vmctl.host_probe import check_host
     from vmctl.images import locate
@@ -153,15 +153,9 @@ def main() -> int:
     if not locate("busybox").initramfs.exists():
         print("the reference images are not built: run `vmctl image build`", file=sys.stderr)
         return 2
-    reason = missing_reason()
-    if reason:
-        print(f"libvirt: {reason}", file=sys.stderr)
-        return 2
     in_nested = os.environ.get("VMCTL_NESTED") == "1"
-    if in_nested:
-        adapt_nested_host()
     try:
-        daemons = ensure_running()
+        daemons = start_here()
     except VmctlError as error:
         print(f"libvirt: {error}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ boot and reports each result here. Write them as plain tests that use /dev/kvm d
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -32,15 +31,13 @@ def libvirtd() -> Iterator[str]:
     """The system libvirtd's URI for a module of libvirt guests. Inside the nested host none
     runs: it is started (with virtlogd) after adapting L1 (vmctl/backends/libvirt/daemons.py)
     and stopped after the module."""
-    from vmctl.backends.libvirt.daemons import adapt_nested_host, ensure_running, missing_reason
+    from vmctl.backends.libvirt.daemons import missing_reason, start_here
 
     if not locate("busybox").initramfs.exists():
         pytest.skip("the reference images are not built (vmctl image build)")
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
-    if os.environ.get("VMCTL_NESTED") == "1":
-        adapt_nested_host()
-    started = ensure_running(LIBVIRT_URI)
+    started = start_here(LIBVIRT_URI)
     yield LIBVIRT_URI
     started.stop()

@@ -120,3 +120,14 @@ def ensure_running(uri: str = "qemu:///system", timeout: float = 120) -> Started
                 started.stop()
                 raise VmctlError(f"libvirtd does not answer at {uri} after {timeout:g} s: {error}") from None
             time.sleep(0.2)
+
+
+def start_here(uri: str = "qemu:///system") -> StartedDaemons:
+    """ensure_running(), after adapt_nested_host() when this is the nested host: what a
+    benchmark or test that brings its own libvirtd does first. VmctlError says why not."""
+    if os.environ.get("VMCTL_NESTED") == "1":
+        reason = missing_reason()
+        if reason:
+            raise VmctlError(reason)
+        adapt_nested_host()
+    return ensure_running(uri)

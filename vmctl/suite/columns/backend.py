@@ -121,13 +121,12 @@ def _nested_libvirtd():
     on close. Elsewhere a missing libvirtd stays the backend's one-line error."""
     if os.environ.get("VMCTL_NESTED") != "1":
         return None
-    from ...backends.libvirt.daemons import adapt_nested_host, ensure_running, missing_reason
+    from ...backends.libvirt.daemons import missing_reason, start_here
 
     reason = missing_reason()
     if reason:
         raise ColumnUnavailable(f"qemu: {reason}")
-    adapt_nested_host()
-    return ensure_running()
+    return start_here()
 
 
 def _wait_exec(instance: BackendInstance, attempts: int = 60) -> None:
