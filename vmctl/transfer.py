@@ -152,7 +152,7 @@ def copy_out(channel: Channel, source: str, dest: Path, timeout: float = 300) ->
     elif channel.xfer:
         archive = f"out-{uuid.uuid4().hex}.tar"
         try:
-            _run(channel, _reblocked(f"{tar_c} {{}} {shlex.quote(name)}", f"{XFER_GUEST}/{archive}"),
+            _run(channel, _reblocked(lambda fifo: f"{tar_c} {fifo} {shlex.quote(name)}", f"{XFER_GUEST}/{archive}"),
                  timeout, f"cp from {source}")
             with open(channel.xfer / archive, "rb") as stream:
                 read(stream)
@@ -168,14 +168,14 @@ def copy_out(channel: Channel, source: str, dest: Path, timeout: float = 300) ->
     return channel.kind
 
 
-def _reblocked(tar: str, target: str) -> str:
-    """A guest script: `tar` (its `{}` the archive) writes `target` in 1 MiB writes. tar itself
+def _reblocked(tar: Callable[[str], str], target: str) -> str:
+    """A guest script: `tar(archive)` writes `target` in 1 MiB writes. tar itself
     writes 10 KiB (GNU) or 64 KiB (busybox's sendfile) at a time, and each write into the
     transfer share is one virtio-fs request (a VM exit and a trip through the VMM); dd
     re-blocks the stream to the server's max_write. A fifo, not a pipe, so that tar's exit
     status is kept (dash has no pipefail)."""
     fifo = f"/tmp/.vmctl-cp-{uuid.uuid4().hex}"
-    return (f"mkfifo {fifo} || exit 1; {tar.format(fifo)} & "
+    return (f"mkfifo {fifo} || exit 1; {tar(fifo)} & "
             f"dd of={target} ibs=64k obs=1M 2>/dev/null < {fifo}; d=$?; [ $d -eq 0 ] || kill $! 2>/dev/null; "
             f"wait $!; t=$?; rm -f {fifo}; [ $d -ne 0 ] && exit $d; exit $t")
 

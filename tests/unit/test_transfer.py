@@ -80,6 +80,16 @@ def test_tree_in_and_out(setup, tmp_path):
         assert os.listdir(xfer) == []  # staged archives are removed
 
 
+def test_names_with_braces_and_spaces(setup, tmp_path):
+    channel, guest_root, kind, _ = setup
+    odd = tmp_path / "host" / "a {0} b"
+    odd.mkdir(parents=True)
+    (odd / "{}.txt").write_text("braces")
+    assert copy_in(channel, [odd], "/srv") == kind
+    assert copy_out(channel, "/srv/a {0} b", tmp_path / "back") == kind
+    assert (tmp_path / "back" / "{}.txt").read_text() == "braces"
+
+
 def test_single_file_and_errors(setup, tmp_path):
     channel, guest_root, _, _ = setup
     (tmp_path / "f.txt").write_text("one file")
