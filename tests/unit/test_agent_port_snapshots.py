@@ -11,8 +11,8 @@ import pytest
 from vmctl.arch import memory_map
 from vmctl.kvm.state_json import StateError
 from vmctl.snapshot.snapshot_file import SnapshotError, SnapshotFile
-from vmctl.vmm.agent import UART, VIRTIO_CONSOLE
-from vmctl.vmm.daemon import AGENT_CONSOLE_ENV, _agent_console
+from vmctl.vmm.agent import AGENT_CONSOLE_ENV, UART, VIRTIO_CONSOLE
+from vmctl.vmm.daemon import _agent_console
 from vmctl.vmm.machine import Machine, MachineConfig
 from vmctl.vmm.save_restore import _agent_state, _parse
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 UART = "uart"
 VIRTIO_CONSOLE = "virtio-console"
 TRANSPORTS = (UART, VIRTIO_CONSOLE)
+AGENT_CONSOLE_ENV = "VMCTL_AGENT_CONSOLE"  # "0": the agent stays on the UART (e.g. a kernel without virtio-console)
+
+
+def console_wanted() -> bool:
+    """Whether a new machine gets the agent's virtio-console port (native VMM and libvirt alike)."""
+    return os.environ.get(AGENT_CONSOLE_ENV, "1") != "0"
 
 
 @dataclass

@@ -231,15 +231,14 @@ PRELOAD = ("hashlib", "vmctl.vmm.save_restore", "vmctl.snapshot.snapshot_file", 
            "vmctl.disk.block_backend")
 
 
-AGENT_CONSOLE_ENV = "VMCTL_AGENT_CONSOLE"  # "0": the agent stays on the UART (a kernel without virtio-console)
-
-
 def _agent_console(restore_from: "SnapshotFile | None") -> bool:
     """Whether the machine gets the agent's virtio-console port. A restore follows the
     snapshot (one saved before the port existed restores without it, over the UART)."""
     if restore_from is not None:
         return restore_from.state.get("agent_console", False) is True
-    return os.environ.get(AGENT_CONSOLE_ENV, "1") != "0"
+    from .agent import console_wanted
+
+    return console_wanted()
 
 
 def _tree(folder: Path) -> list[Path]:

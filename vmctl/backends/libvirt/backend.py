@@ -25,7 +25,7 @@ from ...plans import LibvirtRecord, SshAccess
 from ...proc import allocated_bytes, write_json_atomic
 from ...spec.model import MachineSpec
 from ...state import CONSOLE, NETWORK, OUTCOME, MachineRecord, StateStore
-from ...vmm.agent import UART, VIRTIO_CONSOLE
+from ...vmm.agent import UART, VIRTIO_CONSOLE, console_wanted
 from ..base import (
     MachineStatus,
     SshTarget,
@@ -55,7 +55,6 @@ DOMAIN_XML = "domain.xml"
 STOPPED = "stopped"  # marker file of `vmctl stop`: shut off on purpose, to be started again
 POLL = 0.1
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
-AGENT_CONSOLE_ENV = "VMCTL_AGENT_CONSOLE"  # as vmctl.vmm.daemon's: "0" leaves the agent on COM2
 
 
 # libvirt's VIR_DOMAIN_SHUTOFF_* reasons, as `ps` shows them.
@@ -140,7 +139,7 @@ class LibvirtBackend:
             console = f"{POOL_PATH}/{name}.console.log" if remote else str(folder / CONSOLE)
             agent = None if remote else self._agent_path(folder, _rec(record).uuid)
             # VMCTL_AGENT_CONSOLE=0 (as for the native VMM): no virtio console, the agent on COM2
-            no_console = remote or os.environ.get(AGENT_CONSOLE_ENV) == "0"
+            no_console = remote or not console_wanted()
             agent_console = None if no_console else self._agent_path(folder, _rec(record).uuid, "-hvc")
             plan = domain_plan(spec, uuid=_rec(record).uuid, domain_type=domain_type_for(uri, settings.domain_type),
                                disks=disks, console_log=console, agent_socket=agent, run_as=self._run_as(uri),
