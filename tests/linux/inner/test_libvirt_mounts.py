@@ -21,7 +21,6 @@ from vmctl.images import locate
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed (scripts/libvirt-setup)")
 
 VMCTL = str(Path(sys.executable).with_name("vmctl"))
-URI = "qemu:///system"
 
 
 @pytest.fixture(scope="module", autouse=True)
